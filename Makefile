@@ -1,0 +1,60 @@
+# edgecascade — `make` lists the targets. Newcomers need two: `make bench` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+EXTRAS := device,cloud,train,db,jetson,dev
+SYSTEM_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist
+DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
+DEVICE_PACKAGES := device_agent protocol metering
+PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy
+
+.PHONY: help setup test lint bench train report clean install fleet-sim
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## Install system packages (apt) and the venv with every extra; idempotent
+
+$(STAMP): pyproject.toml
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing system packages:$$missing"; echo "run: sudo apt-get install -y$$missing"; exit 1; fi; fi
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+lint: setup ## ruff (format + lint), mypy, Python 3.8 check of the device side
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy $(PACKAGES)
+	$(VENV)/bin/vermin --target=3.8- --no-tips --violations --eval-annotations $(DEVICE_PACKAGES)
+
+test: setup lint ## Lint, then the whole test suite against a private Mosquitto and PostgreSQL
+	$(VENV)/bin/pytest -q
+
+bench: setup ## End-to-end metered benchmark (DEVICE=x86|jetson, QUICK=1, BROKER=host:port)
+	$(VENV)/bin/edgecascade bench --profile $(DEVICE) $(if $(QUICK),--quick,) $(if $(BROKER),--broker $(BROKER),)
+
+train: setup ## Retrain the committed Fashion-MNIST models into models/ (CUDA when present)
+	$(VENV)/bin/edgecascade train --out models/fashion-mnist
+
+report: setup ## Report from results/bench.db into results/report
+	$(VENV)/bin/edgecascade report --db results/bench.db --out results/report
+
+fleet-sim: setup ## Fleet simulation (AGENTS=50 WORKERS=2)
+	$(VENV)/bin/python -m bench.fleet_sim --agents $(or $(AGENTS),50) --workers $(or $(WORKERS),2)
+
+install: ## Install systemd units, config examples and a venv (DESTDIR, PREFIX)
+	DESTDIR=$(DESTDIR) PREFIX=$(or $(PREFIX),/opt/edgecascade) bash deploy/install.sh
+
+clean: ## Remove the venv, caches and results (keeps committed models)
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache results build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

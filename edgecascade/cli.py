@@ -1,0 +1,78 @@
+"""`edgecascade <subcommand>`: dispatch to each package's own CLI module.
+
+Each package's `cli.py` exposes `register(subparsers)`; heavy imports (torch, SQLAlchemy) happen inside the
+subcommand's function, so `edgecascade --help` stays fast and works on a device with only the `device` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from edgecascade import __version__
+
+# subcommand -> module that registers it (order = order in --help)
+SUBCOMMANDS = [
+    ("agent", "device_agent.cli"),
+    ("cloud", "cloud_worker.cli"),
+    ("collect", "results_db.cli"),
+    ("train", "training.cli"),
+    ("bench", "bench.cli"),
+    ("report", "results_db.report_cli"),
+    ("broker", "broker.cli"),
+]
+
+EPILOG = """examples:
+  edgecascade broker --port 1884                 # a private Mosquitto with generated credentials
+  edgecascade cloud --broker 127.0.0.1:1883 --user cloud --password-file cloud.pw
+  edgecascade agent --device-id cam-01 --policy meanet --source dataset:fashion-mnist:test
+  edgecascade collect --db results/bench.db
+  edgecascade report --db results/bench.db --out results/report
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks and shows defaults."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgecascade",
+        description="Edge-cloud cascaded inference over MQTT, metered in joules.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in SUBCOMMANDS:
+        importlib.import_module(module).register(subparsers, name)
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The binary envelope: `b"EC"`, version, kind, header length, msgpack header, raw tensor bytes.
+
+Tensors travel as the bytes they were captured in (a 28x28 uint8 image is 784 bytes of body), never as float
+lists. Every decoder validates magic, version, kind, header keys and types, dtype, shape x itemsize == body
+length and the size limit, and raises `ProtocolError` (one error type) for anything else.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_NDIM = 4
+CONTENT_TYPE_OFFLOAD = "application/vnd.edgecascade.offload.v1"
+CONTENT_TYPE_REPLY = "application/vnd.edgecascade.reply.v1"
+CONTENT_TYPE_RESULTS = "application/vnd.edgecascade.results.v1+msgpack"
+
+_MAGIC = b"EC"
+_PREAMBLE = struct.Struct(">2sBBI")  # magic, version, kind, header length
+_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS = 1, 2, 3
+_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the envelope. Services count, log and drop it."""
+
+
+@dataclass
+class OffloadRequest:
+    """A sample the device could not settle, sent to the cloud workers."""
+
+    run_id: str
+    device_id: str
+    seq: int
+    tensor: np.ndarray
+    sent_unix_ns: int = 0
+
+
+@dataclass
+class OffloadReply:
+    """The cloud's answer to one `OffloadRequest`."""
+
+    run_id: str
+    device_id: str
+    seq: int
+    prediction: int
+    probs: np.ndarray
+    cloud_ms: float
+    worker_id: str
+    cloud_j: Optional[float] = None
+    energy_source: str = "none"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _frame(kind: int, header: Dict[str, Any], body: bytes) -> bytes:
+    packed = msgpack.packb(header, use_bin_type=True)
+    message = _PREAMBLE.pack(_MAGIC, PROTOCOL_VERSION, kind, len(packed)) + packed + body
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(message)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    return message
+
+
+def _unframe(payload: bytes, kind: int) -> Tuple[Dict[str, Any], memoryview]:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"payload must be bytes, not {type(payload).__name__}")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
+    if len(payload) < _PREAMBLE.size:
+        raise ProtocolError(
+            f"message of {len(payload)} bytes is shorter than the {_PREAMBLE.size}-byte preamble"
+        )
+    magic, version, got_kind, header_len = _PREAMBLE.unpack_from(payload)
+    if magic != _MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {PROTOCOL_VERSION})")
+    if got_kind != kind:
+        raise ProtocolError(f"expected message kind {kind}, got {got_kind}")
+    end = _PREAMBLE.size + header_len
+    if end > len(payload):
+        raise ProtocolError(f"header length {header_len} runs past the end of a {len(payload)}-byte message")
+    view = memoryview(payload)
+    try:
+        header = msgpack.unpackb(view[_PREAMBLE.size : end], raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+        raise ProtocolError(f"undecodable header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    return header, view[end:]
+
+
+def _get(header: Dict[str, Any], key: str, types: Any) -> Any:
+    if key not in header:
+        raise ProtocolError(f"header lacks {key!r}")
+    value = header[key]
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise ProtocolError(f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _tensor_header(array: np.ndarray) -> Dict[str, Any]:
+    dtype = array.dtype.name
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"dtype {dtype} cannot travel; use one of {sorted(_DTYPES)}")
+    if array.ndim > MAX_NDIM:
+        raise ProtocolError(f"tensor has {array.ndim} dimensions, at most {MAX_NDIM} travel")
+    return {"dtype": dtype, "shape": list(array.shape)}
+
+
+def _tensor_from(header: Dict[str, Any], body: memoryview) -> np.ndarray:
+    dtype = _get(header, "dtype", str)
+    if dtype not in _DTYPES:
+        raise ProtocolError(f"unknown dtype {dtype!r}")
+    shape = _get(header, "shape", list)
+    if len(shape) > MAX_NDIM or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ProtocolError(f"bad shape {shape!r}")
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if expected != len(body):
+        raise ProtocolError(f"shape {shape} x {dtype} needs {expected} bytes, body has {len(body)}")
+    # Copy out of the MQTT buffer: callers keep tensors after paho reuses the message.
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+
+
+def encode_offload(request: OffloadRequest) -> bytes:
+    tensor = np.ascontiguousarray(request.tensor)
+    header = {
+        "run": request.run_id,
+        "dev": request.device_id,
+        "seq": int(request.seq),
+        "t": int(request.sent_unix_ns),
+        **_tensor_header(tensor),
+    }
+    return _frame(_KIND_OFFLOAD, header, tensor.tobytes())
+
+
+def decode_offload(payload: bytes) -> OffloadRequest:
+    header, body = _unframe(payload, _KIND_OFFLOAD)
+    return OffloadRequest(
+        run_id=_get(header, "run", str),
+        device_id=_get(header, "dev", str),
+        seq=_get(header, "seq", int),
+        tensor=_tensor_from(header, body),
+        sent_unix_ns=_get(header, "t", int),
+    )
+
+
+def encode_reply(reply: OffloadReply) -> bytes:
+    probs = np.ascontiguousarray(reply.probs, dtype=np.float32)
+    header = {
+        "run": reply.run_id,
+        "dev": reply.device_id,
+        "seq": int(reply.seq),
+        "pred": int(reply.prediction),
+        "ms": float(reply.cloud_ms),
+        "wk": reply.worker_id,
+        "j": None if reply.cloud_j is None else float(reply.cloud_j),
+        "src": reply.energy_source,
+        "x": reply.extra,
+        **_tensor_header(probs),
+    }
+    return _frame(_KIND_REPLY, header, probs.tobytes())
+
+
+def decode_reply(payload: bytes) -> OffloadReply:
+    header, body = _unframe(payload, _KIND_REPLY)
+    cloud_j = header.get("j")
+    if cloud_j is not None and (isinstance(cloud_j, bool) or not isinstance(cloud_j, (int, float))):
+        raise ProtocolError("header field 'j' must be a number or nil")
+    return OffloadReply(
+        run_id=_get(header, "run", str),
+        device_id=_get(header, "dev", str),
+        seq=_get(header, "seq", int),
+        prediction=_get(header, "pred", int),
+        probs=_tensor_from(header, body),
+        cloud_ms=float(_get(header, "ms", (int, float))),
+        worker_id=_get(header, "wk", str),
+        cloud_j=None if cloud_j is None else float(cloud_j),
+        energy_source=_get(header, "src", str),
+        extra=_get(header, "x", dict) if "x" in header else {},
+    )
+
+
+def encode_records(records: List[Dict[str, Any]]) -> bytes:
+    """A batch of result records (plain maps; see `protocol.records`) for the collector."""
+    body = msgpack.packb(records, use_bin_type=True)
+    return _frame(_KIND_RECORDS, {"n": len(records)}, body)
+
+
+def decode_records(payload: bytes) -> List[Dict[str, Any]]:
+    header, body = _unframe(payload, _KIND_RECORDS)
+    count = _get(header, "n", int)
+    try:
+        records = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable record batch: {exc}") from exc
+    if not isinstance(records, list) or len(records) != count:
+        raise ProtocolError(f"record batch announces {count} records but holds something else")
+    if not all(isinstance(r, dict) for r in records):
+        raise ProtocolError("every record must be a map")
+    return records

@@ -1,0 +1,64 @@
+"""MQTT topic names. One place builds them so devices, workers, collector and the ACL agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "edgecascade/v1"
+CLOUD_GROUP = "cloud"
+_FORBIDDEN = set("+#/\x00")
+
+
+def _check_id(value: str, what: str) -> str:
+    if not value or any(ch in _FORBIDDEN for ch in value) or value.startswith("$"):
+        raise ValueError(f"invalid {what} {value!r}: must be non-empty and contain no '+', '#', '/' or NUL")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic layout under one root.
+
+    The root is `edgecascade/v1` in production; tests and staging put one namespace level in front of it
+    (`<ns>/edgecascade/v1`), which the broker's ACL also allows, so that runs never see each other's traffic.
+    """
+
+    root: str = DEFAULT_ROOT
+
+    @classmethod
+    def namespaced(cls, namespace: str) -> Topics:
+        return cls(f"{_check_id(namespace, 'namespace')}/{DEFAULT_ROOT}")
+
+    def offload(self, device_id: str) -> str:
+        return f"{self.root}/{_check_id(device_id, 'device id')}/offload"
+
+    def reply(self, device_id: str) -> str:
+        return f"{self.root}/{_check_id(device_id, 'device id')}/reply"
+
+    def results(self, device_id: str) -> str:
+        return f"{self.root}/{_check_id(device_id, 'device id')}/results"
+
+    def status(self, device_id: str) -> str:
+        return f"{self.root}/{_check_id(device_id, 'device id')}/status"
+
+    @property
+    def all_offloads(self) -> str:
+        return f"{self.root}/+/offload"
+
+    @property
+    def all_results(self) -> str:
+        return f"{self.root}/+/results"
+
+    def cloud_subscription(self, group: str = CLOUD_GROUP) -> str:
+        """Shared subscription: the broker hands each offload to exactly one worker of the group."""
+        return f"$share/{_check_id(group, 'group')}/{self.all_offloads}"
+
+    def device_of(self, topic: str) -> str:
+        """The device id in a topic of this root (`<root>/<device>/<kind>`)."""
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            raise ValueError(f"topic {topic!r} is not under {self.root!r}")
+        parts = topic[len(prefix) :].split("/")
+        if len(parts) != 2:
+            raise ValueError(f"topic {topic!r} is not <root>/<device>/<kind>")
+        return parts[0]
