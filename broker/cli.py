@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -51,8 +52,6 @@ def run(args: argparse.Namespace) -> int:
             args.credentials_out.chmod(0o600)
         print(json.dumps({"host": broker.host, "port": broker.port, "users": users}), flush=True)
         print(f"mosquitto serving on {broker.host}:{broker.port}; Ctrl-C stops it", file=sys.stderr)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
     return 0

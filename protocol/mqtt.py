@@ -1,8 +1,8 @@
 """paho-mqtt 2.x clients configured the one way every edgecascade service needs.
 
-MQTT 5, `CallbackAPIVersion.VERSION2`, credentials, optional TLS, and TCP_NODELAY on every socket: Nagle's
-algorithm against delayed ACKs costs 44-88 ms per QoS 1 round trip on loopback; without it 0.6 ms. It is set in
-`on_connect` because every reconnect makes a new socket.
+MQTT 5, `CallbackAPIVersion.VERSION2`, credentials, optional TLS, and TCP_NODELAY on every socket:
+Nagle's algorithm against delayed ACKs costs 44-88 ms per QoS 1 round trip on loopback; without it 0.6 ms.
+It is set in `on_connect` because every reconnect makes a new socket.
 """
 
 from __future__ import annotations
