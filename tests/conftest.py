@@ -32,3 +32,11 @@ def topics() -> Topics:
 @pytest.fixture
 def device_id() -> str:
     return f"dev-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model dir (main/extension/cloud.onnx, card.json) of tiny deterministic models (tinymodels.py)."""
+    from tinymodels import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("tiny-models"))
