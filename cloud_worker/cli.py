@@ -1,22 +1,112 @@
-"""CLI for `edgecascade cloud` (placeholder until the subcommand is built)."""
+"""CLI for `edgecascade cloud`: one cloud worker of the shared group, until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
+import socket
 import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  edgecascade cloud --broker 127.0.0.1:1883 --user cloud --password-file /etc/edgecascade/cloud.pw \\
+      --models models/fashion-mnist --worker-id w1
+  edgecascade cloud --broker broker.lan:8883 --tls-ca ca.crt --user cloud --password-file cloud.pw \\
+      --max-batch 64 --max-wait-ms 5 --providers CUDAExecutionProvider CPUExecutionProvider
+
+Start as many as you like (distinct --worker-id): the broker shares the offloads among them.
+"""
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
         help="Run a cloud worker (shared subscription, micro-batching)",
-        description="Run a cloud worker (shared subscription, micro-batching)",
-        epilog="example:\n  edgecascade cloud --help",
+        description="Run a cloud worker: answer offloaded samples with the cloud model, micro-batched.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--broker", default="127.0.0.1:1883", help="host:port (default %(default)s)")
+    parser.add_argument("--user", default="cloud", help="broker username (default %(default)s)")
+    parser.add_argument(
+        "--password-file", type=Path, required=True, help="file whose first line is the password"
+    )
+    parser.add_argument("--tls-ca", help="CA certificate: connect over TLS and verify the broker with it")
+    parser.add_argument(
+        "--models", type=Path, default=Path("models/fashion-mnist"), help="model dir or a .onnx file"
+    )
+    parser.add_argument("--worker-id", default=None, help="unique name in replies (default host-pid)")
+    parser.add_argument("--namespace", default=None, help="topic namespace (tests, staging)")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest micro-batch (default %(default)s)")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=2.0, help="longest wait to fill a batch (default %(default)s)"
+    )
+    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime EPs")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
+    parser.add_argument("--idle-seconds", type=float, default=0.0, help="idle baseline before serving")
+    parser.add_argument("--stats-interval", type=float, default=60.0, help="log stats every N s (0: never)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("edgecascade cloud is not built yet", file=sys.stderr)
-    return 3
+    from cloud_worker.model import ModelError
+    from cloud_worker.worker import CloudWorker, WorkerConfig
+    from protocol.mqtt import BrokerAddress
+    from protocol.topics import Topics
+
+    try:
+        password = args.password_file.read_text().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        print(f"cannot read a password from {args.password_file}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        broker = BrokerAddress.parse(args.broker, args.user, password, args.tls_ca)
+        topics = Topics.namespaced(args.namespace) if args.namespace else Topics()
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    config = WorkerConfig(
+        broker=broker,
+        topics=topics,
+        model_path=args.models,
+        worker_id=worker_id,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        providers=args.providers,
+        meters=args.meters,
+        idle_seconds=args.idle_seconds,
+        threads=args.threads,
+    )
+    try:
+        worker = CloudWorker(config)
+    except (ModelError, ValueError) as exc:
+        print(f"cannot start the cloud worker: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        worker.start()
+    except TimeoutError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"worker {worker_id} ready", flush=True)  # a line supervisors and tests can wait for
+    interval = args.stats_interval if args.stats_interval > 0 else None
+    while not stop.wait(interval):
+        logger.info("stats %s", json.dumps(worker.stats))
+    worker.stop()
+    print(json.dumps({"worker_id": worker_id, **worker.stats}), flush=True)
+    return 0

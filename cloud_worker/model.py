@@ -1,0 +1,99 @@
+"""The cloud model on onnxruntime: uint8 image batch in, logits out (contract: `cloud.onnx`, input `image`).
+
+Kept separate from device_agent's runner on purpose: the dependency direction is cloud_worker -> protocol,
+metering, never cloud_worker -> device_agent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CLOUD_FILE = "cloud.onnx"
+
+
+class ModelError(RuntimeError):
+    """The cloud model cannot be loaded (missing file, hash mismatch, no usable provider, bad I/O)."""
+
+
+def resolve_model(path: Union[str, Path]) -> Tuple[Path, Optional[str]]:
+    """A model dir (its card's cloud block, else `cloud.onnx`) or an .onnx file -> (file, expected sha256)."""
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    if not path.is_dir():
+        raise ModelError(f"cloud model {path} does not exist (train it with `edgecascade train`)")
+    card = path / "card.json"
+    if card.exists():
+        try:
+            block = json.loads(card.read_text(encoding="utf-8"))["blocks"]["cloud"]
+            return path / str(block["file"]), str(block["sha256"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelError(f"model card {card} has no usable blocks.cloud entry: {exc}") from exc
+    return path / CLOUD_FILE, None
+
+
+class CloudSession:
+    """One onnxruntime session of the cloud model with its fixed per-sample input shape."""
+
+    def __init__(
+        self,
+        model_path: Union[str, Path],
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        threads: Optional[int] = None,
+    ) -> None:
+        import onnxruntime as ort  # heavy; only a running worker needs it
+
+        self.path, expected_sha = resolve_model(model_path)
+        if not self.path.exists():
+            raise ModelError(f"cloud model file {self.path} does not exist")
+        data = self.path.read_bytes()
+        if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+            raise ModelError(f"{self.path} does not match the sha256 in its card: retrain or re-export")
+        available = set(ort.get_available_providers())
+        usable = [p for p in providers if p in available]
+        if not usable:
+            raise ModelError(
+                f"none of the providers {list(providers)} is available (have {sorted(available)})"
+            )
+        if len(usable) < len(providers):
+            logger.warning("skipping unavailable providers %s", [p for p in providers if p not in available])
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self._session: Any = ort.InferenceSession(data, sess_options=opts, providers=usable)
+        self.providers: List[str] = self._session.get_providers()
+        inputs = self._session.get_inputs()
+        if [i.name for i in inputs] != ["image"] or inputs[0].type != "tensor(uint8)":
+            raise ModelError(f"{self.path}: expected one uint8 input `image`, got {[i.name for i in inputs]}")
+        dims = inputs[0].shape[1:]
+        if not all(isinstance(d, int) for d in dims):
+            raise ModelError(f"{self.path}: non-batch input dims must be fixed, got {dims}")
+        self.input_shape: Tuple[int, ...] = tuple(int(d) for d in dims)
+        self.sample_bytes = int(np.prod(self.input_shape))
+        outputs = [o.name for o in self._session.get_outputs()]
+        if "logits" not in outputs:
+            raise ModelError(f"{self.path}: no `logits` output (has {outputs})")
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Logits [N, num_classes] for a uint8 batch [N, *input_shape]."""
+        (out,) = self._session.run(["logits"], {"image": images})
+        return np.asarray(out, dtype=np.float32)
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """First runs allocate arenas and pick kernels; do it before announcing readiness."""
+        for n in batch_sizes:
+            self.logits(np.zeros((n, *self.input_shape), dtype=np.uint8))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -1,0 +1,338 @@
+"""The cloud worker: shared-subscription consumer of offloads, micro-batched onnxruntime, MQTT 5 replies.
+
+Threads: paho's network thread decodes and validates each offload (cheap) and queues it; one batch thread
+takes micro-batches (see `batching`), runs the cloud model, publishes one reply per request to its
+ResponseTopic with its CorrelationData (QoS 1), then acknowledges the request.
+
+Sessions are clean (session expiry 0) on purpose. Mosquitto 2.0 round-robins a shared subscription over every
+session in the group, connected or not: a crashed worker with a persistent session would keep being handed
+a share of the offloads, to be delivered only if it ever came back. With a clean session the dead worker
+leaves the group the moment its socket closes and the survivors get everything published after that; the
+few requests that were in flight to it are lost with its session (Mosquitto 2.0 does not re-dispatch them
+to the group), which the requester covers with its per-offload deadline (re-send, or fall back to the edge
+answer). Measured on Mosquitto 2.0.11: see tests/test_cloud_worker_failover.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from cloud_worker.batching import MicroBatcher, Pending
+from cloud_worker.energy import BatchEnergy
+from cloud_worker.model import CloudSession, softmax
+from edgecascade.systemd import Watchdog
+from protocol.codec import (
+    CONTENT_TYPE_OFFLOAD,
+    CONTENT_TYPE_REPLY,
+    OffloadReply,
+    OffloadRequest,
+    ProtocolError,
+    decode_offload,
+    encode_reply,
+)
+from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish_properties
+from protocol.topics import CLOUD_GROUP, Topics
+
+logger = logging.getLogger(__name__)
+
+# Room for the envelope's preamble and msgpack header on top of the image bytes; anything larger than
+# image + slack cannot be a valid offload for this model and is refused before decoding.
+HEADER_SLACK_BYTES = 1024
+STAT_KEYS = ("received", "answered", "rejected", "expired", "failed", "batches", "reply_refused")
+
+
+@dataclass
+class WorkerConfig:
+    """How one cloud worker connects and serves (see `edgecascade cloud --help` for the CLI view)."""
+
+    broker: BrokerAddress
+    topics: Topics
+    model_path: Path
+    worker_id: str
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    providers: Sequence[str] = ("CPUExecutionProvider",)
+    meters: Sequence[str] = ()
+    meter_options: Dict[str, Any] = field(default_factory=dict)
+    idle_seconds: float = 0.0
+    threads: Optional[int] = None
+    # Unacknowledged offloads the broker may push to us (MQTT 5 Receive Maximum); 0 = 4 batches' worth.
+    receive_maximum: int = 0
+    group: str = CLOUD_GROUP
+    keepalive_s: int = 15
+
+
+@dataclass
+class _Job:
+    request: OffloadRequest
+    reply_topic: str
+    correlation: bytes
+    deadline: Optional[float]  # time.monotonic() after which the requester no longer wants an answer
+    mid: int
+    qos: int
+    generation: int  # which connection delivered it: acks go only to that one
+
+
+class CloudWorker:
+    """One worker of the shared group. `start()`, then `stats`, then `stop()`; any number may run."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        if config.max_batch < 1 or config.max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.config = config
+        self.model = CloudSession(config.model_path, config.providers, config.threads)
+        self.model.warm_up(sorted({1, config.max_batch}))
+        self.max_payload_bytes = self.model.sample_bytes + HEADER_SLACK_BYTES
+        self._energy = BatchEnergy(config.meters, config.meter_options, config.idle_seconds)
+        self._batcher: MicroBatcher[_Job] = MicroBatcher(config.max_batch, config.max_wait_ms / 1000.0)
+        self._stats: Dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._batched_samples = 0
+        self._stats_lock = threading.Lock()
+        self._generation = 0
+        self._subscribed = threading.Event()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.receive_maximum = config.receive_maximum or max(4 * config.max_batch, 64)
+        self.client_id = f"cloud-{config.worker_id}-{os.getpid()}"
+        self._client = new_client(
+            config.broker,
+            self.client_id,
+            on_connect=self._on_connect,
+            manual_ack=True,
+            max_inflight=1000,
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
+        self.watchdog = Watchdog(healthy=self._client.is_connected)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 10.0) -> CloudWorker:
+        """Connect, subscribe to the group and serve; returns once subscribed (TimeoutError otherwise)."""
+        props = connect_properties(0)
+        props.ReceiveMaximum = self.receive_maximum
+        self._client.connect_async(
+            self.config.broker.host,
+            self.config.broker.port,
+            keepalive=self.config.keepalive_s,
+            clean_start=True,
+            properties=props,
+        )
+        self._client.loop_start()
+        self._thread = threading.Thread(
+            target=self._serve_forever, name=f"batch-{self.client_id}", daemon=True
+        )
+        self._thread.start()
+        if not self._subscribed.wait(timeout_s):
+            self.stop()
+            raise TimeoutError(
+                f"cloud worker {self.config.worker_id} not subscribed at "
+                f"{self.config.broker.host}:{self.config.broker.port} within {timeout_s}s"
+            )
+        self.watchdog.ready(f"serving {self.config.topics.cloud_subscription(self.config.group)}")
+        logger.info(
+            "worker %s serving %s with %s on %s (max batch %d, max wait %.1f ms)",
+            self.config.worker_id,
+            self.config.topics.cloud_subscription(self.config.group),
+            self.model.path,
+            self.model.providers,
+            self.config.max_batch,
+            self.config.max_wait_ms,
+        )
+        return self
+
+    def stop(self, drain_s: float = 2.0) -> None:
+        """Leave the group, answer what is already queued (at most `drain_s`), then disconnect."""
+        self.watchdog.stopping()
+        if self._client.is_connected():
+            self._client.unsubscribe(self.config.topics.cloud_subscription(self.config.group))
+            deadline = time.monotonic() + drain_s
+            while len(self._batcher) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._stop.set()
+        self._batcher.close()
+        if self._thread is not None:
+            self._thread.join(drain_s + 5.0)
+            self._thread = None
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._energy.close()
+
+    def __enter__(self) -> CloudWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Counters since start: received, answered, rejected, expired, failed, batches, reply_refused,
+        mean_batch, queued."""
+        with self._stats_lock:
+            out: Dict[str, Any] = dict(self._stats)
+            out["mean_batch"] = self._batched_samples / out["batches"] if out["batches"] else 0.0
+        out["queued"] = len(self._batcher)
+        return out
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self._stats[key] += n
+
+    # -- MQTT callbacks (paho's network thread) ---------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return  # new_client logged it; paho keeps retrying
+        self._generation += 1
+        # Clean session: the subscription must be made again on every connection.
+        client.subscribe(self.config.topics.cloud_subscription(self.config.group), qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if reasons and all(not r.is_failure for r in reasons):
+            self._subscribed.set()
+        else:
+            logger.error("broker refused the cloud subscription: %s", [str(r) for r in reasons or []])
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._subscribed.clear()
+        if not self._stop.is_set():
+            logger.warning("worker %s lost the broker (%s); reconnecting", self.config.worker_id, reason)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if reason is not None and reason.is_failure:
+            self._count("reply_refused")
+            logger.warning("broker refused a reply (mid %d): %s", mid, reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        generation = self._generation
+        self._count("received")
+        try:
+            job = self._parse(message, generation)
+        except ProtocolError as exc:
+            self._count("rejected")
+            logger.warning("rejected offload on %s: %s", message.topic, exc)
+            self._ack(message.mid, message.qos, generation)
+            return
+        self._batcher.put(job)
+
+    def _parse(self, message: mqtt.MQTTMessage, generation: int) -> _Job:
+        """Validate one offload fully before it may join a batch; ProtocolError says why not."""
+        payload = bytes(message.payload)
+        if len(payload) > self.max_payload_bytes:
+            raise ProtocolError(
+                f"oversized: {len(payload)} bytes, a {self.model.input_shape} uint8 offload needs "
+                f"at most {self.max_payload_bytes}"
+            )
+        props = message.properties
+        reply_topic = getattr(props, "ResponseTopic", None)
+        correlation = getattr(props, "CorrelationData", None)
+        if not reply_topic or correlation is None:
+            raise ProtocolError("no ResponseTopic/CorrelationData: nowhere to send the answer")
+        content_type = getattr(props, "ContentType", None)
+        if content_type is not None and content_type != CONTENT_TYPE_OFFLOAD:
+            raise ProtocolError(f"content type {content_type!r} is not {CONTENT_TYPE_OFFLOAD!r}")
+        request = decode_offload(payload)
+        try:
+            device = self.config.topics.device_of(message.topic)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
+        # The ACL proves who published on this topic; the header and the reply address must agree with it,
+        # so that nobody can make the worker answer into another device's reply topic.
+        if request.device_id != device:
+            raise ProtocolError(f"header device {request.device_id!r} != topic device {device!r}")
+        if reply_topic != self.config.topics.reply(device):
+            raise ProtocolError(f"ResponseTopic {reply_topic!r} is not {device!r}'s reply topic")
+        tensor = request.tensor
+        if tensor.dtype != np.uint8:
+            raise ProtocolError(f"image dtype {tensor.dtype} is not uint8")
+        if tuple(tensor.shape) == (1, *self.model.input_shape):
+            tensor = tensor.reshape(self.model.input_shape)
+        if tuple(tensor.shape) != self.model.input_shape:
+            raise ProtocolError(
+                f"image shape {list(tensor.shape)} != model input {list(self.model.input_shape)}"
+            )
+        request.tensor = tensor
+        expiry = getattr(props, "MessageExpiryInterval", None)
+        deadline = time.monotonic() + float(expiry) if expiry else None
+        return _Job(request, reply_topic, bytes(correlation), deadline, message.mid, message.qos, generation)
+
+    def _ack(self, mid: int, qos: int, generation: int) -> None:
+        # A PUBACK for a message of an earlier connection would name a packet id the broker never sent here.
+        if qos > 0 and generation == self._generation:
+            self._client.ack(mid, qos)
+
+    # -- batch thread ------------------------------------------------------------------------------
+    def _serve_forever(self) -> None:
+        while True:
+            self.watchdog.beat()
+            batch = self._batcher.take(timeout_s=0.5)
+            if batch:
+                try:
+                    self._serve(batch)
+                except Exception:  # never let one batch kill the service
+                    logger.exception("batch of %d failed", len(batch))
+                    self._count("failed", len(batch))
+            elif self._stop.is_set():
+                return
+
+    def _serve(self, batch: List[Pending[_Job]]) -> None:
+        now = time.monotonic()
+        live: List[Pending[_Job]] = []
+        for pending in batch:
+            job = pending.item
+            if job.deadline is not None and now >= job.deadline:
+                self._count("expired")
+                logger.info("dropped expired offload %s/%d", job.request.device_id, job.request.seq)
+                self._ack(job.mid, job.qos, job.generation)
+            else:
+                live.append(pending)
+        if not live:
+            return
+        images = np.stack([p.item.request.tensor for p in live])
+        try:
+            logits, seconds, joules = self._energy.run(lambda: self.model.logits(images), len(live))
+        except Exception:
+            logger.exception("cloud model failed on a batch of %d; requesters will fall back", len(live))
+            self._count("failed", len(live))
+            for p in live:
+                self._ack(p.item.mid, p.item.qos, p.item.generation)
+            return
+        probs = softmax(logits)
+        predictions = probs.argmax(axis=1)
+        cloud_ms = seconds * 1000.0 / len(live)
+        for i, pending in enumerate(live):
+            job = pending.item
+            reply = OffloadReply(
+                run_id=job.request.run_id,
+                device_id=job.request.device_id,
+                seq=job.request.seq,
+                prediction=int(predictions[i]),
+                probs=probs[i],
+                cloud_ms=cloud_ms,
+                worker_id=self.config.worker_id,
+                cloud_j=None if joules is None else joules[i],
+                energy_source=self._energy.source if joules is not None else "none",
+                extra={"batch": len(live), "queue_ms": round((now - pending.arrived) * 1000.0, 3)},
+            )
+            expiry_s = None
+            if job.deadline is not None:  # the answer is worth no more than the question
+                expiry_s = max(1, math.ceil(job.deadline - time.monotonic()))
+            props = publish_properties(
+                content_type=CONTENT_TYPE_REPLY, correlation_data=job.correlation, expiry_s=expiry_s
+            )
+            self._client.publish(job.reply_topic, encode_reply(reply), qos=1, properties=props)
+            self._ack(job.mid, job.qos, job.generation)
+        with self._stats_lock:
+            self._stats["answered"] += len(live)
+            self._stats["batches"] += 1
+            self._batched_samples += len(live)
