@@ -1,22 +1,158 @@
-"""CLI for `edgecascade collect` (placeholder until the subcommand is built)."""
+"""CLI for `edgecascade collect`: result records from MQTT into SQL, until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  edgecascade collect --broker 127.0.0.1:1883 --user collector --password-file collector.pw \\
+      --db results/bench.db
+  EDGECASCADE_DB_URL=postgresql+psycopg://edge@db.lan/edge edgecascade collect --password-file collector.pw
+  edgecascade collect --config /etc/edgecascade/collect.toml      # under systemd (deploy/)
+
+Settings come from the flags, then --config (TOML, the same names with underscores), then systemd
+credentials ($CREDENTIALS_DIRECTORY/mqtt-password, $CREDENTIALS_DIRECTORY/db-url), then $EDGECASCADE_DB_URL,
+then the defaults. The database is created or migrated on start. Final counters go to stdout as JSON.
+"""
+
+_DEFAULTS: Dict[str, Any] = {
+    "broker": "127.0.0.1:1883",
+    "user": "collector",
+    "password_file": None,
+    "tls_ca": None,
+    "db": None,
+    "namespace": None,
+    "batch_size": 500,
+    "flush_ms": 200.0,
+    "client_id": "edgecascade-collector",
+    "session_expiry_s": 7 * 24 * 3600,
+}
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="Collect result records from MQTT into SQL",
-        description="Collect result records from MQTT into SQL",
-        epilog="example:\n  edgecascade collect --help",
+        help="Collect result records from MQTT into SQL (SQLite or PostgreSQL)",
+        description="Collect result records from MQTT into SQL: QoS 1, persistent session, "
+        "commit before acknowledge, idempotent inserts.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below")
+    parser.add_argument("--broker", help=f"host:port (default {_DEFAULTS['broker']})")
+    parser.add_argument("--user", help=f"broker username (default {_DEFAULTS['user']})")
+    parser.add_argument("--password-file", type=Path, help="file whose first line is the password")
+    parser.add_argument("--tls-ca", help="CA certificate: connect over TLS and verify the broker with it")
+    parser.add_argument(
+        "--db", help="SQLAlchemy URL or SQLite path (default $EDGECASCADE_DB_URL, results/bench.db)"
+    )
+    parser.add_argument("--namespace", help="topic namespace in front of edgecascade/v1 (tests, staging)")
+    parser.add_argument(
+        "--batch-size", type=int, help=f"records per transaction (default {_DEFAULTS['batch_size']})"
+    )
+    parser.add_argument(
+        "--flush-ms", type=float, help=f"longest wait before a commit (default {_DEFAULTS['flush_ms']})"
+    )
+    parser.add_argument(
+        "--client-id", help=f"MQTT client id = persistent session (default {_DEFAULTS['client_id']})"
+    )
+    parser.add_argument("--session-expiry-s", type=int, help="how long the broker keeps our queue while away")
     parser.set_defaults(func=run)
 
 
+def _load_config(path: Optional[Path]) -> Dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        import tomllib  # type: ignore[import-not-found,unused-ignore]
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
+    with path.open("rb") as fh:
+        data = tomllib.load(fh)
+    data = data.get("collect", data)  # a [collect] table or top-level keys
+    unknown = set(data) - set(_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
+    return dict(data)
+
+
+def _credential(name: str) -> Optional[str]:
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(directory) / name if directory else None
+    if path is None or not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    return lines[0].strip() if lines else None
+
+
+def settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Merge flags over the config file over systemd credentials over defaults."""
+    merged = dict(_DEFAULTS)
+    merged.update(_load_config(args.config))
+    for key in _DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            merged[key] = value
+    if merged["db"] is None:
+        merged["db"] = _credential("db-url")  # None: open_database falls back to $EDGECASCADE_DB_URL
+    return merged
+
+
 def run(args: argparse.Namespace) -> int:
-    print("edgecascade collect is not built yet", file=sys.stderr)
-    return 3
+    from protocol.mqtt import BrokerAddress
+    from protocol.topics import Topics
+    from results_db.collector import CollectorConfig, run_collector
+
+    try:
+        conf = settings(args)
+    except (OSError, ValueError) as exc:
+        print(f"bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if conf["password_file"] is not None:
+        try:
+            password = Path(conf["password_file"]).read_text().splitlines()[0].strip()
+        except (OSError, IndexError) as exc:
+            print(f"cannot read a password from {conf['password_file']}: {exc}", file=sys.stderr)
+            return 2
+    else:
+        found = _credential("mqtt-password")
+        if found is None:
+            print("no broker password: give --password-file (or a systemd credential)", file=sys.stderr)
+            return 2
+        password = found
+    try:
+        broker = BrokerAddress.parse(conf["broker"], conf["user"], password, conf["tls_ca"])
+        topics = Topics.namespaced(conf["namespace"]) if conf["namespace"] else Topics()
+        config = CollectorConfig(
+            broker=broker,
+            topics=topics,
+            db_url=conf["db"],
+            batch_size=int(conf["batch_size"]),
+            flush_ms=float(conf["flush_ms"]),
+            client_id=conf["client_id"],
+            session_expiry_s=int(conf["session_expiry_s"]),
+        )
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        stats = run_collector(config, stop)
+    except RuntimeError as exc:
+        logger.error("%s", exc)
+        return 1
+    print(json.dumps(stats, sort_keys=True))
+    return 0

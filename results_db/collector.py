@@ -1,0 +1,333 @@
+"""The collector: result records from MQTT into SQL, committed before they are acknowledged.
+
+It subscribes `<root>/+/results` with QoS 1 on a persistent session (clean_start=False and a session expiry),
+so the broker queues results while the collector is away. paho runs with `manual_ack`: a PUBACK goes out only
+after the transaction holding the message's records has committed, so a crash between receipt and commit
+makes the broker re-deliver, and the unique keys make re-delivery write nothing twice. A malformed message,
+an invalid record, or a record whose device_id is not the topic's device is counted, logged with its topic and
+acknowledged: it must not block the queue. Unacknowledged messages also bound memory: the broker sends at most
+`max_inflight_messages` (1000) of them before it waits for our acks.
+
+Threads: paho's network thread decodes and validates each message (and acks a refused one at once); one
+writer thread batches, writes and acks. The two overlap on two cores because sqlite3 and psycopg release the
+GIL while the database works.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import paho.mqtt.client as mqtt
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from edgecascade.systemd import Watchdog
+from protocol.codec import ProtocolError, decode_records
+from protocol.mqtt import BrokerAddress, connect_properties, new_client
+from protocol.records import validate_record
+from protocol.topics import Topics
+from results_db.database import open_database
+from results_db.ingest import RecordWriter, WriteCounts
+
+logger = logging.getLogger(__name__)
+
+STAT_KEYS = (
+    "messages",  # MQTT messages taken from the broker
+    "received",  # records in well-formed messages
+    "inserted",  # data rows newly written (inferences, energy windows, idle baselines)
+    "duplicates",  # data rows already present: re-delivery
+    "run_records",  # run / run_end records applied
+    "rejected",  # records refused (invalid, wrong device, refused by the database) + undecodable messages
+    "rejected_messages",  # messages with at least one refused record, or undecodable
+    "batches",  # transactions committed
+    "db_retries",  # transactions retried because the database was unavailable
+)
+
+
+@dataclass
+class CollectorConfig:
+    """How the collector connects, where it writes, and how it batches."""
+
+    broker: BrokerAddress
+    topics: Topics = field(default_factory=Topics)
+    db_url: Union[str, Path, None] = None
+    batch_size: int = 500  # records per transaction: flush once this many are pending
+    flush_ms: float = 200.0  # ... or once the oldest pending message has waited this long
+    client_id: str = "edgecascade-collector"  # fixed: the persistent session is keyed by it
+    session_expiry_s: int = 7 * 24 * 3600
+    connect_timeout_s: float = 10.0
+    retry_max_s: float = 5.0  # back-off ceiling while the database is unavailable
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.flush_ms <= 0:
+            raise ValueError(f"flush_ms must be > 0, got {self.flush_ms}")
+
+
+@dataclass
+class _Message:
+    generation: int  # which connection delivered it; acks for an older one are dropped
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+
+
+@dataclass
+class _Pending:
+    message: _Message
+    records: List[Dict[str, Any]]
+
+
+class Collector:
+    """MQTT → SQL for result records. `start()`, then `stats`, then `stop()`."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.watchdog = Watchdog(healthy=lambda: self.healthy)
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_lock = threading.Lock()
+        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._generation = 0
+        self._client: Optional[mqtt.Client] = None
+        self._writer_thread: Optional[threading.Thread] = None
+        self._writer: Optional[RecordWriter] = None
+        self.failed: Optional[BaseException] = None  # set if the writer thread died
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> Collector:
+        """Open (and migrate) the database, connect, subscribe; raise if not subscribed in time."""
+        cfg = self.config
+        engine = open_database(cfg.db_url)
+        self._writer = RecordWriter(engine)
+        client = new_client(cfg.broker, cfg.client_id, on_connect=self._on_connect, manual_ack=True)
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        self._client = client
+        client.connect_async(
+            cfg.broker.host,
+            cfg.broker.port,
+            clean_start=False,
+            properties=connect_properties(cfg.session_expiry_s),
+        )
+        client.loop_start()
+        self._writer_thread = threading.Thread(target=self._run_writer, name="collector-writer", daemon=True)
+        self._writer_thread.start()
+        if not self._subscribed.wait(cfg.connect_timeout_s):
+            self.stop()
+            raise RuntimeError(
+                f"collector could not subscribe at {cfg.broker.host}:{cfg.broker.port} "
+                f"within {cfg.connect_timeout_s}s"
+            )
+        self.watchdog.ready(f"collecting {cfg.topics.all_results}")
+        return self
+
+    def stop(self) -> None:
+        """Commit and acknowledge what has arrived, then disconnect (the session stays on the broker)."""
+        self._stop.set()
+        if self._writer_thread is not None:
+            self._writer_thread.join()
+            self._writer_thread = None
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        if self._writer is not None:
+            self._writer.engine.dispose()
+            self._writer = None
+        self.watchdog.stopping()
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def stats(self) -> Dict[str, int]:
+        """A snapshot of the counters (see `STAT_KEYS`)."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for key, delta in deltas.items():
+                self._stats[key] += delta
+
+    # -- paho callbacks (network thread) -------------------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            return
+        self._generation += 1
+        logger.info("collector connected (session %s)", "resumed" if flags.session_present else "new")
+        client.subscribe(self.config.topics.all_results, qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        failed = [r for r in reasons if r.is_failure]
+        if failed:
+            logger.error("subscription to %s refused: %s", self.config.topics.all_results, failed)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not self._stop.is_set():
+            logger.warning("collector disconnected (%s); paho reconnects", reason)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        item = self._decode(
+            _Message(self._generation, message.mid, message.qos, message.topic, bytes(message.payload))
+        )
+        if item is not None:
+            self._inbox.put(item)
+
+    # -- writer thread -------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False once the writer thread has died (a bug): the service should exit and be restarted."""
+        return self.failed is None and (self._writer_thread is None or self._writer_thread.is_alive())
+
+    def _run_writer(self) -> None:
+        try:
+            self._write_loop()
+        except BaseException as exc:
+            self.failed = exc
+            logger.exception("collector writer thread died; unacknowledged results stay on the broker")
+
+    def _write_loop(self) -> None:
+        pending: List[_Pending] = []
+        rows = 0
+        oldest = 0.0
+        flush_s = self.config.flush_ms / 1000.0
+        while True:
+            self.watchdog.beat()
+            stopping = self._stop.is_set()
+            timeout = max(0.0, oldest + flush_s - time.monotonic()) if pending else 0.1
+            try:
+                item: Optional[_Pending] = self._inbox.get(timeout=0 if stopping else timeout)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                if not pending:
+                    oldest = time.monotonic()
+                pending.append(item)
+                rows += len(item.records)
+            due = pending and (rows >= self.config.batch_size or time.monotonic() - oldest >= flush_s)
+            if due or (pending and item is None and stopping):
+                self._flush(pending)
+                pending, rows = [], 0
+            if stopping and item is None and not pending:
+                return
+
+    def _decode(self, message: _Message) -> Optional[_Pending]:
+        """Decode and validate; refused records are counted, logged and (if none is left) acked now."""
+        self._count(messages=1)
+        try:
+            device_id = self.config.topics.device_of(message.topic)
+            raw = decode_records(message.payload)
+        except (ProtocolError, ValueError) as exc:
+            logger.warning("rejected undecodable results message on %s: %s", message.topic, exc)
+            self._count(rejected=1, rejected_messages=1)
+            self._ack([message])
+            return None
+        good: List[Dict[str, Any]] = []
+        errors: List[str] = []
+        for record in raw:
+            try:
+                validate_record(record)
+            except ProtocolError as exc:
+                errors.append(str(exc))
+                continue
+            if record["device_id"] != device_id:
+                errors.append(f"record for device {record['device_id']!r} on device {device_id!r}'s topic")
+                continue
+            good.append(record)
+        self._count(received=len(raw), rejected=len(errors), rejected_messages=1 if errors else 0)
+        if errors:
+            logger.warning(
+                "rejected %d of %d records on %s: %s", len(errors), len(raw), message.topic, errors[0]
+            )
+        if not good:
+            self._ack([message])
+            return None
+        return _Pending(message, good)
+
+    def _flush(self, pending: List[_Pending]) -> None:
+        """Write the batch in one transaction, then ack; on a bad row, fall back to one message at a time."""
+        assert self._writer is not None
+        records = [r for item in pending for r in item.records]
+        delay = 0.1
+        while True:
+            try:
+                counts = self._writer.write(records)
+                break
+            except OperationalError as exc:  # database unavailable or locked: keep the batch, retry
+                self._count(db_retries=1)
+                logger.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
+                self.watchdog.beat()
+                time.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max_s)
+            except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
+                # A row the database refuses (constraint, type, range: sqlite3 raises OverflowError for
+                # integers beyond 64 bits). Find the message that carries it; the others still land.
+                if len(pending) == 1:
+                    self._refuse(pending[0], exc)
+                    return
+                logger.info("batch of %d messages refused (%s); writing them one by one", len(pending), exc)
+                for item in pending:
+                    self._flush([item])
+                return
+        self._tally(counts)
+        self._ack([item.message for item in pending])
+
+    def _refuse(self, item: _Pending, exc: Exception) -> None:
+        orig = getattr(exc, "orig", exc)
+        logger.warning("database refused %d records on %s: %s", len(item.records), item.message.topic, orig)
+        self._count(rejected=len(item.records), rejected_messages=1)
+        self._ack([item.message])
+
+    def _tally(self, counts: WriteCounts) -> None:
+        self._count(
+            inserted=counts.inserted,
+            duplicates=counts.duplicates,
+            run_records=counts.run_records,
+            batches=1,
+        )
+
+    def _ack(self, messages: List[_Message]) -> None:
+        client = self._client
+        if client is None:
+            return
+        generation = self._generation
+        for message in messages:
+            # After a reconnect the broker re-sends what we had not acked; acking the old packet id could
+            # acknowledge another message, so we let the re-delivered copy (a duplicate) carry the ack.
+            if message.generation == generation and message.qos > 0:
+                client.ack(message.mid, message.qos)
+
+
+def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:
+    """Run until `stop` is set, KeyboardInterrupt, or the writer dies; log the counters each minute."""
+    stop = stop or threading.Event()
+    collector = Collector(config).start()
+    last = time.monotonic()
+    try:
+        while not stop.wait(1.0) and collector.healthy:
+            if time.monotonic() - last >= 60:
+                logger.info("collector stats: %s", collector.stats)
+                last = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+    if collector.failed is not None:
+        raise RuntimeError("collector writer failed") from collector.failed
+    return collector.stats
