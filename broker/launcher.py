@@ -29,6 +29,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 BASE_CONFIG = CONFIG_DIR / "edgecascade.conf"
 ACL_FILE = CONFIG_DIR / "edgecascade.acl"
 SERVICE_USERS = ("cloud", "collector")
+CERT_SCRIPT = CONFIG_DIR / "make-test-certs.sh"
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
@@ -46,6 +47,17 @@ def _require(binary: str) -> str:
             f"{binary} not found: install it with `sudo apt-get install mosquitto mosquitto-clients`"
         )
     return path
+
+
+def make_test_certs(directory: Path) -> Path:
+    """A test CA and a localhost/127.0.0.1 server certificate in `directory` (broker/make-test-certs.sh)."""
+    directory = Path(directory)
+    result = subprocess.run(
+        ["sh", str(CERT_SCRIPT), str(directory)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{CERT_SCRIPT.name} failed: {result.stderr.strip()}")
+    return directory
 
 
 class BrokerProcess:
@@ -69,7 +81,9 @@ class BrokerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = port or find_free_port(host)
-        self.tls_dir = tls_dir
+        self.tls_dir = Path(tls_dir) if tls_dir else None
+        if self.tls_dir is not None and not (self.tls_dir / "server.crt").exists():
+            make_test_certs(self.tls_dir)  # tests and bench: a fresh test CA unless one is given
         self.tls_port = find_free_port(host) if tls_dir else None
         self.extra_config = extra_config
         self._passwords: Dict[str, str] = {}
@@ -172,8 +186,12 @@ class BrokerProcess:
                 raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {err}{log}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
-                    return self
+                    pass
+                if self.tls_port is not None:
+                    with socket.create_connection((self.host, self.tls_port), timeout=0.2):
+                        pass
+                logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
+                return self
             except OSError:
                 time.sleep(0.02)
         self.stop()

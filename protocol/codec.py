@@ -122,7 +122,9 @@ def _tensor_from(header: Dict[str, Any], body: memoryview) -> np.ndarray:
         isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
     ):
         raise ProtocolError(f"bad shape {shape!r}")
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    expected = np.dtype(dtype).itemsize
+    for dim in shape:  # Python ints: np.prod in int64 wraps, and 2**32 x 2**32 would read as 0 bytes
+        expected *= dim
     if expected != len(body):
         raise ProtocolError(f"shape {shape} x {dtype} needs {expected} bytes, body has {len(body)}")
     # Copy out of the MQTT buffer: callers keep tensors after paho reuses the message.
