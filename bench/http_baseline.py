@@ -1,0 +1,140 @@
+"""The Sedna-style peer: hard examples sent to the cloud by HTTP request/response, one POST per sample.
+
+KubeEdge Sedna's joint inference posts each hard example to a cloud HTTP service and blocks for the answer.
+We reproduce that shape with the same models and the same MEANet filter, so the benchmark can put our MQTT path
+beside what a user would otherwise deploy. The server is stdlib `http.server` (one small endpoint; no framework
+needed) and the client keeps one HTTP/1.1 connection alive — the best case for HTTP.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from device_agent.cascade import CloudModel, EdgeCascade
+from protocol.records import InferenceRecord
+
+logger = logging.getLogger(__name__)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server: CloudHTTPServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+            shape = [int(d) for d in self.headers["X-Shape"].split(",")]
+            body = self.rfile.read(length)
+            image = np.frombuffer(body, dtype=np.uint8).reshape(shape)
+        except (KeyError, ValueError) as exc:
+            self.send_error(400, f"bad request: {exc}")
+            return
+        start = time.perf_counter()
+        with self.server.model_lock:
+            probs = self.server.model.predict(image[None])[0]
+        cloud_ms = (time.perf_counter() - start) * 1e3
+        reply = json.dumps(
+            {"prediction": int(probs.argmax()), "p": float(probs.max()), "cloud_ms": cloud_ms}
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, fmt: str, *args: object) -> None:
+        logger.debug(fmt, *args)
+
+
+class CloudHTTPServer(ThreadingHTTPServer):
+    """POST /infer with the raw uint8 image (header X-Shape: C,H,W) -> JSON {prediction, p, cloud_ms}."""
+
+    daemon_threads = True
+
+    def __init__(self, model_path: Path, providers: Sequence[str], host: str = "127.0.0.1", port: int = 0):
+        super().__init__((host, port), _Handler)
+        self.model = CloudModel(model_path, providers=list(providers))
+        self.model_lock = threading.Lock()  # one onnxruntime session, like one Sedna cloud pod
+        self._thread = threading.Thread(target=self.serve_forever, name="http-cloud", daemon=True)
+
+    @property
+    def url(self) -> Tuple[str, int]:
+        host, port = self.server_address[:2]
+        return str(host), int(port)
+
+    def __enter__(self) -> CloudHTTPServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@dataclass
+class HttpRunResult:
+    records: List[InferenceRecord] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.records) / self.seconds if self.seconds else 0.0
+
+
+def run_http_peer(
+    cascade: EdgeCascade,
+    samples: Iterable[Tuple[np.ndarray, Optional[int]]],
+    server: Tuple[str, int],
+    *,
+    run_id: str,
+    device_id: str,
+    progress: Optional[object] = None,
+) -> HttpRunResult:
+    """Edge cascade per sample; each complex sample is POSTed and the device blocks for the answer."""
+    conn = http.client.HTTPConnection(*server)
+    result = HttpRunResult()
+    start = time.perf_counter()
+    for seq, (image, label) in enumerate(samples):
+        decision = cascade.decide(image[None])[0]
+        record = InferenceRecord(
+            run_id=run_id,
+            device_id=device_id,
+            seq=seq,
+            label=label,
+            prediction=decision.prediction,
+            exit_stage=decision.exit_stage,
+            edge_ms=decision.edge_ms,
+            p_main=decision.p_main,
+            p_ext=decision.p_ext,
+            ts_unix=time.time(),
+        )
+        if decision.complex:
+            body = np.ascontiguousarray(image).tobytes()
+            sent = time.perf_counter()
+            conn.request("POST", "/infer", body=body, headers={"X-Shape": ",".join(map(str, image.shape))})
+            response = conn.getresponse()
+            reply = json.loads(response.read())
+            round_ms = (time.perf_counter() - sent) * 1e3
+            record.exit_stage = "cloud"
+            record.prediction = int(reply["prediction"])
+            record.p_cloud = float(reply["p"])
+            record.cloud_ms = float(reply["cloud_ms"])
+            record.network_ms = max(round_ms - record.cloud_ms, 0.0)
+            record.bytes_up = len(body)
+            record.bytes_down = int(response.getheader("Content-Length") or 0)
+        result.records.append(record)
+        if progress is not None:
+            progress.update(1)  # type: ignore[attr-defined]
+    result.seconds = time.perf_counter() - start
+    conn.close()
+    return result
