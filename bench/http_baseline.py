@@ -1,9 +1,9 @@
 """The Sedna-style peer: hard examples sent to the cloud by HTTP request/response, one POST per sample.
 
 KubeEdge Sedna's joint inference posts each hard example to a cloud HTTP service and blocks for the answer.
-We reproduce that shape with the same models and the same MEANet filter, so the benchmark can put our MQTT path
-beside what a user would otherwise deploy. The server is stdlib `http.server` (one small endpoint; no framework
-needed) and the client keeps one HTTP/1.1 connection alive — the best case for HTTP.
+We reproduce that shape with the same models and the same MEANet filter, so the benchmark can put our MQTT
+path beside what a user would otherwise deploy. The server is stdlib `http.server` (one small endpoint; no
+framework needed) and the client keeps one HTTP/1.1 connection alive — the best case for HTTP.
 """
 
 from __future__ import annotations
