@@ -1,0 +1,504 @@
+"""The device agent: samples in, edge cascade, policy, offload, one result record per sample out.
+
+Every source (`submit`, `run_dataset`, `watch`) puts samples on one queue that a single inference thread
+drains, batch 1, in order: run what the policy needs of the edge cascade, ask the policy, exit or offload.
+Inferences are grouped in meter windows of `window_size` (or fewer when the queue runs dry) whose joules
+are split over them by compute time. A sample's record is complete once its window is closed and its outcome
+known (exit, the cloud's reply, or the deadline's fallback); it then goes to the outbox, which the link
+empties to the broker in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import msgpack
+import numpy as np
+
+from device_agent.cascade import EdgeCascade, load_card, sha256_file
+from device_agent.config import AgentConfig
+from device_agent.energy import DeviceEnergy, OpenWindow
+from device_agent.link import Link
+from device_agent.offloads import OffloadTracker, Settled
+from device_agent.outbox import NewEntry, Outbox, OutboxFull
+from device_agent.policies import Action, Outcome, PolicyError, make_policy
+from device_agent.samples import Sample, edge_view, extend_view, record_of
+from edgecascade.systemd import Watchdog
+from protocol import InferenceRecord, OffloadRequest, encode_offload, validate_record
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()
+SEQ_BLOCK = 1024  # sequence numbers reserved on disk at a time, so a restarted run never reuses one
+
+
+@dataclass
+class RunSummary:
+    """What a run (or one `run_dataset` call) did."""
+
+    run_id: str
+    device_id: str
+    policy: str
+    samples: int = 0
+    exits: Dict[str, int] = field(default_factory=dict)  # exit_stage -> samples
+    offloaded: int = 0
+    fallbacks: int = 0
+    late_replies: int = 0
+    failed: int = 0
+    labelled: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    device_j_gross: Optional[float] = None
+    energy_source: str = "none"
+    policy_report: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, record: InferenceRecord) -> None:
+        self.samples += 1
+        self.exits[record.exit_stage] = self.exits.get(record.exit_stage, 0) + 1
+        if record.exit_stage in ("cloud", "fallback") and record.bytes_up:
+            self.offloaded += 1
+        self.fallbacks += record.exit_stage == "fallback"
+        if record.label is not None:
+            self.labelled += 1
+            self.correct += record.prediction == record.label
+        if record.device_j_gross is not None:
+            self.device_j_gross = (self.device_j_gross or 0.0) + record.device_j_gross
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items()}
+        out.update(accuracy=self.accuracy, samples_per_s=self.samples_per_s)
+        return out
+
+
+class DeviceAgent:
+    """`DeviceAgent(AgentConfig(...))`; `start()`, feed it samples, `close()`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.run_id = (
+            config.run_id or f"{config.device_id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        )
+        self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "records": 0}
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(4 * config.window_size, 64))
+        self._lock = threading.Lock()
+        self._ready: List[
+            Tuple[NewEntry, Optional[int]]
+        ] = []  # finished records, next to the offload they end
+        self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
+        self._started_mono = 0.0
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self.watchdog = Watchdog(healthy=lambda: self._thread is not None and self._thread.is_alive())
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> DeviceAgent:
+        cfg = self.config
+        self.card = load_card(cfg.model_dir)
+        self.policy = make_policy(cfg.policy, self.card)
+        self.cascade = EdgeCascade(cfg.model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
+        self.input_shape = tuple(self.card.input_shape)
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(
+            cfg.state_dir / f"outbox-{self.device_id}.sqlite",
+            max_entries=cfg.outbox_max_entries,
+            max_bytes=cfg.outbox_max_bytes,
+        )
+        self._next_seq = int(self.outbox.get_state(f"seq/{self.run_id}") or 0)
+        self._reserved_seq = self._next_seq
+        self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, self.card.raw)
+        self._summary.energy_source = self.energy.source
+        self.link = Link(
+            cfg.broker,
+            cfg.topics,
+            self.device_id,
+            self.outbox,
+            self._on_reply,
+            session_expiry_s=cfg.session_expiry_s,
+            results_batch=cfg.results_batch,
+            flush_s=cfg.flush_s,
+        )
+        self.offloads = OffloadTracker(
+            self.link,
+            self.outbox,
+            cfg.topics,
+            self.device_id,
+            self.run_id,
+            self._on_settled,
+            max_inflight=cfg.max_inflight,
+            deadline_s=cfg.offload_deadline_s,
+        )
+        self._recover()
+        self._emit(self._run_record())
+        self.link.hooks.append(self._housekeeping)
+        self.link.start()
+        if not self.link.wait_connected(cfg.connect_timeout_s):
+            logger.warning(
+                "broker %s:%d not reachable yet: running from the outbox", cfg.broker.host, cfg.broker.port
+            )
+        idle = self.energy.measure_idle(cfg.idle_seconds)
+        if idle is not None:
+            self._emit({"type": "idle_baseline", "run_id": self.run_id, "device_id": self.device_id, **idle})
+        self._window_seq = 0
+        self._started_mono = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name=f"agent-{self.device_id}", daemon=True)
+        self._thread.start()
+        self.watchdog.ready(f"run {self.run_id}, policy {self.policy.name}")
+        logger.info("agent %s started run %s with policy %s", self.device_id, self.run_id, self.policy.name)
+        return self
+
+    def __enter__(self) -> DeviceAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> RunSummary:
+        """Finish the queue, wait (bounded) for offloads and records, publish `run_end`, disconnect."""
+        if self._closed:
+            return self._summary
+        self._closed = True
+        cfg = self.config
+        self._queue.put(_STOP)
+        if self._thread is not None:
+            self._thread.join()
+        self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
+        self._flush(block=True)
+        self._summary.seconds = time.monotonic() - self._started_mono
+        self._summary.late_replies = self.offloads.stats["late_replies"]
+        self._summary.policy_report = self.policy.report()
+        self._emit(
+            {
+                "type": "run_end",
+                "run_id": self.run_id,
+                "device_id": self.device_id,
+                "ended_unix": time.time(),
+                "samples": self._summary.samples,
+                # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
+                "policy_report": _plain(self._summary.policy_report),
+            }
+        )
+        if not self.link.drain(cfg.close_timeout_s):
+            left = self.outbox.counts()
+            logger.warning(
+                "closing with %s entries still in the outbox %s (sent next start)", left, self.outbox.path
+            )
+        self.watchdog.stopping()
+        self.link.close()
+        self.energy.close()
+        self.outbox.close()
+        return self._summary
+
+    # -- sources --------------------------------------------------------------------------------------
+    def submit(self, image: np.ndarray, label: Optional[int] = None) -> Future[InferenceRecord]:
+        """Queue one uint8 CHW image (blocks while the queue is full); the future yields its record."""
+        future: Future[InferenceRecord] = Future()
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8 or tuple(arr.shape) != self.input_shape:
+            self.stats["bad_inputs"] += 1
+            logger.warning(
+                "rejected input of dtype %s shape %s (want uint8 %s)", arr.dtype, arr.shape, self.input_shape
+            )
+            future.set_exception(
+                ValueError(f"image must be uint8 {self.input_shape}, got {arr.dtype} {arr.shape}")
+            )
+            return future
+        if self._closed:
+            raise RuntimeError("agent is closed")
+        self._queue.put((np.ascontiguousarray(arr), None if label is None else int(label), future))
+        return future
+
+    def run_dataset(
+        self, samples: Iterable[Tuple[np.ndarray, Optional[int]]], progress: bool = False
+    ) -> RunSummary:
+        """Run every (image, label) through the agent; a summary of these samples once all are settled."""
+        summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
+        started = time.monotonic()
+        futures = []
+        for i, (image, label) in enumerate(samples):
+            futures.append(self.submit(image, label))
+            if progress and (i + 1) % 1000 == 0:
+                rate = (i + 1) / (time.monotonic() - started)
+                print(f"{i + 1} samples queued, {rate:.0f}/s", file=sys.stderr, flush=True)
+        for future in futures:
+            try:
+                summary.add(future.result())
+            except Exception:
+                summary.failed += 1
+        summary.seconds = time.monotonic() - started
+        summary.late_replies = self.offloads.stats["late_replies"]
+        summary.policy_report = self.policy.report()
+        return summary
+
+    # -- the inference thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        window: Optional[OpenWindow] = None
+        members: List[Sample] = []
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                self.watchdog.beat()
+                continue
+            if item is _STOP:
+                break
+            if window is None:
+                window, members = self.energy.open_window(), []
+            sample = self._process(*item)
+            if sample is not None:
+                window.add(sample.compute_s)
+                members.append(sample)
+            if window.count >= self.config.window_size or self._queue.empty():
+                self._close_window(window, members)
+                window = None
+            self.watchdog.beat()
+        if window is not None:
+            self._close_window(window, members)
+
+    def _process(
+        self, image: np.ndarray, label: Optional[int], future: Future[InferenceRecord]
+    ) -> Optional[Sample]:
+        try:
+            seq = self._take_seq()
+            sample = Sample(seq, image, label, future, time.time())
+            started = time.perf_counter()
+            view, blocks, features = edge_view(self.cascade, self.policy.edge, image, seq)
+            decision = self.policy.decide(view)
+            if decision.action is Action.EXTEND:
+                if features is None:
+                    raise PolicyError(f"policy {self.policy.name} asked for the extension after it ran")
+                view = extend_view(self.cascade, image, features, view)
+                blocks.append("extension")
+                decision = self.policy.decide(view)
+                if decision.action is Action.EXTEND:
+                    raise PolicyError(f"policy {self.policy.name} asked for the extension twice")
+            sample.view, sample.decision, sample.blocks = view, decision, blocks
+            sample.edge_ms = (time.perf_counter() - started) * 1000.0
+            if decision.action is Action.OFFLOAD:
+                request = OffloadRequest(self.run_id, self.device_id, seq, image, time.time_ns())
+                payload = encode_offload(request)
+                sample.bytes_up = len(payload)
+                sample.compute_s = time.perf_counter() - started
+                partial = self._record(sample, "fallback").to_record()
+                self.offloads.offload(sample, seq, payload, partial)
+            else:
+                sample.compute_s = time.perf_counter() - started
+                self._settle(sample, view.exit_stage or "main")
+            return sample
+        except Exception as exc:  # one bad sample must not stop the agent
+            self.stats["failed"] += 1
+            logger.exception("sample failed")
+            if not future.done():
+                future.set_exception(exc)
+            return None
+
+    def _take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        if self._next_seq > self._reserved_seq:
+            self._reserved_seq = seq + SEQ_BLOCK
+            self.outbox.set_state(f"seq/{self.run_id}", str(self._reserved_seq))
+        return seq
+
+    def _close_window(self, window: OpenWindow, members: List[Sample]) -> None:
+        energy = window.close()
+        if energy.record is not None:
+            self._emit(
+                {
+                    "type": "energy_window",
+                    "run_id": self.run_id,
+                    "device_id": self.device_id,
+                    "window_seq": self._window_seq,
+                    **energy.record,
+                }
+            )
+        self._window_seq += 1
+        self.stats["windows"] += 1
+        for sample, (gross_j, net_j) in zip(members, energy.per_inference):
+            with self._lock:
+                sample.device_j_gross, sample.device_j_net, sample.energy_done = gross_j, net_j, True
+            self._maybe_finish(sample)
+        self._flush(block=True)
+
+    # -- outcomes -------------------------------------------------------------------------------------
+    def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
+        self.offloads.on_reply(corr, payload)
+
+    def _on_settled(self, settled: Settled) -> None:
+        sample: Sample = settled.sample
+        sample.offload_outbox_id = settled.outbox_id
+        reply = settled.reply
+        if reply is None:
+            self._settle(sample, "fallback")
+            return
+        sample.reply = reply
+        sample.bytes_down = settled.bytes_down
+        if settled.round_trip_ms is not None:
+            sample.network_ms = max(0.0, settled.round_trip_ms - reply.cloud_ms)
+        self._settle(sample, "cloud")
+
+    def _settle(self, sample: Sample, exit_stage: str) -> None:
+        cloud_prediction = sample.reply.prediction if sample.reply is not None else None
+        try:
+            assert sample.decision is not None
+            self.policy.observe(Outcome(sample.view, sample.decision, cloud_prediction, sample.label))
+        except Exception:
+            logger.exception("policy %s failed to learn from sample %d", self.policy.name, sample.seq)
+        with self._lock:
+            sample.exit_stage = exit_stage
+        self._maybe_finish(sample)
+
+    def _maybe_finish(self, sample: Sample) -> None:
+        with self._lock:
+            if not sample.energy_done or sample.exit_stage is None or sample.finished:
+                return
+            sample.finished = True
+        record = self._record(sample, sample.exit_stage)
+        entry = NewEntry(
+            f"inference/{self.run_id}/{self.device_id}/{sample.seq}",
+            "record",
+            self.config.topics.results(self.device_id),
+            msgpack.packb(record.to_record(), use_bin_type=True),
+        )
+        with self._lock:
+            self._ready.append((entry, sample.offload_outbox_id))
+            self._summary.add(record)
+            self.stats["records"] += 1
+        sample.image = None  # the record is all we keep
+        sample.future.set_result(record)
+
+    def _record(self, sample: Sample, exit_stage: str) -> InferenceRecord:
+        return record_of(
+            sample,
+            exit_stage,
+            run_id=self.run_id,
+            device_id=self.device_id,
+            energy_source=self.energy.source,
+            analytic_j=self.energy.analytic_j(sample.blocks),
+        )
+
+    # -- records to the outbox ------------------------------------------------------------------------
+    def _emit(self, record: Dict[str, Any]) -> None:
+        """A run / run_end / window / baseline record straight to the outbox."""
+        validate_record(record)
+        kind = record["type"]
+        suffix = {
+            "energy_window": f"/{record.get('window_seq')}",
+            "idle_baseline": f"/{record.get('measured_unix')}",
+        }
+        key = f"{kind}/{self.run_id}/{self.device_id}{suffix.get(kind, '')}"
+        self.outbox.put(
+            key,
+            "record",
+            self.config.topics.results(self.device_id),
+            msgpack.packb(record, use_bin_type=True),
+            timeout=self.config.outbox_wait_s,
+        )
+
+    def _flush(self, block: bool) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+        if not ready:
+            return
+        ends = [(e, oid) for e, oid in ready if oid is not None]
+        plain = [e for e, oid in ready if oid is None]
+        if ends:  # an offload leaves the outbox in the same transaction as its record enters
+            self.outbox.ack([oid for _, oid in ends if oid is not None], replacement=[e for e, _ in ends])
+        if plain:
+            try:
+                self.outbox.put_many(plain, timeout=self.config.outbox_wait_s if block else 0)
+            except OutboxFull:
+                if block:
+                    raise
+                with self._lock:
+                    self._ready[:0] = [(e, None) for e in plain]
+
+    def _housekeeping(self, connected: bool) -> None:
+        self.offloads.tick(connected)
+        self._flush(block=False)
+
+    def _recover(self) -> None:
+        """Offloads a previous process left unanswered become fallback records now."""
+        for entry in self.outbox.all_of("offload"):
+            record = dict(entry.meta or {})
+            try:
+                validate_record(record)
+            except ValueError:
+                logger.error("dropping unreadable leftover offload %s", entry.key)
+                self.outbox.ack([entry.id])
+                continue
+            key = f"inference/{record['run_id']}/{record['device_id']}/{record['seq']}"
+            self.outbox.ack(
+                [entry.id],
+                replacement=[
+                    NewEntry(
+                        key,
+                        "record",
+                        entry.topic.rsplit("/", 1)[0] + "/results",
+                        msgpack.packb(record, use_bin_type=True),
+                    )
+                ],
+            )
+            logger.warning("offload %s of an earlier process recorded as fallback", entry.key)
+
+    def _run_record(self) -> Dict[str, Any]:
+        import onnxruntime
+
+        return {
+            "type": "run",
+            "run_id": self.run_id,
+            "device_id": self.device_id,
+            "policy": self.policy.name,
+            "policy_params": _plain(self.policy.params()),
+            "profile": self.config.profile,
+            "dataset": self.config.dataset,
+            "split": self.config.split,
+            "model_sha256": sha256_file(self.config.model_dir / "card.json"),
+            "code_revision": _code_revision(),
+            "host": {
+                "hostname": socket.gethostname(),
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "onnxruntime": onnxruntime.__version__,
+                "providers": list(self.config.providers),
+                "meter": self.energy.source,
+            },
+            "started_unix": time.time(),
+        }
+
+
+def _plain(value: Any) -> Any:
+    """msgpack-able copy (numpy scalars and arrays become Python numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _code_revision() -> str:
+    from edgecascade import __version__
+
+    return __version__

@@ -1,0 +1,107 @@
+"""`AgentConfig` and device profiles (bench/profiles/*.toml) for the agent."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from protocol.mqtt import BrokerAddress
+from protocol.topics import Topics
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the device extra installs tomli on older Pythons
+    import tomli as tomllib
+
+# Where `--profile x86` looks when given a name rather than a file.
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "bench" / "profiles"
+
+
+@dataclass
+class AgentConfig:
+    """Everything a `DeviceAgent` needs; `apply_profile` fills the hardware-specific part from a profile."""
+
+    device_id: str
+    broker: BrokerAddress
+    topics: Topics = field(default_factory=Topics)
+    model_dir: Path = Path("models/fashion-mnist")
+    policy: Dict[str, Any] = field(default_factory=lambda: {"name": "meanet", "params": {}})
+    state_dir: Path = Path("state")
+    run_id: Optional[str] = None
+    providers: List[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    threads: Optional[int] = None  # onnxruntime intra-op threads; None = its default
+    model_cache_dir: Optional[Path] = None  # optimised graphs / TensorRT engines
+    meters: List[str] = field(default_factory=lambda: ["rapl", "estimate"])
+    meter_options: Dict[str, Any] = field(default_factory=dict)
+    idle_seconds: float = 5.0
+    window_size: int = 32  # inferences per energy window
+    max_inflight: int = 64  # offloads awaiting a reply
+    offload_deadline_s: float = 2.0  # then the edge answer is used, flagged `fallback`
+    results_batch: int = 100  # result records per MQTT message
+    flush_s: float = 0.2  # a partial batch of records waits at most this long
+    dataset: str = "fashion-mnist"
+    split: str = "test"
+    profile: str = "x86"
+    session_expiry_s: int = 3600  # how long the broker keeps our reply subscription while we are away
+    connect_timeout_s: float = 10.0  # start() waits this long for the broker, then runs on from the outbox
+    close_timeout_s: float = 30.0  # close() waits this long for offloads and records to drain
+    outbox_max_entries: int = 200_000
+    outbox_max_bytes: int = 512 * 1024 * 1024
+    outbox_wait_s: Optional[float] = 300.0  # how long the loop waits for room in a full outbox, then fails
+
+    def __post_init__(self) -> None:
+        self.model_dir = Path(self.model_dir)
+        self.state_dir = Path(self.state_dir)
+        for name in ("window_size", "max_inflight", "results_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.offload_deadline_s <= 0:
+            raise ValueError(f"offload_deadline_s must be positive, got {self.offload_deadline_s!r}")
+
+
+def load_profile(profile: Union[str, Path]) -> Dict[str, Any]:
+    """A profile by file path, or by name from bench/profiles/ (`x86`, `jetson`, ...)."""
+    path = Path(profile)
+    if not path.suffix and not path.exists():
+        path = PROFILE_DIR / f"{profile}.toml"
+    if not path.exists():
+        known = sorted(p.stem for p in PROFILE_DIR.glob("*.toml")) if PROFILE_DIR.is_dir() else []
+        raise FileNotFoundError(f"no device profile {profile!r} (known: {', '.join(known) or 'none'})")
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    data.setdefault("device", {}).setdefault("name", path.stem)
+    return data
+
+
+def apply_profile(config: AgentConfig, profile: Dict[str, Any]) -> AgentConfig:
+    """A copy of `config` with the profile's device, metering and agent settings."""
+    device = profile.get("device", {})
+    metering = profile.get("metering", {})
+    agent = profile.get("agent", {})
+    changes: Dict[str, Any] = {"profile": str(device.get("name", config.profile))}
+    if "providers" in device:
+        changes["providers"] = list(device["providers"])
+    if device.get("intra_op_threads"):
+        changes["threads"] = int(device["intra_op_threads"])
+    if device.get("trt_engine_cache"):
+        changes["model_cache_dir"] = Path(device["trt_engine_cache"])
+    if "backends" in metering:
+        changes["meters"] = list(metering["backends"])
+    if "idle_seconds" in metering:
+        changes["idle_seconds"] = float(metering["idle_seconds"])
+    changes["meter_options"] = {
+        **{k: v for k, v in metering.items() if k not in ("backends", "idle_seconds")},
+        **config.meter_options,
+    }
+    for name, kind in (
+        ("window_size", int),
+        ("max_inflight", int),
+        ("offload_deadline_s", float),
+        ("results_batch", int),
+    ):
+        if name in agent:
+            changes[name] = kind(agent[name])
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,126 @@
+"""The agent's view of the power meters (`metering`): windows of inferences, joules per inference.
+
+A thin adapter so the agent's loop reads the same whichever backend measures: open the first backend that
+works, measure the idle baseline, wrap each window of `window_size` inferences, split the window's joules over
+its inferences in proportion to their compute time. Without any usable meter the adapter says so
+(`source="none"`, joules None) instead of inventing figures. The analytic estimate from the card's MACs and
+bytes is kept beside.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WindowEnergy:
+    """What one closed window gives the agent: its record and each inference's (gross_j, net_j)."""
+
+    record: Optional[Dict[str, Any]]  # fields of an `energy_window` record, less run/device/window_seq
+    per_inference: List[Tuple[Optional[float], Optional[float]]]
+
+
+class OpenWindow:
+    """A window in progress; `add(compute_s)` once per inference."""
+
+    def __init__(self, meter: Any, idle: Any) -> None:
+        self._ctx = meter.window(idle=idle) if meter is not None else None
+        self._handle = self._ctx.__enter__() if self._ctx is not None else None
+        self.count = 0
+        self.opened = time.monotonic()
+
+    def add(self, compute_s: float) -> None:
+        self.count += 1
+        if self._handle is not None:
+            self._handle.add(compute_s)
+
+    def close(self) -> WindowEnergy:
+        if self._ctx is None or self._handle is None:
+            return WindowEnergy(None, [(None, None)] * self.count)
+        self._ctx.__exit__(None, None, None)
+        result = self._handle.result
+        if result is None:  # the meter failed inside the window (it logged why): no figure, not a guess
+            return WindowEnergy(None, [(None, None)] * self.count)
+        record = result.to_record("", "", 0)
+        for name in ("type", "run_id", "device_id", "window_seq"):
+            record.pop(name)
+        shares = [(_f(g), _f(n)) for g, n in result.per_inference()]
+        if len(shares) != self.count:  # a meter that saw fewer adds than we made: do not misattribute
+            logger.warning("meter split %d inferences, the agent counted %d", len(shares), self.count)
+            shares = [(None, None)] * self.count
+        return WindowEnergy(record, shares)
+
+
+def _f(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
+
+
+class DeviceEnergy:
+    """Meter + idle baseline + analytic model for one agent."""
+
+    def __init__(
+        self,
+        backends: Sequence[str],
+        options: Optional[Dict[str, Any]] = None,
+        card_raw: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        self.meter: Any = None
+        self.source = "none"
+        self.idle: Any = None
+        try:
+            from metering import open_meter
+        except ImportError as exc:
+            logger.warning("metering is not available (%s): device joules will not be measured", exc)
+        else:
+            try:
+                self.meter = open_meter(list(backends), options=dict(options or {}))
+                self.source = str(self.meter.source)
+            except Exception as exc:  # any backend failure must leave the agent running, unmetered
+                logger.warning("no power meter from %s: %s", list(backends), exc)
+        self._analytic: Dict[str, Optional[float]] = {}
+        if card_raw is not None:
+            self._analytic = _analytic_blocks(card_raw)
+
+    def measure_idle(self, seconds: float) -> Optional[Dict[str, Any]]:
+        """Measure the idle baseline (skipped for 0 s or no meter): an `idle_baseline` record's fields."""
+        if self.meter is None or seconds <= 0:
+            return None
+        self.idle = self.meter.measure_idle(seconds=seconds)
+        record = self.idle.to_record("", "")
+        for name in ("type", "run_id", "device_id"):
+            record.pop(name)
+        return record
+
+    def open_window(self) -> OpenWindow:
+        return OpenWindow(self.meter, self.idle)
+
+    def analytic_j(self, blocks: Sequence[str]) -> Optional[float]:
+        """Modelled joules of running `blocks` on one image (None when the model or card lacks figures)."""
+        if not blocks:
+            return 0.0
+        values = [self._analytic.get(b) for b in blocks]
+        if any(v is None for v in values):
+            return None
+        return float(sum(v for v in values if v is not None))
+
+    def close(self) -> None:
+        if self.meter is not None:
+            self.meter.close()
+
+
+def _analytic_blocks(card_raw: Dict[str, Any]) -> Dict[str, Optional[float]]:
+    try:
+        from metering import AnalyticModel
+    except ImportError:
+        return {}
+    try:
+        model = AnalyticModel.for_card(card_raw)
+        return {name: float(model.block_j(name)) for name in card_raw.get("blocks", {})}
+    except Exception as exc:  # a card without cost figures: no analytic estimate, not a dead agent
+        logger.warning("no analytic energy model for this card: %s", exc)
+        return {}

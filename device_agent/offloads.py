@@ -1,0 +1,201 @@
+"""Offloads in flight: a bounded window, replies matched by CorrelationData, a deadline for each.
+
+An offload is written to the outbox, then published at once when the broker is there (else when it comes
+back). It is settled exactly once: by the first reply carrying its CorrelationData (`<run_id>/<seq>`), or by
+its deadline, after which the agent answers with the edge and flags the sample `fallback`. A reply that
+arrives after that is counted as late and dropped; so is a second copy of a reply (QoS 1 may deliver twice).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from device_agent.link import Link
+from device_agent.outbox import Outbox
+from protocol import CONTENT_TYPE_OFFLOAD, OffloadReply, ProtocolError, Topics, decode_reply
+from protocol.mqtt import publish_properties
+
+logger = logging.getLogger(__name__)
+
+SETTLED_MEMORY = 100_000  # correlation ids remembered after settling, to tell late replies from strangers
+
+
+@dataclass
+class Settled:
+    """How an offload ended, handed to the agent."""
+
+    sample: Any
+    outbox_id: int
+    reply: Optional[OffloadReply]  # None: the deadline passed first
+    round_trip_ms: Optional[float] = None
+    bytes_down: int = 0
+
+
+@dataclass
+class _Pending:
+    sample: Any
+    outbox_id: int
+    seq: int
+    payload: bytes
+    deadline_mono: float
+    sent_mono: Optional[float] = None
+
+
+class OffloadTracker:
+    """The device's offloads awaiting an answer. `on_settled` runs on the link's or paho's thread."""
+
+    def __init__(
+        self,
+        link: Link,
+        outbox: Outbox,
+        topics: Topics,
+        device_id: str,
+        run_id: str,
+        on_settled: Callable[[Settled], None],
+        *,
+        max_inflight: int = 64,
+        deadline_s: float = 2.0,
+    ) -> None:
+        self.link = link
+        self.outbox = outbox
+        self.run_id = run_id
+        self.deadline_s = deadline_s
+        self._topic = topics.offload(device_id)
+        self._reply_topic = topics.reply(device_id)
+        self._on_settled = on_settled
+        self._window = threading.BoundedSemaphore(max_inflight)
+        self._lock = threading.Lock()
+        self._pending: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
+        self._settled: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self.stats: Dict[str, int] = {
+            "offloaded": 0,
+            "answered": 0,
+            "fallbacks": 0,
+            "late_replies": 0,
+            "duplicate_replies": 0,
+            "unknown_replies": 0,
+            "bad_replies": 0,
+            "window_waits": 0,
+        }
+
+    def correlation(self, seq: int) -> bytes:
+        return f"{self.run_id}/{seq}".encode()
+
+    def offload(self, sample: Any, seq: int, payload: bytes, partial_record: Dict[str, Any]) -> None:
+        """Queue one offload (blocks while the in-flight window is full) and send it if connected."""
+        if not self._window.acquire(blocking=False):
+            self.stats["window_waits"] += 1
+            self._window.acquire()
+        deadline_mono = time.monotonic() + self.deadline_s
+        outbox_id = self.outbox.put(
+            f"offload/{self.run_id}/{partial_record['device_id']}/{seq}",
+            "offload",
+            self._topic,
+            payload,
+            meta=partial_record,
+            deadline_unix=time.time() + self.deadline_s,
+        )
+        if outbox_id is None:  # this key was offloaded before: never twice
+            self._window.release()
+            raise ValueError(f"sample {seq} of run {self.run_id} was already offloaded")
+        corr = self.correlation(seq)
+        pending = _Pending(sample, outbox_id, seq, payload, deadline_mono)
+        with self._lock:
+            self._pending[corr] = pending
+            self.stats["offloaded"] += 1
+            # Claimed for sending under the lock, so the housekeeping thread never sends it a second time.
+            send_now = self.link.connected.is_set()
+            if send_now:
+                pending.sent_mono = time.monotonic()
+        if send_now:
+            self._send(corr, pending)
+
+    def _send(self, corr: bytes, pending: _Pending) -> None:
+        """Publish a pending offload its caller has claimed (sent_mono set)."""
+        left_s = pending.deadline_mono - time.monotonic()
+        props = publish_properties(
+            content_type=CONTENT_TYPE_OFFLOAD,
+            response_topic=self._reply_topic,
+            correlation_data=corr,
+            expiry_s=max(1, math.ceil(left_s)),  # the broker drops it once nobody would use the answer
+        )
+        if self.link.publish(self._topic, pending.payload, props) is None:
+            with self._lock:
+                pending.sent_mono = None  # the connection went in between: sent on the next connect
+
+    # -- replies (paho's thread) ----------------------------------------------------------------------
+    def on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
+        try:
+            reply = decode_reply(payload)
+        except ProtocolError as exc:
+            self.stats["bad_replies"] += 1
+            logger.warning("bad reply on %s: %s", self._reply_topic, exc)
+            return
+        key = corr if corr is not None else self.correlation(reply.seq)
+        with self._lock:
+            pending = self._pending.pop(key, None)
+            if pending is None:
+                how = self._settled.get(key)
+                if how == "fallback":
+                    self.stats["late_replies"] += 1  # the edge answer stands; this one is only counted
+                elif how == "answered":
+                    self.stats["duplicate_replies"] += 1  # QoS 1: at least once
+                else:
+                    self.stats["unknown_replies"] += 1
+                return
+            if reply.seq != pending.seq or reply.run_id != self.run_id:
+                self._pending[key] = pending  # not this request's answer: keep waiting
+                self.stats["bad_replies"] += 1
+                logger.warning("reply for %s/%d came with correlation %r", reply.run_id, reply.seq, key)
+                return
+            self._remember(key, "answered")
+            self.stats["answered"] += 1
+        self._window.release()
+        rtt_ms = None if pending.sent_mono is None else (time.monotonic() - pending.sent_mono) * 1000.0
+        self._on_settled(Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload)))
+
+    def _remember(self, key: bytes, how: str) -> None:
+        self._settled[key] = how
+        if len(self._settled) > SETTLED_MEMORY:
+            self._settled.popitem(last=False)
+
+    # -- housekeeping (the link's thread) -------------------------------------------------------------
+    def tick(self, connected: bool) -> None:
+        """Fall back where the deadline passed; send what waited for the broker."""
+        now = time.monotonic()
+        expired = []
+        unsent = []
+        with self._lock:
+            for key, pending in list(self._pending.items()):
+                if pending.deadline_mono <= now:
+                    del self._pending[key]
+                    self._remember(key, "fallback")
+                    self.stats["fallbacks"] += 1
+                    expired.append(pending)
+                elif connected and pending.sent_mono is None:
+                    pending.sent_mono = now
+                    unsent.append((key, pending))
+        for pending in expired:
+            self._window.release()
+            self._on_settled(Settled(pending.sample, pending.outbox_id, None))
+        for key, pending in unsent:
+            self._send(key, pending)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every offload is settled (answered or fallen back)."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True

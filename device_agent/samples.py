@@ -1,0 +1,152 @@
+"""One sample on its way through the agent, the edge views policies see, and the record it ends as."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+
+from device_agent.cascade import EdgeCascade, normalised_entropy
+from device_agent.policies import Decision, EdgeView, PolicyError
+from protocol import InferenceRecord, OffloadReply
+
+
+class Sample:
+    """Mutable state of one sample; fields are filled as it goes (slots: there are many of these)."""
+
+    __slots__ = (
+        "seq", "image", "label", "future", "ts_unix", "view", "decision", "blocks", "edge_ms",
+        "compute_s", "bytes_up", "bytes_down", "network_ms", "reply", "offload_outbox_id",
+        "device_j_gross", "device_j_net", "energy_done", "exit_stage", "finished",
+    )  # fmt: skip
+
+    def __init__(
+        self, seq: int, image: Any, label: Optional[int], future: Future[InferenceRecord], ts_unix: float
+    ) -> None:
+        self.seq = seq
+        self.image = image
+        self.label = label
+        self.future = future
+        self.ts_unix = ts_unix
+        self.view = EdgeView(stage="none", seq=seq)
+        self.decision: Optional[Decision] = None
+        self.blocks: List[str] = []
+        self.edge_ms = 0.0
+        self.compute_s = 0.0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.network_ms: Optional[float] = None
+        self.reply: Optional[OffloadReply] = None
+        self.offload_outbox_id: Optional[int] = None
+        self.device_j_gross: Optional[float] = None
+        self.device_j_net: Optional[float] = None
+        self.energy_done = False
+        self.exit_stage: Optional[str] = None
+        self.finished = False
+
+
+def edge_view(
+    cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int
+) -> Tuple[EdgeView, List[str], Optional[np.ndarray]]:
+    """Run what a policy needing `edge` must see: (view, blocks run, main features for an extension)."""
+    batch = image[None]
+    if edge == "none":
+        return EdgeView(stage="none", seq=seq), [], None
+    if edge == "main":
+        out = cascade.run_main(batch)
+        probs = out.probs[0]
+        prediction = int(probs.argmax())
+        view = EdgeView(
+            stage="main",
+            probs=probs,
+            prediction=prediction,
+            exit_stage="main",
+            p_main=float(probs[prediction]),
+            entropy=float(normalised_entropy(probs)),
+            seq=seq,
+        )
+        return view, ["main"], out.features
+    if edge == "cascade":
+        d = cascade.decide(batch)[0]
+        view = EdgeView(
+            stage="cascade",
+            probs=d.probs,
+            prediction=d.prediction,
+            exit_stage=d.exit_stage,
+            p_main=d.p_main,
+            p_ext=d.p_ext,
+            entropy=d.entropy,
+            complex=d.complex,
+            seq=seq,
+        )
+        return view, ["main", "extension"] if d.exit_stage == "extension" else ["main"], None
+    raise PolicyError(f"unknown edge need {edge!r}")
+
+
+def extend_view(cascade: EdgeCascade, image: np.ndarray, features: np.ndarray, main: EdgeView) -> EdgeView:
+    """The view after the extension block, combined as the cascade does: its answer (over the hard classes)
+    replaces the main one where it is strictly more confident."""
+    q = cascade.run_extension(image[None], features)[0]
+    if main.probs is None:
+        raise PolicyError("the extension needs the main block's answer")
+    p_ext = float(q.max())
+    probs = main.probs
+    if main.probs is None or main.p_main is None or p_ext > main.p_main:
+        probs = np.zeros_like(main.probs)
+        probs[cascade.hard_classes] = q
+    prediction = int(probs.argmax())
+    return EdgeView(
+        stage="extension",
+        probs=probs,
+        prediction=prediction,
+        exit_stage="extension",
+        p_main=main.p_main,
+        p_ext=p_ext,
+        entropy=float(normalised_entropy(probs)),
+        seq=main.seq,
+    )
+
+
+def record_of(
+    sample: Sample,
+    exit_stage: str,
+    *,
+    run_id: str,
+    device_id: str,
+    energy_source: str,
+    analytic_j: Optional[float],
+) -> InferenceRecord:
+    """The sample's result record as things stand (`exit_stage`: main, extension, cloud or fallback)."""
+    view, reply = sample.view, sample.reply
+    p_cloud = cloud_ms = cloud_j = None
+    if exit_stage == "cloud" and reply is not None:
+        prediction = int(reply.prediction)
+        probs = np.asarray(reply.probs).reshape(-1)
+        p_cloud = float(probs[prediction]) if 0 <= prediction < probs.size else None
+        cloud_ms, cloud_j = float(reply.cloud_ms), reply.cloud_j
+    else:
+        # No edge answer at all (cloud-only with nothing run on the device): -1, never a made-up class.
+        prediction = view.prediction if view.prediction is not None else -1
+    return InferenceRecord(
+        run_id=run_id,
+        device_id=device_id,
+        seq=sample.seq,
+        prediction=prediction,
+        exit_stage=exit_stage,
+        edge_ms=sample.edge_ms,
+        label=sample.label,
+        p_main=view.p_main,
+        p_ext=view.p_ext,
+        p_cloud=p_cloud,
+        network_ms=sample.network_ms if exit_stage == "cloud" else None,
+        cloud_ms=cloud_ms,
+        bytes_up=sample.bytes_up,
+        bytes_down=sample.bytes_down,
+        device_j_gross=sample.device_j_gross,
+        device_j_net=sample.device_j_net,
+        device_j_analytic=analytic_j,
+        cloud_j=cloud_j,
+        energy_source=energy_source,
+        ts_unix=sample.ts_unix,
+    )
