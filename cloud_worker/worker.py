@@ -310,6 +310,11 @@ class CloudWorker:
         probs = softmax(logits)
         predictions = probs.argmax(axis=1)
         cloud_ms = seconds * 1000.0 / len(live)
+        # Counted before the replies leave, so that whoever holds a reply also sees it in `stats`.
+        with self._stats_lock:
+            self._stats["answered"] += len(live)
+            self._stats["batches"] += 1
+            self._batched_samples += len(live)
         for i, pending in enumerate(live):
             job = pending.item
             reply = OffloadReply(
@@ -332,7 +337,3 @@ class CloudWorker:
             )
             self._client.publish(job.reply_topic, encode_reply(reply), qos=1, properties=props)
             self._ack(job.mid, job.qos, job.generation)
-        with self._stats_lock:
-            self._stats["answered"] += len(live)
-            self._stats["batches"] += 1
-            self._batched_samples += len(live)

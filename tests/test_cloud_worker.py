@@ -1,0 +1,339 @@
+"""The cloud worker against a real Mosquitto and onnxruntime on the tiny cloud model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Callable, Iterator, List
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tinymodels import tiny_images
+
+from broker.launcher import BrokerProcess
+from cloud_worker import CloudWorker, WorkerConfig
+from cloud_worker.batching import MicroBatcher
+from cloud_worker.probe import OffloadProbe
+from protocol.codec import (
+    CONTENT_TYPE_OFFLOAD,
+    OffloadRequest,
+    decode_reply,
+    encode_offload,
+)
+from protocol.mqtt import new_client, publish_properties
+from protocol.topics import Topics
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def expected_answers(model_dir: Path, images: np.ndarray) -> np.ndarray:
+    """onnxruntime's own softmax on the tiny cloud model: what every reply must say."""
+    session = ort.InferenceSession(str(model_dir / "cloud.onnx"), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"image": images})
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# -- micro-batching rule (no broker) -----------------------------------------------------------------------
+def _take_in_thread(batcher: MicroBatcher, timeout_s: float = 30.0) -> List[Any]:
+    out: List[Any] = []
+    thread = threading.Thread(target=lambda: out.extend(p.item for p in batcher.take(timeout_s)))
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "take() kept waiting"
+    return out
+
+
+def test_lone_request_on_idle_queue_does_not_wait() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_batch=8, max_wait_s=3600)  # a wait would hang the test
+    batcher.put(1)
+    assert _take_in_thread(batcher) == [1]
+
+
+def test_burst_is_split_at_max_batch_in_arrival_order() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=0)
+    for i in range(7):
+        batcher.put(i)
+    assert [_take_in_thread(batcher) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_burst_waits_for_more_until_batch_is_full() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=3600)
+    batcher.put(0)
+    batcher.put(1)
+    threading.Timer(0.05, batcher.put, args=(2,)).start()  # arrives while the consumer waits
+    assert _take_in_thread(batcher) == [0, 1, 2]
+
+
+def test_close_wakes_the_consumer() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=3600)
+    threading.Timer(0.05, batcher.close).start()
+    assert _take_in_thread(batcher, timeout_s=3600) == []
+
+
+# -- against the broker ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def start_worker(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path
+) -> Iterator[Callable[..., CloudWorker]]:
+    workers: List[CloudWorker] = []
+
+    def start(worker_id: str = "w1", **overrides: Any) -> CloudWorker:
+        config = WorkerConfig(broker.credentials("cloud"), topics, tiny_models, worker_id, **overrides)
+        worker = CloudWorker(config).start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for w in workers:
+        w.stop(drain_s=0.5)
+
+
+@pytest.fixture
+def probe(broker: BrokerProcess, topics: Topics, device_id: str) -> Iterator[OffloadProbe]:
+    """A requester logged in as a test device: it may publish only its own offload and read its own reply."""
+    with OffloadProbe(broker.credentials(device_id), topics, device_id) as p:
+        yield p
+
+
+@pytest.mark.integration
+def test_round_trip_answers_with_the_cloud_models_prediction(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe, tiny_models: Path
+) -> None:
+    worker = start_worker("w-rt")
+    images = tiny_images(20, seed=5)
+    futures = [probe.request(images[i], seq=i) for i in range(20)]
+    answers = [f.result(timeout=10) for f in futures]
+    expected = expected_answers(tiny_models, images)
+    for i, answer in enumerate(answers):
+        reply = answer.reply
+        assert answer.correlation == f"{probe.run_id}:{i}".encode()
+        assert (reply.run_id, reply.device_id, reply.seq) == (probe.run_id, probe.device_id, i)
+        assert reply.prediction == int(expected[i].argmax())
+        np.testing.assert_allclose(reply.probs, expected[i], rtol=1e-4, atol=1e-6)
+        assert reply.worker_id == "w-rt" and reply.cloud_ms > 0 and 1 <= reply.extra["batch"] <= 32
+        assert reply.cloud_j is None and reply.energy_source == "none"  # no meters configured
+    stats = worker.stats
+    assert stats["received"] == stats["answered"] == 20 and stats["rejected"] == stats["expired"] == 0
+
+
+@pytest.mark.integration
+def test_thousand_concurrent_offloads_each_matched_by_correlation(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe, tiny_models: Path
+) -> None:
+    worker = start_worker("w-1000", max_batch=32, max_wait_ms=2.0)
+    images = tiny_images(1000, seed=9)
+    expected = expected_answers(tiny_models, images).argmax(axis=1)
+    # Correlation data deliberately unrelated to seq, so only CorrelationData can pair them up.
+    correlations = [f"c-{(i * 7919) % 1000:04d}".encode() for i in range(1000)]
+    futures = [probe.request(images[i], seq=i, correlation=correlations[i]) for i in range(1000)]
+    answers = [f.result(timeout=30) for f in futures]
+    assert [a.correlation for a in answers] == correlations
+    assert [a.reply.seq for a in answers] == list(range(1000))
+    assert [a.reply.prediction for a in answers] == expected.tolist()
+    assert probe.unmatched_replies == 0 and probe.bad_replies == 0
+    stats = worker.stats
+    assert stats["answered"] == 1000 and stats["batches"] < 1000  # requests that queued up were batched
+    assert max(a.reply.extra["batch"] for a in answers) > 1
+
+
+def _bad_payloads() -> st.SearchStrategy:
+    image = tiny_images(1)[0]
+    valid = encode_offload(OffloadRequest("r", "DEV", 1, image))
+    return st.one_of(
+        st.binary(max_size=3000),
+        st.integers(0, len(valid) - 1).map(lambda n: valid[:n]),  # truncated
+        st.binary(min_size=1, max_size=50).map(lambda extra: valid + extra),  # trailing bytes
+        st.integers(2, 255).map(lambda v: valid[:2] + bytes([v]) + valid[3:]),  # wrong version
+        st.sampled_from([1, 999, 70_000, 1 << 20, 3 << 20]).map(lambda n: valid + b"\x00" * n),  # oversized
+        st.sampled_from(
+            [
+                encode_offload(OffloadRequest("r", "DEV", 1, np.zeros((1, 28, 29), np.uint8))),  # wrong shape
+                encode_offload(OffloadRequest("r", "DEV", 1, np.zeros((3, 28, 28), np.uint8))),
+                encode_offload(OffloadRequest("r", "DEV", 1, np.zeros((1, 28, 28), np.float32))),  # dtype
+                encode_offload(OffloadRequest("r", "DEV", 1, np.zeros((2, 1, 28, 28), np.uint8))),
+                encode_offload(OffloadRequest("r", "someone-else", 1, image)),  # header != topic device
+            ]
+        ),
+    )
+
+
+@pytest.mark.integration
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payloads=st.lists(_bad_payloads(), min_size=1, max_size=8), props_kind=st.sampled_from(["full", "bare"])
+)
+def test_bad_offloads_are_rejected_counted_and_the_worker_keeps_serving(
+    broker: BrokerProcess,
+    tiny_models: Path,
+    payloads: List[bytes],
+    props_kind: str,
+) -> None:
+    worker, probe = _shared_worker_and_probe(broker, tiny_models)
+    before = worker.stats
+    dev = probe.device_id
+    for payload in payloads:
+        props = (
+            publish_properties(
+                content_type=CONTENT_TYPE_OFFLOAD, response_topic=probe.reply_topic, correlation_data=b"bad"
+            )
+            if props_kind == "full"
+            else publish_properties(content_type=CONTENT_TYPE_OFFLOAD)  # nowhere to answer
+        )
+        probe.client.publish(probe.topics.offload(dev), payload, qos=1, properties=props).wait_for_publish(5)
+    assert wait_until(lambda: worker.stats["received"] == before["received"] + len(payloads))
+    after = worker.stats
+    assert after["rejected"] - before["rejected"] == len(payloads)
+    assert after["answered"] == before["answered"]
+    answer = probe.request(tiny_images(1, seed=3)[0]).result(timeout=10)  # still serving
+    assert answer.reply.worker_id == "w-fuzz"
+
+
+_SHARED: dict = {}
+
+
+def _shared_worker_and_probe(broker: BrokerProcess, tiny_models: Path) -> Any:
+    """One worker and requester for all hypothesis examples (starting one per example would be slow)."""
+    if "worker" not in _SHARED:
+        topics = Topics.namespaced("fuzz")
+        worker = CloudWorker(WorkerConfig(broker.credentials("cloud"), topics, tiny_models, "w-fuzz")).start()
+        probe = OffloadProbe(broker.credentials("dev-fuzz"), topics, "dev-fuzz").start()
+        _SHARED.update(worker=worker, probe=probe)
+    return _SHARED["worker"], _SHARED["probe"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_shared() -> Iterator[None]:
+    yield
+    if "worker" in _SHARED:
+        _SHARED.pop("probe").close()
+        _SHARED.pop("worker").stop(drain_s=0.5)
+
+
+@pytest.mark.integration
+def test_missing_or_foreign_reply_address_is_rejected(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe
+) -> None:
+    worker = start_worker("w-addr")
+    payload = encode_offload(OffloadRequest("r", probe.device_id, 1, tiny_images(1)[0]))
+    topic = probe.topics.offload(probe.device_id)
+    cases = [
+        publish_properties(content_type=CONTENT_TYPE_OFFLOAD, correlation_data=b"x"),  # no ResponseTopic
+        publish_properties(content_type=CONTENT_TYPE_OFFLOAD, response_topic=probe.reply_topic),  # no corr
+        publish_properties(  # someone else's reply topic
+            content_type=CONTENT_TYPE_OFFLOAD,
+            response_topic=probe.topics.reply("victim"),
+            correlation_data=b"x",
+        ),
+        publish_properties(
+            content_type="text/plain", response_topic=probe.reply_topic, correlation_data=b"x"
+        ),
+    ]
+    for props in cases:
+        probe.client.publish(topic, payload, qos=1, properties=props).wait_for_publish(5)
+    assert wait_until(lambda: worker.stats["received"] == len(cases))
+    assert worker.stats["rejected"] == len(cases) and worker.stats["answered"] == 0
+
+
+@pytest.mark.integration
+def test_expired_requests_are_dropped_and_counted(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = start_worker("w-exp")
+    real_logits = worker.model.logits
+    in_first_batch = threading.Event()
+
+    def slow_first_batch(images: np.ndarray) -> np.ndarray:
+        if not in_first_batch.is_set():
+            in_first_batch.set()
+            time.sleep(1.6)  # longer than the next request's 1 s MessageExpiryInterval
+        return real_logits(images)
+
+    monkeypatch.setattr(worker.model, "logits", slow_first_batch)
+    images = tiny_images(3)
+    first = probe.request(images[0], expiry_s=60)
+    assert in_first_batch.wait(10)
+    doomed = probe.request(images[1], expiry_s=1)
+    assert first.result(timeout=10).reply.seq == 0
+    third = probe.request(images[2], expiry_s=60)
+    assert third.result(timeout=10).reply.seq == 2
+    assert worker.stats["expired"] == 1 and worker.stats["answered"] == 2
+    assert not doomed.done()
+
+
+@pytest.mark.integration
+def test_two_workers_in_the_group_each_get_a_share(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe
+) -> None:
+    workers = [start_worker("w-a"), start_worker("w-b")]
+    images = tiny_images(200, seed=2)
+    answers = [f.result(timeout=20) for f in [probe.request(img) for img in images]]
+    by_worker = {w: sum(a.reply.worker_id == w for a in answers) for w in ("w-a", "w-b")}
+    assert by_worker["w-a"] > 0 and by_worker["w-b"] > 0 and sum(by_worker.values()) == 200
+    assert [w.stats["answered"] for w in workers] == [by_worker["w-a"], by_worker["w-b"]]
+
+
+@pytest.mark.integration
+def test_reply_carries_correlation_content_type_and_expiry(
+    start_worker: Callable[..., CloudWorker], broker: BrokerProcess, topics: Topics, device_id: str
+) -> None:
+    """Raw MQTT view of one reply: the properties a device relies on."""
+    start_worker("w-props")
+    got: List[Any] = []
+    done = threading.Event()
+    client = new_client(
+        broker.credentials(device_id),
+        f"raw-{device_id}",
+        on_connect=lambda c, u, f, r, p: c.subscribe(topics.reply(device_id), qos=1),
+    )
+    subscribed = threading.Event()
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_message = lambda c, u, m: (got.append(m), done.set())
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(5)
+        props = publish_properties(
+            content_type=CONTENT_TYPE_OFFLOAD,
+            response_topic=topics.reply(device_id),
+            correlation_data=b"\x00\xffcorr",
+            expiry_s=30,
+        )
+        payload = encode_offload(OffloadRequest("run", device_id, 42, tiny_images(1)[0]))
+        client.publish(topics.offload(device_id), payload, qos=1, properties=props)
+        assert done.wait(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    message = got[0]
+    assert message.qos == 1 and message.topic == topics.reply(device_id)
+    assert message.properties.CorrelationData == b"\x00\xffcorr"
+    assert message.properties.ContentType == "application/vnd.edgecascade.reply.v1"
+    assert 1 <= message.properties.MessageExpiryInterval <= 30
+    assert decode_reply(message.payload).seq == 42
+
+
+@pytest.mark.integration
+def test_energy_per_sample_through_metering(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe
+) -> None:
+    """With the `estimate` meter (every machine has it) each reply carries its share of the batch's joules."""
+    start_worker("w-energy", meters=["estimate"], meter_options={"estimate_watts_per_core": 15.0})
+    futures: List[Future] = [probe.request(img) for img in tiny_images(10)]
+    replies = [f.result(timeout=10).reply for f in futures]
+    assert all(r.energy_source == "estimate" for r in replies)
+    assert all(r.cloud_j is not None and r.cloud_j > 0 for r in replies)
