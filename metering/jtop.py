@@ -119,11 +119,11 @@ class JtopMeter(SampledPowerMeter):
         if not self._running:
             return
         self._running = False
-        self._thread.join(timeout=5 * self.interval_s + 1.0)
-        try:
+        try:  # first the client, which also releases a sampler blocked in ok()
             self._client.close()
         except Exception as err:  # closing must not raise out of shutdown paths
             logger.debug("jtop close: %s", err)
+        self._thread.join(timeout=5 * self.interval_s + 1.0)
 
 
 def open_jtop(options: Dict[str, Any], **kwargs: Any) -> JtopMeter:
