@@ -22,11 +22,13 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def resolve_url(url_or_path: Union[str, Path, None] = None) -> URL:
+def resolve_url(url_or_path: Union[str, Path, URL, None] = None) -> URL:
     """A SQLAlchemy URL from an argument, `$EDGECASCADE_DB_URL`, or the default `results/bench.db`.
 
     Anything without `://` is a SQLite file path. `postgresql://` means psycopg 3 (`postgresql+psycopg://`).
     """
+    if isinstance(url_or_path, URL):
+        return url_or_path
     raw = url_or_path if url_or_path is not None else os.environ.get(ENV_URL) or DEFAULT_PATH
     text = str(raw)
     if "://" not in text:
@@ -48,7 +50,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_db_engine(url_or_path: Union[str, Path, None] = None, **kwargs: Any) -> Engine:
+def create_db_engine(url_or_path: Union[str, Path, URL, None] = None, **kwargs: Any) -> Engine:
     """An engine with the project's settings, without touching the schema (see `open_database`)."""
     url = resolve_url(url_or_path)
     if url.get_backend_name() == "sqlite":
@@ -86,7 +88,7 @@ def head_revision() -> Optional[str]:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
-def open_database(url_or_path: Union[str, Path, None] = None, **engine_kwargs: Any) -> Engine:
+def open_database(url_or_path: Union[str, Path, URL, None] = None, **engine_kwargs: Any) -> Engine:
     """Engine for the results database, created or migrated to the newest schema.
 
     `url_or_path`: a SQLAlchemy URL (`postgresql+psycopg://user@host/db`), a SQLite file path, or None for

@@ -1,22 +1,106 @@
-"""CLI for `edgecascade report` (placeholder until the subcommand is built)."""
+"""CLI for `edgecascade report`: summary table, PNG figures and Markdown from a results database."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import Dict
+
+EPILOG = """examples:
+  edgecascade report --db results/bench.db --out results/report
+  edgecascade report --db results/bench.db --run 20240501-meanet-x86 --out results/report-meanet
+  edgecascade report --db postgresql+psycopg://edge@db.lan/edge --query energy-per-correct
+  edgecascade report --db results/bench.db --query runs-of-model --param model_sha256=3f2a
+  edgecascade report --list-queries
+
+The table goes to stdout; the figures (accuracy_energy.png, exit_mix.png, latency_cdf.png) and report.md
+go to --out. --query prints one of the named queries' results instead (see --list-queries for their SQL).
+"""
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
         help="Summarise a results database: terminal table, PNG plots, Markdown",
-        description="Collect result records from MQTT into SQL",
-        epilog="example:\n  edgecascade report --help",
+        description="Summarise a results database: a table on the terminal, PNG plots and a Markdown report.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--db", help="SQLAlchemy URL or SQLite path (default $EDGECASCADE_DB_URL, else results/bench.db)"
+    )
+    parser.add_argument("--run", dest="run_id", help="report on this run only (the Pareto plot shows all)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/report"), help="folder for PNGs and report.md"
+    )
+    parser.add_argument("--query", help="print the result of a named query instead of the report")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="query parameter")
+    parser.add_argument("--list-queries", action="store_true", help="list the named queries with their SQL")
     parser.set_defaults(func=run)
 
 
+def _params(pairs: list) -> Dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--param wants NAME=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    print("edgecascade report is not built yet", file=sys.stderr)
-    return 3
+    from rich.console import Console
+    from rich.table import Table
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from results_db.database import open_database, resolve_url
+    from results_db.queries import QUERIES, run_query
+    from results_db.report import build_report
+
+    console = Console(file=sys.stdout)
+    if args.list_queries:
+        for query in QUERIES.values():
+            console.print(f"[bold]{query.name}[/bold]: {query.question}")
+            console.print(query.sql.strip(), markup=False, highlight=False)
+            console.print()
+        return 0
+    url = resolve_url(args.db)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
+        print(
+            f"no database at {url.database}: run a benchmark or `edgecascade collect` first", file=sys.stderr
+        )
+        return 2
+    try:
+        engine = open_database(url)
+        if args.query:
+            if args.query not in QUERIES:
+                print(f"unknown query {args.query!r}; known: {', '.join(QUERIES)}", file=sys.stderr)
+                return 2
+            columns, rows = run_query(engine, args.query, **_params(args.param))
+            table = Table(title=QUERIES[args.query].question, header_style="bold")
+            for column in columns:
+                table.add_column(column)
+            for row in rows:
+                table.add_row(
+                    *(
+                        "–"
+                        if row[c] is None
+                        else f"{row[c]:.6g}"
+                        if isinstance(row[c], float)
+                        else str(row[c])
+                        for c in columns
+                    )
+                )
+            console.print(table)
+            return 0
+        result = build_report(engine, args.out, args.run_id, console=console)
+    except (LookupError, ValueError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(str(p) for p in result.files.values())}", file=sys.stderr)
+    return 0
