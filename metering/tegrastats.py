@@ -57,9 +57,13 @@ class TegrastatsMeter(SampledPowerMeter):
         path = shutil.which(executable)
         if path is None:
             raise MeterUnavailable(f"{executable!r} not found on PATH (it ships with L4T on Jetson only)")
+        command = [path, "--interval", str(int(interval_ms))]
+        stdbuf = shutil.which("stdbuf")
+        if stdbuf is not None:  # line-buffer its stdout into our pipe, so each sample arrives when taken
+            command = [stdbuf, "-oL", *command]
         try:
             self._proc = subprocess.Popen(
-                [path, "--interval", str(int(interval_ms))],
+                command,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
                 stdin=subprocess.DEVNULL,
