@@ -1,0 +1,184 @@
+"""Results database schema: migrations to head match the models, SQLite settings, idempotent writes.
+
+Every test taking `db_url` runs on a SQLite file and on a fresh schema of a scratch PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from results_db.database import (
+    alembic_config,
+    current_revision,
+    head_revision,
+    open_database,
+    resolve_url,
+)
+from results_db.ingest import RecordWriter
+from results_db.models import Base, Device, EnergyWindow, IdleBaseline, Inference, Run
+from results_db.synthetic import full_run, inference_records, run_end_record, run_record
+
+pytest_plugins = ("results_db.testing",)  # fixtures: db_url (SQLite and PostgreSQL), pg_database
+
+TABLES = {"runs", "devices", "inferences", "energy_windows", "idle_baselines"}
+VIEWS = {"inference_facts", "run_summary", "class_accuracy", "pareto_points"}
+
+
+def test_empty_database_migrates_to_head_matching_the_models(db_url: str) -> None:
+    engine = open_database(db_url)
+    assert current_revision(engine) == head_revision() is not None
+    with engine.connect() as connection:
+        diffs = compare_metadata(
+            MigrationContext.configure(connection, opts={"compare_type": True}), Base.metadata
+        )
+        inspector = inspect(connection)
+        tables = set(inspector.get_table_names()) - {"alembic_version"}
+        views = set(inspector.get_view_names())
+    assert diffs == []
+    assert tables == TABLES
+    assert views == VIEWS
+    engine.dispose()
+    # Opening again finds the schema current and leaves it alone.
+    again = open_database(db_url)
+    assert current_revision(again) == head_revision()
+    again.dispose()
+
+
+def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
+    engine = open_database(db_url)
+    cfg = alembic_config()
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "base")
+    with engine.connect() as connection:
+        inspector = inspect(connection)
+        assert set(inspector.get_table_names()) <= {"alembic_version"}
+        assert inspector.get_view_names() == []
+    engine.dispose()
+    engine = open_database(db_url)
+    with engine.connect() as connection:
+        assert set(inspect(connection).get_view_names()) == VIEWS
+    engine.dispose()
+
+
+def test_sqlite_is_a_wal_file_with_busy_timeout_and_foreign_keys(tmp_path) -> None:
+    path = tmp_path / "sub" / "bench.db"
+    engine = open_database(path)
+    with engine.connect() as connection:
+        pragma = {
+            name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+            for name in ("journal_mode", "busy_timeout", "foreign_keys", "synchronous")
+        }
+        assert pragma == {"journal_mode": "wal", "busy_timeout": 30000, "foreign_keys": 1, "synchronous": 1}
+        with pytest.raises(IntegrityError):  # foreign keys are enforced: no inference without its run
+            connection.exec_driver_sql(
+                "INSERT INTO inferences (run_id, device_id, seq, prediction, exit_stage, edge_ms, bytes_up, "
+                "bytes_down, energy_source, ts_unix) VALUES ('nope', 'nope', 0, 1, 'main', 1.0, 0, 0, 'x', 0)"
+            )
+    engine.dispose()
+    assert path.is_file()
+    with sqlite3.connect(path) as raw:  # WAL is a property of the file, seen by any client
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_resolve_url(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("EDGECASCADE_DB_URL", raising=False)
+    assert resolve_url(None).database.endswith("results/bench.db")
+    assert resolve_url(tmp_path / "a.db").render_as_string() == f"sqlite:///{tmp_path / 'a.db'}"
+    pg = resolve_url("postgresql://postgres@127.0.0.1:5432/test")
+    assert pg.drivername == "postgresql+psycopg" and pg.database == "test"
+    monkeypatch.setenv("EDGECASCADE_DB_URL", "postgresql+psycopg://u@h/db")
+    assert resolve_url(None).host == "h"
+    assert resolve_url("x.db").get_backend_name() == "sqlite"  # an argument beats the environment
+
+
+def _counts(engine) -> dict:
+    with Session(engine) as session:
+        return {
+            model.__tablename__: session.scalar(select(func.count()).select_from(model))
+            for model in (Run, Device, Inference, EnergyWindow, IdleBaseline)
+        }
+
+
+def test_writer_is_idempotent(db_url: str) -> None:
+    engine = open_database(db_url)
+    writer = RecordWriter(engine)
+    records = full_run("run-a", "dev-a", 100)
+    first = writer.write(records)
+    # 100 inferences + 4 energy windows + 1 idle baseline; run + run_end applied
+    assert (first.inserted, first.duplicates, first.run_records) == (105, 0, 2)
+    before = _counts(engine)
+    assert before == {"runs": 1, "devices": 1, "inferences": 100, "energy_windows": 4, "idle_baselines": 1}
+    second = writer.write(records)
+    assert (second.inserted, second.duplicates) == (0, 105)
+    overlap = writer.write(inference_records("run-a", "dev-a", 20, start_seq=90))
+    assert (overlap.inserted, overlap.duplicates) == (10, 10)
+    assert _counts(engine)["inferences"] == 110
+    engine.dispose()
+
+
+def test_rows_before_their_run_record_are_kept_and_completed(db_url: str) -> None:
+    engine = open_database(db_url)
+    writer = RecordWriter(engine)
+    writer.write(inference_records("late-run", "dev-b", 5))
+    with Session(engine) as session:
+        stub = session.get(Run, "late-run")
+        assert stub is not None and stub.policy is None and stub.device_id == "dev-b"
+    writer.write(
+        [run_record("late-run", "dev-b", policy="hi-threshold"), run_end_record("late-run", "dev-b", 5, 9.5)]
+    )
+    with Session(engine) as session:
+        run = session.get(Run, "late-run")
+        assert run is not None
+        assert (run.policy, run.policy_params, run.host["cores"], run.ended_unix, run.samples) == (
+            "hi-threshold",
+            {"tau": 0.31},
+            2,
+            9.5,
+            5,
+        )
+        device = session.get(Device, "dev-b")
+        assert device is not None and device.profile == "x86"
+        window = session.scalars(select(Inference).where(Inference.run_id == "late-run")).first()
+        assert window is not None and window.exit_stage in ("main", "extension", "cloud", "fallback")
+    engine.dispose()
+
+
+def test_orm_reads_back_every_inference_field(db_url: str) -> None:
+    engine = open_database(db_url)
+    records = full_run("run-c", "dev-c", 40)
+    RecordWriter(engine).write(records)
+    sent = {r["seq"]: r for r in records if r["type"] == "inference"}
+    with Session(engine) as session:
+        rows = session.scalars(select(Inference).order_by(Inference.seq)).all()
+        assert len(rows) == 40
+        for row in rows:
+            record = sent[row.seq]
+            for name in record:
+                if name != "type":
+                    assert getattr(row, name) == record[name], name
+        window = session.scalars(select(EnergyWindow).order_by(EnergyWindow.window_seq)).first()
+        assert window is not None and window.rails == {"package-0": 0.32}
+    engine.dispose()
+
+
+def test_exit_stage_is_checked_by_the_database(db_url: str) -> None:
+    engine = open_database(db_url)
+    RecordWriter(engine).write(inference_records("run-d", "dev-d", 1))
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO inferences (run_id, device_id, seq, prediction, exit_stage, edge_ms, bytes_up, "
+                "bytes_down, energy_source, ts_unix) "
+                "VALUES ('run-d', 'dev-d', 99, 1, 'teleport', 1.0, 0, 0, 'x', 0)"
+            )
+        )
+    engine.dispose()
