@@ -176,6 +176,7 @@ class Collector:
         if failed:
             logger.error("subscription to %s refused: %s", self.config.topics.all_results, failed)
             return
+        logger.info("subscribed to %s (QoS 1, persistent session)", self.config.topics.all_results)
         self._subscribed.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
