@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     from results_db.queries import QUERIES, run_query
     from results_db.report import build_report
 
-    console = Console(file=sys.stdout)
+    # A pipe or a file gets the whole table rather than 80 columns of ellipses.
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 240)
     if args.list_queries:
         for query in QUERIES.values():
             console.print(f"[bold]{query.name}[/bold]: {query.question}")
