@@ -9,8 +9,9 @@
    inference timed, as the agent times edge_ms anyway) with and without `meter.window()` around every 32
    inferences and `w.add()` per inference, for the RAPL meter (fake tree), the estimate meter and a polled
    INA3221 meter (fake tree, 20 Hz thread). Two figures: (a) the cost of one window (enter, 32 adds, exit)
-   measured alone, divided by the time of 32 inferences; (b) throughput of interleaved short runs (baseline,
-   metered, baseline, ...), median of the paired differences, because this machine is shared and noisy.
+   measured alone, divided by the time of 32 inferences; (b) throughput of interleaved short runs in ABBA
+   order, median of the paired differences: this machine is shared and noisy, so (b) wobbles by a few %
+   from run to run and (a) is the figure to quote.
    Target: <= 2 %.
 
 The model is models/fashion-mnist/main.onnx when it exists, else a small conv net built here with onnx.helper.
@@ -200,15 +201,19 @@ def bench_overhead(tmp: Path, model: Optional[str], seconds: float, repeats: int
     edge_loop(session, images, 0.5, None)  # warm up
     print(
         f"model {path if path.parent != tmp else 'built-in conv net'}, 1 intra-op thread, "
-        f"{seconds:.2f} s per run, {repeats} interleaved baseline/metered pairs per meter:"
+        f"{seconds:.2f} s per run, {repeats} ABBA-ordered baseline/metered pairs per meter:"
     )
     for label, make in meters.items():
         meter = make()
         base: List[float] = []
         metered: List[float] = []
-        for _ in range(repeats):
-            base.append(edge_loop(session, images, seconds, None))
-            metered.append(edge_loop(session, images, seconds, meter))
+        for k in range(repeats):  # ABBA order: whichever runs second in a pair must not bias the figure
+            if k % 2 == 0:
+                base.append(edge_loop(session, images, seconds, None))
+                metered.append(edge_loop(session, images, seconds, meter))
+            else:
+                metered.append(edge_loop(session, images, seconds, meter))
+                base.append(edge_loop(session, images, seconds, None))
         b, m = statistics.median(base), statistics.median(metered)
         pair = statistics.median((bb - mm) / bb * 100 for bb, mm in zip(base, metered))
         cost_us = window_cost_us(meter)
