@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument(
         "--max-wait-ms", type=float, default=2.0, help="longest wait to fill a batch (default %(default)s)"
     )
+    parser.add_argument(
+        "--receive-maximum", type=int, default=0, help="unacked offloads in flight to us (0: 4 batches)"
+    )
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime EPs")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         meters=args.meters,
         idle_seconds=args.idle_seconds,
         threads=args.threads,
+        receive_maximum=args.receive_maximum,
     )
     try:
         worker = CloudWorker(config)

@@ -48,6 +48,7 @@ class CloudSession:
         model_path: Union[str, Path],
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: Optional[int] = None,
+        spin: bool = False,
     ) -> None:
         import onnxruntime as ort  # heavy; only a running worker needs it
 
@@ -68,6 +69,11 @@ class CloudSession:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            # onnxruntime's pool busy-waits after each run by default, holding cores that the worker's own
+            # network thread (and often the broker) need between batches; measured in bench/offload_bench.py.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self._session: Any = ort.InferenceSession(data, sess_options=opts, providers=usable)
         self.providers: List[str] = self._session.get_providers()
         inputs = self._session.get_inputs()

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import paho.mqtt.client as mqtt
 
+from cloud_worker.properties import PublishProperties
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
     OffloadReply,
@@ -26,7 +27,7 @@ from protocol.codec import (
     decode_reply,
     encode_offload,
 )
-from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish_properties
+from protocol.mqtt import BrokerAddress, connect_properties, new_client
 from protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -90,18 +91,19 @@ class OffloadProbe:
         received_ns = time.perf_counter_ns()
         correlation = getattr(message.properties, "CorrelationData", None)
         try:
-            reply = decode_reply(message.payload)
+            reply = decode_reply(bytes(message.payload))
         except ProtocolError as exc:
             self.bad_replies += 1
             logger.warning("bad reply on %s: %s", message.topic, exc)
             return
+        key = bytes(correlation) if correlation is not None else b""
         with self._lock:
-            entry = self._pending.pop(bytes(correlation), None) if correlation is not None else None
+            entry = self._pending.pop(key, None)
         if entry is None:
             self.unmatched_replies += 1  # a duplicate (after a re-send) or not ours
             return
         future, sent_ns = entry
-        future.set_result(Answer(reply, (received_ns - sent_ns) / 1e6, bytes(correlation)))
+        future.set_result(Answer(reply, (received_ns - sent_ns) / 1e6, key))
 
     def request(
         self,
@@ -118,7 +120,7 @@ class OffloadProbe:
         correlation = correlation or f"{self.run_id}:{seq}".encode()
         future = future or Future()
         payload = encode_offload(OffloadRequest(self.run_id, self.device_id, seq, image, time.time_ns()))
-        props = publish_properties(
+        props = PublishProperties(
             content_type=CONTENT_TYPE_OFFLOAD,
             response_topic=self.reply_topic,
             correlation_data=correlation,

@@ -17,7 +17,7 @@ from tinymodels import tiny_images
 
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
-from cloud_worker.batching import MicroBatcher
+from cloud_worker.batching import BatchQueue
 from cloud_worker.probe import OffloadProbe
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
@@ -47,40 +47,40 @@ def expected_answers(model_dir: Path, images: np.ndarray) -> np.ndarray:
 
 
 # -- micro-batching rule (no broker) -----------------------------------------------------------------------
-def _take_in_thread(batcher: MicroBatcher, timeout_s: float = 30.0) -> List[Any]:
-    out: List[Any] = []
-    thread = threading.Thread(target=lambda: out.extend(p.item for p in batcher.take(timeout_s)))
-    thread.start()
-    thread.join(20)
-    assert not thread.is_alive(), "take() kept waiting"
-    return out
+def test_lone_request_on_idle_queue_runs_at_once() -> None:
+    queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=3600)
+    assert queue.wait_s(now=0.0) is None
+    queue.put(1, now=10.0)
+    assert queue.wait_s(now=10.0) == 0  # idle worker: no waiting for company
+    assert [p.item for p in queue.take()] == [1] and len(queue) == 0
 
 
-def test_lone_request_on_idle_queue_does_not_wait() -> None:
-    batcher: MicroBatcher[int] = MicroBatcher(max_batch=8, max_wait_s=3600)  # a wait would hang the test
-    batcher.put(1)
-    assert _take_in_thread(batcher) == [1]
+def test_several_pending_wait_from_the_oldest_arrival_at_most_max_wait() -> None:
+    queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=0.002)
+    queue.put(0, now=1.000)
+    queue.put(1, now=1.0015)
+    assert queue.wait_s(now=1.0015) == pytest.approx(0.0005)  # 2 ms after the oldest, not the newest
+    assert queue.wait_s(now=1.0025) == 0
+    assert [p.item for p in queue.take()] == [0, 1]
 
 
-def test_burst_is_split_at_max_batch_in_arrival_order() -> None:
-    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=0)
+def test_full_batch_runs_at_once_and_bursts_split_in_arrival_order() -> None:
+    queue: BatchQueue[int] = BatchQueue(max_batch=3, max_wait_s=3600)
     for i in range(7):
-        batcher.put(i)
-    assert [_take_in_thread(batcher) for _ in range(3)] == [[0, 1, 2], [3, 4, 5], [6]]
+        queue.put(i, now=5.0)
+    batches = []
+    while queue.wait_s(now=5.0) == 0 and len(queue) >= 3:
+        batches.append([p.item for p in queue.take()])
+    assert batches == [[0, 1, 2], [3, 4, 5]]
+    assert queue.wait_s(now=5.0) == 0  # the last one is alone now: idle rule
+    assert [p.item for p in queue.take()] == [6]
 
 
-def test_burst_waits_for_more_until_batch_is_full() -> None:
-    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=3600)
-    batcher.put(0)
-    batcher.put(1)
-    threading.Timer(0.05, batcher.put, args=(2,)).start()  # arrives while the consumer waits
-    assert _take_in_thread(batcher) == [0, 1, 2]
-
-
-def test_close_wakes_the_consumer() -> None:
-    batcher: MicroBatcher[int] = MicroBatcher(max_batch=3, max_wait_s=3600)
-    threading.Timer(0.05, batcher.close).start()
-    assert _take_in_thread(batcher, timeout_s=3600) == []
+def test_batch_queue_refuses_nonsense_limits() -> None:
+    with pytest.raises(ValueError):
+        BatchQueue(max_batch=0, max_wait_s=0)
+    with pytest.raises(ValueError):
+        BatchQueue(max_batch=1, max_wait_s=-1)
 
 
 # -- against the broker ------------------------------------------------------------------------------------
