@@ -40,6 +40,7 @@ class Answer:
     reply: OffloadReply
     round_trip_ms: float
     correlation: bytes
+    received_ns: int = 0  # time.perf_counter_ns() when the reply arrived
 
 
 class OffloadProbe:
@@ -103,7 +104,7 @@ class OffloadProbe:
             self.unmatched_replies += 1  # a duplicate (after a re-send) or not ours
             return
         future, sent_ns = entry
-        future.set_result(Answer(reply, (received_ns - sent_ns) / 1e6, key))
+        future.set_result(Answer(reply, (received_ns - sent_ns) / 1e6, key, received_ns))
 
     def request(
         self,

@@ -159,3 +159,44 @@ def test_mosquitto_keeps_handing_a_dead_persistent_session_its_share(
             c.loop_stop()  # type: ignore[attr-defined]
     # Round robin over both sessions, connected or not: the live worker sees only about half.
     assert 5 <= len(got) <= 15, f"survivor got {len(got)} of 20"
+
+
+def test_worker_waits_for_the_broker_and_survives_its_restart(tmp_path: Path, tiny_models: Path) -> None:
+    """Started before its broker, the worker connects when it appears; after a restart it serves again."""
+    own = BrokerProcess(tmp_path / "broker")  # not the session broker: this one gets restarted
+    topics = Topics.namespaced("restart")
+    starter = threading.Timer(1.0, own.start)
+    starter.start()
+    worker = CloudWorker(WorkerConfig(own.credentials("cloud"), topics, tiny_models, "w-restart"))
+    try:
+        worker.start(timeout_s=20)  # retries with backoff until the broker is up
+        with OffloadProbe(own.credentials("dev-r"), topics, "dev-r") as probe:
+            assert probe.request(tiny_images(1)[0], seq=1).result(timeout=10).reply.seq == 1
+        own.restart()
+        deadline = time.monotonic() + 20
+        while not worker._subscribed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with OffloadProbe(own.credentials("dev-r"), topics, "dev-r") as probe:
+            assert probe.request(tiny_images(1)[0], seq=2).result(timeout=10).reply.seq == 2
+        assert worker.stats["answered"] == 2
+    finally:
+        starter.cancel()
+        worker.stop(drain_s=0.5)
+        own.close()
+
+
+def test_cli_refuses_a_missing_model_or_password_file(tmp_path: Path) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_text("secret\n")
+    base = [sys.executable, "-m", "edgecascade", "cloud", "--broker", "127.0.0.1:1"]
+    no_model = subprocess.run(
+        [*base, "--password-file", str(password_file), "--models", str(tmp_path / "nowhere")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert no_model.returncode == 2 and "does not exist" in no_model.stderr
+    no_password = subprocess.run(
+        [*base, "--password-file", str(tmp_path / "missing.pw")], cwd=REPO, capture_output=True, text=True
+    )
+    assert no_password.returncode == 2 and "password" in no_password.stderr

@@ -1,0 +1,251 @@
+"""Offload overhead on loopback: round trip minus cloud model compute, at a paced open-loop rate.
+
+    python -m bench.offload_bench                  # 500 offloads/s for 10 s; targets p50 <= 1 ms, p99 <= 5 ms
+    python -m bench.offload_bench --model /path/to/cloud.onnx --rate 200 --seconds 20
+    python -m bench.offload_bench --floor          # same traffic, answered by a do-nothing responder
+
+A private Mosquitto (the project's config), one or more real `edgecascade cloud` worker processes, and this
+process as the requester (one device user, QoS 1, ResponseTopic + CorrelationData). The sender is paced
+open-loop: request i leaves at t0 + i/rate whatever the replies do, and its lag behind that schedule is
+reported, so a stalled sender cannot hide latency (coordinated omission).
+
+Per request: round trip = reply callback - publish call (same clock); compute = the batch's onnxruntime time
+(the reply's cloud_ms x batch size: the request waited for its whole batch); overhead = round trip - compute.
+Overhead includes the worker's queueing (`queue_ms` in the reply: waiting for a previous batch or to fill
+this one); `transport` excludes it as well. `--floor` replaces the worker by a responder that answers each
+offload with one precomputed reply from inside paho's callback: the cost of MQTT, the broker and Python
+clients alone on this machine, which no worker can go below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from broker.launcher import BrokerProcess
+from cloud_worker.model import CloudSession
+from cloud_worker.probe import Answer, OffloadProbe
+from protocol.topics import Topics
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_MODEL_DIR = REPO / "models" / "fashion-mnist"
+TARGET_P50_MS, TARGET_P99_MS = 1.0, 5.0
+
+
+def choose_model(explicit: Optional[str]) -> Tuple[Path, str]:
+    """(model dir or file, description): --model, else the trained cloud model, else the tiny test model."""
+    if explicit:
+        return Path(explicit), f"given: {explicit}"
+    if (REAL_MODEL_DIR / "cloud.onnx").exists():
+        return REAL_MODEL_DIR, f"trained cloud model {REAL_MODEL_DIR / 'cloud.onnx'}"
+    sys.path.insert(0, str(REPO / "tests"))  # the tiny deterministic models live with the tests
+    from tinymodels import write_tiny_model_dir
+
+    path = write_tiny_model_dir(Path(tempfile.mkdtemp(prefix="edgecascade-tiny-")))
+    return (
+        path,
+        "tiny test model (tests/tinymodels.py: 784-32-10 MLP); models/fashion-mnist/cloud.onnx absent",
+    )
+
+
+def spawn_workers(
+    broker: BrokerProcess, topics: Topics, model: Path, count: int, extra_args: Sequence[str] = ()
+) -> List[subprocess.Popen]:
+    """`count` real `edgecascade cloud` processes, returned once each says it is subscribed."""
+    password_file = broker.workdir / "cloud.pw"
+    password_file.write_text(broker.credentials("cloud").password + "\n")
+    procs = []
+    for k in range(count):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgecascade", "cloud", "--broker", f"{broker.host}:{broker.port}"]
+            + ["--user", "cloud", "--password-file", str(password_file), "--models", str(model)]
+            + ["--worker-id", f"bench-w{k}", "--namespace", topics.root.split("/")[0], *extra_args],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("worker "):
+            raise RuntimeError(f"worker {k} did not start (exit {proc.poll()}): {line!r}")
+        procs.append(proc)
+    return procs
+
+
+def stop_workers(procs: List[subprocess.Popen]) -> List[Dict[str, Any]]:
+    """SIGTERM each worker and collect the stats line it prints on the way out."""
+    stats = []
+    for proc in procs:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        stats.append(json.loads(lines[-1]) if lines else {})
+    return stats
+
+
+_FLOOR_RESPONDER = r"""
+import sys
+import numpy as np
+from protocol.codec import CONTENT_TYPE_REPLY, OffloadReply, encode_reply
+from protocol.mqtt import BrokerAddress, new_client
+from cloud_worker.properties import PublishProperties
+host, port, password, subscription = sys.argv[1:5]
+address = BrokerAddress(host, int(port), "cloud", password)
+reply = encode_reply(OffloadReply("r", "d", 0, 0, np.full(10, 0.1, np.float32), 0.0, "floor", None, "none",
+                                  {"batch": 1, "queue_ms": 0.0}))
+def on_message(client, userdata, m):
+    props = PublishProperties(content_type=CONTENT_TYPE_REPLY, correlation_data=m.properties.CorrelationData)
+    client.publish(m.properties.ResponseTopic, reply, qos=1, properties=props)
+client = new_client(address, "floor", on_connect=lambda c, u, f, r, p: c.subscribe(subscription, qos=1))
+client.on_message = on_message
+client.on_subscribe = lambda *a: print("worker floor ready", flush=True)
+client.connect(address.host, address.port)
+client.loop_forever()
+"""
+
+
+def spawn_floor(broker: BrokerProcess, topics: Topics) -> subprocess.Popen:
+    """The do-nothing responder (see the module docstring)."""
+    cloud = broker.credentials("cloud")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FLOOR_RESPONDER, cloud.host, str(cloud.port), cloud.password]
+        + [topics.cloud_subscription()],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("worker floor ready")
+    return proc
+
+
+def sample_images(model: Path, n: int, seed: int = 0) -> np.ndarray:
+    shape = CloudSession(model).input_shape
+    return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
+
+
+def percentiles(values: Sequence[float]) -> Dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "p99": float(np.percentile(arr, 99)),
+        "max": float(arr.max()),
+    }
+
+
+def run_paced(probe: OffloadProbe, images: np.ndarray, rate: float) -> Tuple[List[Future], List[float]]:
+    """Send every image at its scheduled instant; returns the futures and each send's lag (ms)."""
+    futures: List[Future] = []
+    lags_ms: List[float] = []
+    period = 1.0 / rate
+    t0 = time.perf_counter() + 0.05
+    for i, image in enumerate(images):
+        due = t0 + i * period
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        lags_ms.append((time.perf_counter() - due) * 1000.0)
+        futures.append(probe.request(image, seq=i))
+    return futures, lags_ms
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="model dir or cloud .onnx (default: trained, else tiny)")
+    parser.add_argument("--rate", type=float, default=500.0, help="offloads per second (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured duration (default %(default)s)")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="discarded lead-in (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per worker")
+    parser.add_argument("--floor", action="store_true", help="a do-nothing responder instead of the worker")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    model, model_note = choose_model(args.model)
+    if args.floor:
+        model_note = "FLOOR: do-nothing responder, no model"
+    warmup = int(args.rate * args.warmup_s)
+    total = warmup + int(args.rate * args.seconds)
+    images = sample_images(model, total)
+    topics = Topics.namespaced("bench")
+    extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
+    with BrokerProcess() as broker:
+        workers = (
+            [spawn_floor(broker, topics)]
+            if args.floor
+            else spawn_workers(broker, topics, model, args.workers, extra)
+        )
+        try:
+            with OffloadProbe(broker.credentials("bench-dev"), topics, "bench-dev") as probe:
+                futures, lags = run_paced(probe, images, args.rate)
+                answers: List[Answer] = [f.result(timeout=60) for f in futures]
+        finally:
+            worker_stats = stop_workers(workers) if not args.floor else [{"floor": True}]
+            for proc in workers:
+                if proc.poll() is None:
+                    proc.kill()
+
+    measured = answers[warmup:]
+    rtt = [a.round_trip_ms for a in measured]
+    compute = [a.reply.cloud_ms * a.reply.extra["batch"] for a in measured]
+    queue = [a.reply.extra["queue_ms"] for a in measured]
+    overhead = [r - c for r, c in zip(rtt, compute)]
+    transport = [o - q for o, q in zip(overhead, queue)]
+    batches = [a.reply.extra["batch"] for a in measured]
+    figures = {
+        "model": model_note,
+        "rate_per_s": args.rate,
+        "requests": len(measured),
+        "workers": args.workers,
+        "max_batch": args.max_batch,
+        "max_wait_ms": args.max_wait_ms,
+        "round_trip_ms": percentiles(rtt),
+        "compute_ms": percentiles(compute),
+        "overhead_ms": percentiles(overhead),
+        "transport_ms": percentiles(transport),
+        "worker_queue_ms": percentiles(queue),
+        "sender_lag_ms": percentiles(lags[warmup:]),
+        "mean_batch": float(np.mean(batches)),
+        "worker_stats": worker_stats,
+    }
+    p50, p99 = figures["overhead_ms"]["p50"], figures["overhead_ms"]["p99"]
+    ok = p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS
+    print(f"offload overhead on loopback, {args.rate:.0f} offloads/s for {args.seconds:.0f} s, {model_note}")
+    print(f"  {'ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
+    for key in (
+        "round_trip_ms",
+        "compute_ms",
+        "overhead_ms",
+        "transport_ms",
+        "worker_queue_ms",
+        "sender_lag_ms",
+    ):
+        p = figures[key]
+        print(f"  {key:<22}{p['p50']:8.3f}{p['p90']:8.3f}{p['p99']:8.3f}{p['max']:8.3f}")
+    print(f"  mean batch {figures['mean_batch']:.2f}; workers: {worker_stats}")
+    print(
+        f"  target overhead p50 <= {TARGET_P50_MS} ms, p99 <= {TARGET_P99_MS} ms: "
+        f"{'MET' if ok else 'MISSED'} (p50 {p50:.3f}, p99 {p99:.3f})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
