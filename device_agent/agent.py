@@ -20,7 +20,8 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import msgpack
 import numpy as np
@@ -32,7 +33,8 @@ from device_agent.link import Link
 from device_agent.offloads import OffloadTracker, Settled
 from device_agent.outbox import NewEntry, Outbox, OutboxFull
 from device_agent.policies import Action, Outcome, PolicyError, make_policy
-from device_agent.samples import Sample, edge_view, extend_view, record_of
+from device_agent.samples import Sample, edge_view, extend_view, record_map, record_of
+from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
 from protocol import InferenceRecord, OffloadRequest, encode_offload, validate_record
 
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _STOP = object()
 SEQ_BLOCK = 1024  # sequence numbers reserved on disk at a time, so a restarted run never reuses one
+READY_BACKLOG = 4096  # finished records held in memory before the inference loop writes them itself
 
 
 @dataclass
@@ -61,6 +64,7 @@ class RunSummary:
     device_j_gross: Optional[float] = None
     energy_source: str = "none"
     policy_report: Dict[str, Any] = field(default_factory=dict)
+    outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -88,6 +92,48 @@ class RunSummary:
         return out
 
 
+class _Stream:
+    """A `run_dataset` iterable for the inference thread, and the tally of its samples."""
+
+    def __init__(
+        self, samples: Iterator[Tuple[np.ndarray, Optional[int]]], summary: RunSummary, progress: bool
+    ):
+        self.samples = samples
+        self.summary = summary
+        self.progress = progress
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._exhausted = False
+
+    def started(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    def rejected(self) -> None:
+        """Not an image the model takes: counted, never started."""
+        with self._lock:
+            self.summary.failed += 1
+
+    def finished(self, record: Optional[InferenceRecord]) -> None:
+        """A started sample's final record (None: processing it failed)."""
+        with self._lock:
+            if record is None:
+                self.summary.failed += 1
+            else:
+                self.summary.add(record)
+            self._pending -= 1
+            if self._exhausted and self._pending == 0:
+                self.done.set()
+
+    def exhaust(self) -> None:
+        with self._lock:
+            self._exhausted = True
+            if self._pending == 0:
+                self.done.set()
+
+
 class DeviceAgent:
     """`DeviceAgent(AgentConfig(...))`; `start()`, feed it samples, `close()`."""
 
@@ -98,11 +144,10 @@ class DeviceAgent:
             config.run_id or f"{config.device_id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         )
         self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "records": 0}
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(4 * config.window_size, 64))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(4 * config.window_size, 64))
         self._lock = threading.Lock()
-        self._ready: List[
-            Tuple[NewEntry, Optional[int]]
-        ] = []  # finished records, next to the offload they end
+        # finished records: (idempotent key, record map, outbox id of the offload it settles)
+        self._ready: List[Tuple[str, Dict[str, Any], Optional[int]]] = []
         self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
         self._started_mono = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -135,6 +180,8 @@ class DeviceAgent:
             session_expiry_s=cfg.session_expiry_s,
             results_batch=cfg.results_batch,
             flush_s=cfg.flush_s,
+            # Deadlines are swept each tick: within 5 % of the deadline is precise enough.
+            tick_s=max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20)),
         )
         self.offloads = OffloadTracker(
             self.link,
@@ -196,8 +243,9 @@ class DeviceAgent:
                 "policy_report": _plain(self._summary.policy_report),
             }
         )
-        if not self.link.drain(cfg.close_timeout_s):
-            left = self.outbox.counts()
+        drained = self.link.drain(cfg.close_timeout_s)
+        left = self._summary.outbox_left = self.outbox.counts()
+        if not drained:
             logger.warning(
                 "closing with %s entries still in the outbox %s (sent next start)", left, self.outbox.path
             )
@@ -208,18 +256,13 @@ class DeviceAgent:
         return self._summary
 
     # -- sources --------------------------------------------------------------------------------------
-    def submit(self, image: np.ndarray, label: Optional[int] = None) -> Future[InferenceRecord]:
+    def submit(self, image: np.ndarray, label: Optional[int] = None) -> Future:
         """Queue one uint8 CHW image (blocks while the queue is full); the future yields its record."""
-        future: Future[InferenceRecord] = Future()
+        future: Future = Future()
         arr = np.asarray(image)
-        if arr.dtype != np.uint8 or tuple(arr.shape) != self.input_shape:
-            self.stats["bad_inputs"] += 1
-            logger.warning(
-                "rejected input of dtype %s shape %s (want uint8 %s)", arr.dtype, arr.shape, self.input_shape
-            )
-            future.set_exception(
-                ValueError(f"image must be uint8 {self.input_shape}, got {arr.dtype} {arr.shape}")
-            )
+        problem = self._check_image(arr)
+        if problem is not None:
+            future.set_exception(ValueError(problem))
             return future
         if self._closed:
             raise RuntimeError("agent is closed")
@@ -229,20 +272,60 @@ class DeviceAgent:
     def run_dataset(
         self, samples: Iterable[Tuple[np.ndarray, Optional[int]]], progress: bool = False
     ) -> RunSummary:
-        """Run every (image, label) through the agent; a summary of these samples once all are settled."""
+        """Run every (image, label) through the agent; a summary of these samples once all are settled.
+
+        The inference thread pulls the samples from the iterable itself (submits wait meanwhile): the same
+        processing as `submit`, without a thread hand-off per sample, which costs as much as a small model.
+        """
         summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
+        stream = _Stream(iter(samples), summary, progress)
         started = time.monotonic()
-        futures = []
-        for i, (image, label) in enumerate(samples):
-            futures.append(self.submit(image, label))
-            if progress and (i + 1) % 1000 == 0:
-                rate = (i + 1) / (time.monotonic() - started)
-                print(f"{i + 1} samples queued, {rate:.0f}/s", file=sys.stderr, flush=True)
-        for future in futures:
-            try:
-                summary.add(future.result())
-            except Exception:
-                summary.failed += 1
+        self._queue.put(stream)
+        while not stream.done.wait(0.5):
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("the agent's inference thread is gone")
+        if stream.error is not None:
+            raise stream.error
+        summary.seconds = time.monotonic() - started
+        summary.late_replies = self.offloads.stats["late_replies"]
+        summary.policy_report = self.policy.report()
+        return summary
+
+    def watch(self, directory: Path, stop: threading.Event, poll_s: float = 0.2) -> RunSummary:
+        """Run each PNG/PGM file that appears in `directory` (label from a `label<N>` in its name) until
+        `stop` is set; unreadable files are logged and counted (`bad_inputs`)."""
+
+        # Files arrive now and then: each is submitted, so a window closes whenever the directory is quiet.
+        def images() -> Iterator[Tuple[np.ndarray, Optional[int]]]:
+            for _, image, label in watch_directory(directory, self.input_shape, stop, poll_s):
+                if image is None:
+                    self.stats["bad_inputs"] += 1
+                    continue
+                yield image, label
+
+        return self._drive(images())
+
+    def _drive(self, samples: Iterator[Tuple[np.ndarray, Optional[int]]]) -> RunSummary:
+        summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
+        lock = threading.Lock()
+        outstanding = threading.Semaphore(0)
+        submitted = 0
+
+        def done(future: Future) -> None:
+            # Tallied as they finish, so a long watch keeps no futures around.
+            with lock:
+                if future.exception() is None:
+                    summary.add(future.result())
+                else:
+                    summary.failed += 1
+            outstanding.release()
+
+        started = time.monotonic()
+        for image, label in samples:
+            self.submit(image, label).add_done_callback(done)
+            submitted += 1
+        for _ in range(submitted):
+            outstanding.acquire()
         summary.seconds = time.monotonic() - started
         summary.late_replies = self.offloads.stats["late_replies"]
         summary.policy_report = self.policy.report()
@@ -260,6 +343,12 @@ class DeviceAgent:
                 continue
             if item is _STOP:
                 break
+            if isinstance(item, _Stream):
+                if window is not None:
+                    self._close_window(window, members)
+                    window = None
+                self._pull(item)
+                continue
             if window is None:
                 window, members = self.energy.open_window(), []
             sample = self._process(*item)
@@ -273,12 +362,63 @@ class DeviceAgent:
         if window is not None:
             self._close_window(window, members)
 
+    def _pull(self, stream: _Stream) -> None:
+        """Run a `run_dataset` iterable on this thread, in windows of `window_size`."""
+        window: Optional[OpenWindow] = None
+        members: List[Sample] = []
+        count = 0
+        started = time.monotonic()
+        try:
+            for image, label in stream.samples:
+                arr = np.asarray(image)
+                problem = self._check_image(arr)
+                if problem is not None:
+                    stream.rejected()
+                    continue
+                stream.started()
+                if window is None:
+                    window, members = self.energy.open_window(), []
+                sample = self._process(np.ascontiguousarray(arr), label, None, stream.finished)
+                if sample is not None:
+                    window.add(sample.compute_s)
+                    members.append(sample)
+                if window.count >= self.config.window_size:
+                    self._close_window(window, members)
+                    window = None
+                self.watchdog.beat()
+                count += 1
+                if stream.progress and count % 1000 == 0:
+                    rate = count / (time.monotonic() - started)
+                    print(f"{count} samples, {rate:.0f}/s", file=sys.stderr, flush=True)
+        except Exception as exc:  # the caller's iterable failed: its run_dataset raises it
+            logger.exception("sample source failed")
+            stream.error = exc
+        finally:
+            if window is not None:
+                self._close_window(window, members)
+            stream.exhaust()
+
+    def _check_image(self, arr: np.ndarray) -> Optional[str]:
+        """Why `arr` cannot be a sample (counted and logged), or None."""
+        if arr.dtype == np.uint8 and tuple(arr.shape) == self.input_shape:
+            return None
+        self.stats["bad_inputs"] += 1
+        logger.warning(
+            "rejected input of dtype %s shape %s (want uint8 %s)", arr.dtype, arr.shape, self.input_shape
+        )
+        return f"image must be uint8 {self.input_shape}, got {arr.dtype} {arr.shape}"
+
     def _process(
-        self, image: np.ndarray, label: Optional[int], future: Future[InferenceRecord]
+        self,
+        image: np.ndarray,
+        label: Optional[int],
+        future: Optional[Future],
+        sink: Optional[Callable[[Optional[InferenceRecord]], None]] = None,
     ) -> Optional[Sample]:
         try:
             seq = self._take_seq()
             sample = Sample(seq, image, label, future, time.time())
+            sample.sink = sink
             started = time.perf_counter()
             view, blocks, features = edge_view(self.cascade, self.policy.edge, image, seq)
             decision = self.policy.decide(view)
@@ -297,7 +437,7 @@ class DeviceAgent:
                 payload = encode_offload(request)
                 sample.bytes_up = len(payload)
                 sample.compute_s = time.perf_counter() - started
-                partial = self._record(sample, "fallback").to_record()
+                partial = record_map(self._record(sample, "fallback"))
                 self.offloads.offload(sample, seq, payload, partial)
             else:
                 sample.compute_s = time.perf_counter() - started
@@ -306,8 +446,10 @@ class DeviceAgent:
         except Exception as exc:  # one bad sample must not stop the agent
             self.stats["failed"] += 1
             logger.exception("sample failed")
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_exception(exc)
+            if sink is not None:
+                sink(None)
             return None
 
     def _take_seq(self) -> int:
@@ -321,22 +463,27 @@ class DeviceAgent:
     def _close_window(self, window: OpenWindow, members: List[Sample]) -> None:
         energy = window.close()
         if energy.record is not None:
-            self._emit(
-                {
-                    "type": "energy_window",
-                    "run_id": self.run_id,
-                    "device_id": self.device_id,
-                    "window_seq": self._window_seq,
-                    **energy.record,
-                }
-            )
+            record = {
+                "type": "energy_window",
+                "run_id": self.run_id,
+                "device_id": self.device_id,
+                "window_seq": self._window_seq,
+                **energy.record,
+            }
+            key = f"energy_window/{self.run_id}/{self.device_id}/{self._window_seq}"
+            with self._lock:
+                self._ready.append((key, validate_record(record), None))
         self._window_seq += 1
         self.stats["windows"] += 1
         for sample, (gross_j, net_j) in zip(members, energy.per_inference):
             with self._lock:
                 sample.device_j_gross, sample.device_j_net, sample.energy_done = gross_j, net_j, True
             self._maybe_finish(sample)
-        self._flush(block=True)
+        # Records reach the outbox from the link thread's housekeeping (every tick): a SQLite commit costs
+        # ~1 ms here, which this thread should spend on inferences. Only a backlog (a full outbox) makes
+        # the inference loop write, and wait for room: backpressure instead of unbounded memory.
+        if len(self._ready) >= READY_BACKLOG:
+            self._flush(block=True)
 
     # -- outcomes -------------------------------------------------------------------------------------
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
@@ -372,18 +519,16 @@ class DeviceAgent:
                 return
             sample.finished = True
         record = self._record(sample, sample.exit_stage)
-        entry = NewEntry(
-            f"inference/{self.run_id}/{self.device_id}/{sample.seq}",
-            "record",
-            self.config.topics.results(self.device_id),
-            msgpack.packb(record.to_record(), use_bin_type=True),
-        )
+        key = f"inference/{self.run_id}/{self.device_id}/{sample.seq}"
         with self._lock:
-            self._ready.append((entry, sample.offload_outbox_id))
+            self._ready.append((key, record_map(record), sample.offload_outbox_id))
             self._summary.add(record)
             self.stats["records"] += 1
         sample.image = None  # the record is all we keep
-        sample.future.set_result(record)
+        if sample.future is not None:
+            sample.future.set_result(record)
+        if sample.sink is not None:
+            sample.sink(record)
 
     def _record(self, sample: Sample, exit_stage: str) -> InferenceRecord:
         return record_of(
@@ -397,39 +542,42 @@ class DeviceAgent:
 
     # -- records to the outbox ------------------------------------------------------------------------
     def _emit(self, record: Dict[str, Any]) -> None:
-        """A run / run_end / window / baseline record straight to the outbox."""
+        """A run / run_end / baseline record straight to the outbox, as an entry of its own."""
         validate_record(record)
         kind = record["type"]
-        suffix = {
-            "energy_window": f"/{record.get('window_seq')}",
-            "idle_baseline": f"/{record.get('measured_unix')}",
-        }
-        key = f"{kind}/{self.run_id}/{self.device_id}{suffix.get(kind, '')}"
+        suffix = f"/{record['measured_unix']}" if kind == "idle_baseline" else ""
         self.outbox.put(
-            key,
+            f"{kind}/{self.run_id}/{self.device_id}{suffix}",
             "record",
             self.config.topics.results(self.device_id),
-            msgpack.packb(record, use_bin_type=True),
+            msgpack.packb([record], use_bin_type=True),
             timeout=self.config.outbox_wait_s,
         )
 
     def _flush(self, block: bool) -> None:
+        """Finished records go to the outbox as one entry, in the transaction that removes the offloads they
+        settle: a record never exists beside its still-pending offload, nor is it lost between the two."""
         with self._lock:
             ready, self._ready = self._ready, []
         if not ready:
             return
-        ends = [(e, oid) for e, oid in ready if oid is not None]
-        plain = [e for e, oid in ready if oid is None]
-        if ends:  # an offload leaves the outbox in the same transaction as its record enters
-            self.outbox.ack([oid for _, oid in ends if oid is not None], replacement=[e for e, _ in ends])
-        if plain:
-            try:
-                self.outbox.put_many(plain, timeout=self.config.outbox_wait_s if block else 0)
-            except OutboxFull:
-                if block:
-                    raise
-                with self._lock:
-                    self._ready[:0] = [(e, None) for e in plain]
+        # Each record is in exactly one flush, so the first record's key names this entry for good.
+        entry = NewEntry(
+            f"batch/{ready[0][0]}",
+            "record",
+            self.config.topics.results(self.device_id),
+            msgpack.packb([r for _, r, _ in ready], use_bin_type=True),
+            meta={"keys": [k for k, _, _ in ready]},
+            items=len(ready),
+        )
+        offloads = [oid for _, _, oid in ready if oid is not None]
+        try:
+            self.outbox.commit(offloads, [entry], timeout=self.config.outbox_wait_s if block else 0)
+        except OutboxFull:
+            if block:
+                raise
+            with self._lock:  # the housekeeping thread never waits for room: try again next tick
+                self._ready[:0] = ready
 
     def _housekeeping(self, connected: bool) -> None:
         self.offloads.tick(connected)
@@ -446,16 +594,10 @@ class DeviceAgent:
                 self.outbox.ack([entry.id])
                 continue
             key = f"inference/{record['run_id']}/{record['device_id']}/{record['seq']}"
-            self.outbox.ack(
+            topic = entry.topic.rsplit("/", 1)[0] + "/results"
+            self.outbox.commit(
                 [entry.id],
-                replacement=[
-                    NewEntry(
-                        key,
-                        "record",
-                        entry.topic.rsplit("/", 1)[0] + "/results",
-                        msgpack.packb(record, use_bin_type=True),
-                    )
-                ],
+                [NewEntry(f"batch/{key}", "record", topic, msgpack.packb([record], use_bin_type=True))],
             )
             logger.warning("offload %s of an earlier process recorded as fallback", entry.key)
 

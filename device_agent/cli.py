@@ -1,22 +1,150 @@
-"""CLI for `edgecascade agent` (placeholder until the subcommand is built)."""
+"""CLI for `edgecascade agent`: run the device agent on a dataset or a watched directory."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
 import sys
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  # the test split of Fashion-MNIST (first 1000 images) through the MEANet policy, on an x86 profile
+  edgecascade agent --broker 127.0.0.1:1883 --device-id cam-01 --password-file cam-01.pw \\
+      --models models/fashion-mnist --policy meanet --source dataset:fashion-mnist:test:1000 \\
+      --state-dir /var/lib/edgecascade/cam-01 --profile x86
+
+  # Hierarchical Inference with a threshold learned online, offload cost 0.3
+  edgecascade agent ... --policy hi-online --policy-params '{"beta": 0.3}'
+
+  # serve every PNG/PGM dropped into /srv/inbox until SIGTERM (a `label7` in a name scores it)
+  edgecascade agent ... --policy hi-threshold --source dir:/srv/inbox
+
+The run's summary is printed on stdout as JSON; logs and progress go to stderr.
+Policies: edge-only, cloud-only, meanet, hi-threshold, hi-online, entropy.
+"""
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
         help="Run the device agent (edge cascade + offload over MQTT)",
-        description="Run the device agent (edge cascade + offload over MQTT)",
-        epilog="example:\n  edgecascade agent --help",
+        description="Run the device agent: the edge cascade on onnxruntime, a policy deciding what to "
+        "offload, store-and-forward of offloads and result records over MQTT 5.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
+    parser.add_argument("--device-id", required=True, help="device id (also the MQTT username and client id)")
+    parser.add_argument("--username", help="MQTT username (default: the device id)")
+    parser.add_argument("--password-file", type=Path, help="file whose first line is the MQTT password")
+    parser.add_argument("--tls-ca", help="CA certificate: connect over TLS")
+    parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"), help="model directory")
+    parser.add_argument("--policy", default="meanet", help="offload policy name (default: meanet)")
+    parser.add_argument("--policy-params", default="{}", metavar="JSON", help="policy parameters as JSON")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="dataset:NAME:SPLIT[:N] (IDX files) or dir:PATH (watch a directory for PNG/PGM files)",
+    )
+    parser.add_argument("--state-dir", type=Path, default=Path("state"), help="outbox and run state")
+    parser.add_argument("--namespace", help="topic namespace in front of edgecascade/v1 (tests, staging)")
+    parser.add_argument("--profile", help="device profile: a name in bench/profiles or a .toml file")
+    parser.add_argument("--run-id", help="run id (default: generated); reuse one to resume a run")
+    parser.add_argument("--idle-seconds", type=float, help="idle baseline length (default: profile, 5 s)")
+    parser.add_argument("--deadline", type=float, help="offload deadline in s (default: profile, 2 s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=run)
 
 
+def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
+    """`dataset:NAME:SPLIT[:N]` or `dir:PATH` -> (kind, fields)."""
+    kind, _, rest = source.partition(":")
+    if kind == "dataset":
+        parts = rest.split(":")
+        if len(parts) not in (2, 3) or not all(parts[:2]):
+            raise ValueError(f"dataset source is dataset:NAME:SPLIT[:N], got {source!r}")
+        limit: Optional[int] = None
+        if len(parts) == 3:
+            if not parts[2].isdigit() or int(parts[2]) < 1:
+                raise ValueError(f"N in source {source!r} must be a positive integer")
+            limit = int(parts[2])
+        return "dataset", {"name": parts[0], "split": parts[1], "limit": limit}
+    if kind == "dir" and rest:
+        return "dir", {"path": Path(rest)}
+    raise ValueError(f"--source must be dataset:NAME:SPLIT[:N] or dir:PATH, got {source!r}")
+
+
 def run(args: argparse.Namespace) -> int:
-    print("edgecascade agent is not built yet", file=sys.stderr)
-    return 3
+    from device_agent import AgentConfig, DeviceAgent, apply_profile, load_profile
+    from device_agent.policies import PolicyError, policy_names
+    from device_agent.sources import iter_dataset
+    from protocol.mqtt import BrokerAddress
+    from protocol.topics import Topics
+
+    try:
+        kind, source = parse_source(args.source)
+        params = json.loads(args.policy_params)
+        if not isinstance(params, dict):
+            raise ValueError("--policy-params must be a JSON object")
+        if args.policy not in policy_names():
+            raise PolicyError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+        password = args.password_file.read_text().splitlines()[0].strip() if args.password_file else ""
+        broker = BrokerAddress.parse(args.broker, args.username or args.device_id, password, args.tls_ca)
+        config = AgentConfig(
+            device_id=args.device_id,
+            broker=broker,
+            topics=Topics.namespaced(args.namespace) if args.namespace else Topics(),
+            model_dir=args.models,
+            policy={"name": args.policy, "params": params},
+            state_dir=args.state_dir,
+            run_id=args.run_id,
+            dataset=source["name"] if kind == "dataset" else f"dir:{source['path']}",
+            split=source["split"] if kind == "dataset" else "live",
+        )
+        if args.profile:
+            config = apply_profile(config, load_profile(args.profile))
+        if args.idle_seconds is not None:
+            config.idle_seconds = args.idle_seconds
+        if args.deadline is not None:
+            config.offload_deadline_s = args.deadline
+        if kind == "dir" and not source["path"].is_dir():
+            raise FileNotFoundError(f"{source['path']} is not a directory")
+    except (ValueError, OSError, IndexError) as exc:  # json errors, bad files, bad addresses
+        print(f"edgecascade agent: {exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        agent = DeviceAgent(config).start()
+    except (ValueError, OSError) as exc:  # a missing model dir or card, bad policy params
+        print(f"edgecascade agent: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if kind == "dataset":
+            samples = iter_dataset(source["name"], source["split"], source["limit"])
+            summary = agent.run_dataset(_until(samples, stop), progress=not args.no_progress)
+        else:
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            summary = agent.watch(source["path"], stop)
+    finally:
+        final = agent.close()
+    out = summary.as_dict()
+    out["outbox_left"] = final.outbox_left
+    out["offload_stats"] = dict(agent.offloads.stats)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+def _until(samples: Any, stop: threading.Event) -> Any:
+    for sample in samples:
+        if stop.is_set():
+            logger.warning("stopping early on SIGTERM")
+            return
+        yield sample

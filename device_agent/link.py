@@ -6,7 +6,9 @@
 - Result records leave the outbox in batches (`encode_records`, QoS 1) and are deleted from it on PUBACK only.
   A batch on the wire when the connection drops is retransmitted by paho on reconnect (same packet id), so the
   pump never sends it a second time itself; a new process starts from the outbox (entries reset to pending).
-- A background thread ticks every `tick_s`: the agent's housekeeping hook (deadlines, flushing), then sending.
+- A background thread ticks every `tick_s` (or when woken): the agent's housekeeping hook (deadlines,
+  flushing records into the outbox), then sending. Each tick takes the GIL and a SQLite transaction from
+  the inference loop, so it is no more frequent than the deadlines' precision needs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Link:
         session_expiry_s: int = 3600,
         results_batch: int = 100,
         flush_s: float = 0.2,
-        tick_s: float = 0.02,
+        tick_s: float = 0.1,
         max_batches_inflight: int = 8,
     ) -> None:
         self.address = address
@@ -61,7 +63,7 @@ class Link:
         self._reply_topic = topics.reply(device_id)
         # Batches on the wire: (paho's message info, outbox ids of its records). Polled, not matched in
         # on_publish: that callback runs under paho's own lock, which publish() also takes.
-        self._batches: List[Tuple[mqtt.MQTTMessageInfo, List[int]]] = []
+        self._batches: List[Tuple[mqtt.MQTTMessageInfo, List[int], int]] = []  # info, outbox ids, records
         self._refused: Dict[int, float] = {}  # packet id -> when the broker refused it (PUBACK >= 0x80)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -133,9 +135,10 @@ class Link:
         self.connected.clear()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # No wake-up here: acknowledged batches are settled on the next tick, which keeps this thread (and
+        # its SQLite transactions) off the GIL while the inference loop runs flat out.
         if reason.is_failure:
             self._refused[mid] = time.monotonic()
-        self._wake.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         corr = getattr(message.properties, "CorrelationData", None)
@@ -171,15 +174,15 @@ class Link:
     def _settle_batches(self) -> None:
         """Acknowledge (delete) the records of batches the broker has PUBACKed; put refused ones back."""
         still = []
-        for info, ids in self._batches:
+        for info, ids, count in self._batches:
             if not info.is_published():
-                still.append((info, ids))
+                still.append((info, ids, count))
             elif self._refused.pop(info.mid, None) is not None:
                 self.stats["rejected_batches"] += 1
                 logger.error("broker refused a batch of %d records; will retry", len(ids))
                 self.outbox.release(ids)
             else:
-                self.stats["records_sent"] += len(ids)
+                self.stats["records_sent"] += count
                 self.outbox.ack(ids)
         self._batches = still
         now = time.monotonic()
@@ -190,7 +193,7 @@ class Link:
     def _send_records(self) -> None:
         self._settle_batches()
         while len(self._batches) < self.max_batches_inflight:
-            waiting = self.outbox.counts()["record"] - sum(len(ids) for _, ids in self._batches)
+            waiting = self.outbox.counts()["record"] - sum(count for _, _, count in self._batches)
             if waiting <= 0:
                 return
             if waiting < self.results_batch and not self._flush_all.is_set():
@@ -200,7 +203,7 @@ class Link:
             entries = self.outbox.take("record", self.results_batch)
             if not entries:
                 return
-            records = [msgpack.unpackb(e.payload, raw=False) for e in entries]
+            records = [r for e in entries for r in msgpack.unpackb(e.payload, raw=False)]
             payload = encode_records(records)
             info = self.client.publish(
                 self.topics.results(self.device_id),
@@ -208,5 +211,5 @@ class Link:
                 qos=1,
                 properties=publish_properties(content_type=CONTENT_TYPE_RESULTS),
             )
-            self._batches.append((info, [e.id for e in entries]))
+            self._batches.append((info, [e.id for e in entries], len(records)))
             self.stats["batches"] += 1

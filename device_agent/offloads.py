@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -44,7 +45,8 @@ class _Pending:
     seq: int
     payload: bytes
     deadline_mono: float
-    sent_mono: Optional[float] = None
+    sent_mono: Optional[float] = None  # first send (round trips are measured from it)
+    resent: bool = False
 
 
 class OffloadTracker:
@@ -61,18 +63,22 @@ class OffloadTracker:
         *,
         max_inflight: int = 64,
         deadline_s: float = 2.0,
+        resend_s: Optional[float] = None,
     ) -> None:
         self.link = link
         self.outbox = outbox
         self.run_id = run_id
         self.deadline_s = deadline_s
+        # Sent once more when unanswered this long: a cloud worker that died with our request in flight
+        # takes it with its clean session (see cloud_worker.worker); a survivor in the group answers the copy.
+        self.resend_s = deadline_s / 2 if resend_s is None else resend_s
         self._topic = topics.offload(device_id)
         self._reply_topic = topics.reply(device_id)
         self._on_settled = on_settled
         self._window = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()
-        self._pending: collections.OrderedDict[bytes, _Pending] = collections.OrderedDict()
-        self._settled: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._pending: typing.OrderedDict[bytes, _Pending] = collections.OrderedDict()
+        self._settled: typing.OrderedDict[bytes, str] = collections.OrderedDict()
         self.stats: Dict[str, int] = {
             "offloaded": 0,
             "answered": 0,
@@ -82,6 +88,8 @@ class OffloadTracker:
             "unknown_replies": 0,
             "bad_replies": 0,
             "window_waits": 0,
+            "sent_on_reconnect": 0,
+            "resent": 0,
         }
 
     def correlation(self, seq: int) -> bytes:
@@ -127,7 +135,8 @@ class OffloadTracker:
         )
         if self.link.publish(self._topic, pending.payload, props) is None:
             with self._lock:
-                pending.sent_mono = None  # the connection went in between: sent on the next connect
+                if not pending.resent:
+                    pending.sent_mono = None  # the connection went in between: sent on the next connect
 
     # -- replies (paho's thread) ----------------------------------------------------------------------
     def on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
@@ -170,7 +179,7 @@ class OffloadTracker:
         """Fall back where the deadline passed; send what waited for the broker."""
         now = time.monotonic()
         expired = []
-        unsent = []
+        to_send = []
         with self._lock:
             for key, pending in list(self._pending.items()):
                 if pending.deadline_mono <= now:
@@ -178,13 +187,20 @@ class OffloadTracker:
                     self._remember(key, "fallback")
                     self.stats["fallbacks"] += 1
                     expired.append(pending)
-                elif connected and pending.sent_mono is None:
+                elif not connected:
+                    continue
+                elif pending.sent_mono is None:
                     pending.sent_mono = now
-                    unsent.append((key, pending))
+                    self.stats["sent_on_reconnect"] += 1
+                    to_send.append((key, pending))
+                elif not pending.resent and now - pending.sent_mono >= self.resend_s:
+                    pending.resent = True
+                    self.stats["resent"] += 1
+                    to_send.append((key, pending))
         for pending in expired:
             self._window.release()
             self._on_settled(Settled(pending.sample, pending.outbox_id, None))
-        for key, pending in unsent:
+        for key, pending in to_send:
             self._send(key, pending)
 
     def in_flight(self) -> int:

@@ -188,7 +188,7 @@ def decode_pgm(data: bytes) -> np.ndarray:
     if magic not in (b"P5", b"P2") or not 0 < maxval <= 255:
         raise ImageError(f"unsupported PGM ({magic!r}, maxval {maxval})")
     if magic == b"P5":
-        body = np.frombuffer(data, dtype=np.uint8, count=width * height, offset=pos + 1)
+        body = np.frombuffer(data[pos + 1 : pos + 1 + width * height], dtype=np.uint8)
     else:
         body = np.array(data[pos:].split()[: width * height], dtype=np.int64).astype(np.uint8)
     if body.size != width * height:

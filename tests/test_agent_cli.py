@@ -1,0 +1,96 @@
+"""`edgecascade agent`: help, refusals with a clear message, and a real run on the Fashion-MNIST IDX files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import BrokerProcess
+from cloud_worker import CloudWorker, WorkerConfig
+from device_agent.sources import find_dataset_dir
+from edgecascade.cli import main
+from protocol.topics import Topics
+
+
+def test_help_shows_usage_and_examples(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["agent", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for text in (
+        "--broker",
+        "--policy-params",
+        "dataset:NAME:SPLIT[:N]",
+        "dir:PATH",
+        "examples:",
+        "hi-online",
+    ):
+        assert text in out
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--source", "camera:0"], "--source must be dataset:NAME:SPLIT[:N] or dir:PATH"),
+        (["--source", "dataset:fashion-mnist:test", "--policy", "best"], "unknown policy 'best'"),
+        (["--source", "dataset:fashion-mnist:test", "--policy-params", "[1]"], "must be a JSON object"),
+        (["--source", "dataset:fashion-mnist:test", "--policy-params", "{oops"], "Expecting property name"),
+        (["--source", "dir:/nonexistent/inbox"], "is not a directory"),
+        (
+            ["--source", "dataset:fashion-mnist:test", "--profile", "mainframe"],
+            "no device profile 'mainframe'",
+        ),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(extra, message, tmp_path: Path, capsys) -> None:
+    code = main(
+        ["agent", "--broker", "127.0.0.1:1", "--device-id", "cam-01", "--state-dir", str(tmp_path), *extra]
+    )
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_a_dataset_run_prints_its_summary(
+    broker: BrokerProcess, tiny_models: Path, tmp_path: Path, capsys
+) -> None:
+    try:
+        find_dataset_dir("fashion-mnist")
+    except FileNotFoundError:
+        pytest.skip("Fashion-MNIST IDX files not installed (apt-get install dataset-fashion-mnist)")
+    topics = Topics.namespaced("clitest")
+    creds = broker.credentials("cli-cam")
+    password = tmp_path / "pw"
+    password.write_text(creds.password + "\n")
+    worker = CloudWorker(WorkerConfig(broker.credentials("cloud"), topics, tiny_models / "cloud.onnx", "cli"))
+    worker.start()
+    try:
+        code = main(
+            [
+                "agent",
+                "--broker", f"{creds.host}:{creds.port}",
+                "--device-id", "cli-cam",
+                "--password-file", str(password),
+                "--models", str(tiny_models),
+                "--policy", "hi-threshold",
+                "--policy-params", '{"theta": 0.5}',
+                "--source", "dataset:fashion-mnist:test:40",
+                "--state-dir", str(tmp_path / "state"),
+                "--namespace", "clitest",
+                "--profile", "x86",
+                "--idle-seconds", "0",
+                "--no-progress",
+            ]
+        )  # fmt: skip
+    finally:
+        worker.stop()
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 40 and summary["labelled"] == 40 and summary["failed"] == 0
+    assert summary["policy_report"]["params"] == {"theta": 0.5, "edge": "main"}
+    assert set(summary["exits"]) <= {"main", "cloud"} and summary["fallbacks"] == 0
+    assert summary["exits"].get("cloud", 0) == summary["offload_stats"]["answered"]
+    assert summary["outbox_left"] == {"record": 0, "offload": 0}
+    assert (tmp_path / "state" / "outbox-cli-cam.sqlite").exists()
