@@ -20,6 +20,7 @@ clients alone on this machine, which no worker can go below.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -143,18 +144,29 @@ def percentiles(values: Sequence[float]) -> Dict[str, float]:
 
 
 def run_paced(probe: OffloadProbe, images: np.ndarray, rate: float) -> Tuple[List[Future], List[float]]:
-    """Send every image at its scheduled instant; returns the futures and each send's lag (ms)."""
+    """Send every image at its scheduled instant; returns the futures and each send's lag (ms).
+
+    The probe runs unthreaded: this one thread waits for the next send time inside paho's select, handles
+    replies as they come, and writes each request itself (see OffloadProbe.start)."""
     futures: List[Future] = []
     lags_ms: List[float] = []
     period = 1.0 / rate
     t0 = time.perf_counter() + 0.05
     for i, image in enumerate(images):
         due = t0 + i * period
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
+        while True:
+            delay = due - time.perf_counter()
+            if delay <= 0:
+                break
+            probe.pump(delay)
         lags_ms.append((time.perf_counter() - due) * 1000.0)
         futures.append(probe.request(image, seq=i))
+    deadline = time.monotonic() + 60
+    while not all(f.done() for f in futures[-50:]) and time.monotonic() < deadline:
+        probe.pump(0.01)
+    end = time.monotonic() + 5
+    while not all(f.done() for f in futures) and time.monotonic() < end:
+        probe.pump(0.01)
     return futures, lags_ms
 
 
@@ -191,9 +203,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             else spawn_workers(broker, topics, model, args.workers, extra)
         )
         try:
-            with OffloadProbe(broker.credentials("bench-dev"), topics, "bench-dev") as probe:
+            probe = OffloadProbe(broker.credentials("bench-dev"), topics, "bench-dev").start(threaded=False)
+            try:
+                gc.disable()  # the instrument must not pause mid-measurement to scan its own results
                 futures, lags = run_paced(probe, images, args.rate)
-                answers: List[Answer] = [f.result(timeout=60) for f in futures]
+                gc.enable()
+                answers: List[Answer] = [f.result(timeout=1) for f in futures]
+            finally:
+                probe.close()
         finally:
             worker_stats = stop_workers(workers) if not args.floor else [{"floor": True}]
             for proc in workers:

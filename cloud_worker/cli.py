@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,17 @@ def run(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     print(f"worker {worker_id} ready", flush=True)  # a line supervisors and tests can wait for
-    interval = args.stats_interval if args.stats_interval > 0 else None
-    while not stop.wait(interval):
-        logger.info("stats %s", json.dumps(worker.stats))
+    next_stats = time.monotonic() + args.stats_interval
+    while not stop.wait(1.0):
+        if not worker.running:
+            print(
+                "cloud worker thread died (see the log); exiting for the supervisor to restart",
+                file=sys.stderr,
+            )
+            return 1
+        if args.stats_interval > 0 and time.monotonic() >= next_stats:
+            logger.info("stats %s", json.dumps(worker.stats))
+            next_stats += args.stats_interval
     worker.stop()
     print(json.dumps({"worker_id": worker_id, **worker.stats}), flush=True)
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import threading
 import time
 import uuid
@@ -64,19 +65,39 @@ class OffloadProbe:
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, reasons, props: self._subscribed.set()
 
-    def start(self, timeout_s: float = 10.0) -> OffloadProbe:
+    def start(self, timeout_s: float = 10.0, threaded: bool = True) -> OffloadProbe:
+        """Connect and subscribe. `threaded=False`: no network thread; the caller drives I/O with `pump`
+        from the one thread that also sends, so a request is written by the call that publishes it."""
+        self.threaded = threaded
         self.client.connect(
             self._broker.host, self._broker.port, clean_start=True, properties=connect_properties(0)
         )
-        self.client.loop_start()
-        if not self._subscribed.wait(timeout_s):
+        if threaded:
+            self.client.loop_start()
+        deadline = time.monotonic() + timeout_s
+        while not self._subscribed.is_set() and time.monotonic() < deadline:
+            if threaded:
+                self._subscribed.wait(0.05)
+            else:
+                self.pump(0.05)
+        if not self._subscribed.is_set():
             self.close()
             raise TimeoutError(f"probe {self.device_id} not subscribed to {self.reply_topic}")
         return self
 
+    def pump(self, timeout_s: float) -> None:
+        """Unthreaded mode: wait up to `timeout_s` for traffic, then handle everything already received."""
+        self.client.loop(timeout=timeout_s)
+        sock = self.client.socket()
+        while sock is not None and select.select([sock], [], [], 0)[0]:
+            if self.client.loop_read() != mqtt.MQTT_ERR_SUCCESS:
+                break
+            sock = self.client.socket()
+
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        if getattr(self, "threaded", True):
+            self.client.loop_stop()
 
     def __enter__(self) -> OffloadProbe:
         return self.start()

@@ -21,6 +21,7 @@ answer). Measured on Mosquitto 2.0.11: see tests/test_cloud_worker_failover.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -139,6 +140,9 @@ class CloudWorker:
                 f"cloud worker {self.config.worker_id} not subscribed at "
                 f"{self.config.broker.host}:{self.config.broker.port} within {timeout_s}s"
             )
+        # Everything loaded so far (onnxruntime, numpy, the model) lives as long as the process: keep it out
+        # of the garbage collector's full passes, which otherwise scan it and stall a reply now and then.
+        gc.freeze()
         self.watchdog.ready(f"serving {self.subscription}")
         logger.info(
             "worker %s serving %s with %s on %s (max batch %d, max wait %.1f ms)",
@@ -160,6 +164,11 @@ class CloudWorker:
             self._thread.join(drain_s + 10.0)
             self._thread = None
         self._energy.close()
+
+    @property
+    def running(self) -> bool:
+        """True while the worker thread is alive (it stops only on `stop()` or on a bug, logged)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def __enter__(self) -> CloudWorker:
         return self.start()
