@@ -11,28 +11,26 @@ empties to the broker in batches.
 from __future__ import annotations
 
 import logging
-import platform
 import queue
-import socket
 import sys
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import msgpack
 import numpy as np
 
-from device_agent.cascade import EdgeCascade, load_card, sha256_file
+from device_agent.cascade import EdgeCascade, load_card
 from device_agent.config import AgentConfig
 from device_agent.energy import DeviceEnergy, OpenWindow
 from device_agent.link import Link
 from device_agent.offloads import OffloadTracker, Settled
 from device_agent.outbox import NewEntry, Outbox, OutboxFull
 from device_agent.policies import Action, Outcome, PolicyError, make_policy
+from device_agent.runs import RunSummary, Stream, plain, run_record
 from device_agent.samples import Sample, edge_view, extend_view, record_map, record_of
 from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
@@ -43,95 +41,6 @@ logger = logging.getLogger(__name__)
 _STOP = object()
 SEQ_BLOCK = 1024  # sequence numbers reserved on disk at a time, so a restarted run never reuses one
 READY_BACKLOG = 4096  # finished records held in memory before the inference loop writes them itself
-
-
-@dataclass
-class RunSummary:
-    """What a run (or one `run_dataset` call) did."""
-
-    run_id: str
-    device_id: str
-    policy: str
-    samples: int = 0
-    exits: Dict[str, int] = field(default_factory=dict)  # exit_stage -> samples
-    offloaded: int = 0
-    fallbacks: int = 0
-    late_replies: int = 0
-    failed: int = 0
-    labelled: int = 0
-    correct: int = 0
-    seconds: float = 0.0
-    device_j_gross: Optional[float] = None
-    energy_source: str = "none"
-    policy_report: Dict[str, Any] = field(default_factory=dict)
-    outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
-
-    @property
-    def accuracy(self) -> Optional[float]:
-        return self.correct / self.labelled if self.labelled else None
-
-    @property
-    def samples_per_s(self) -> float:
-        return self.samples / self.seconds if self.seconds > 0 else 0.0
-
-    def add(self, record: InferenceRecord) -> None:
-        self.samples += 1
-        self.exits[record.exit_stage] = self.exits.get(record.exit_stage, 0) + 1
-        if record.exit_stage in ("cloud", "fallback") and record.bytes_up:
-            self.offloaded += 1
-        self.fallbacks += record.exit_stage == "fallback"
-        if record.label is not None:
-            self.labelled += 1
-            self.correct += record.prediction == record.label
-        if record.device_j_gross is not None:
-            self.device_j_gross = (self.device_j_gross or 0.0) + record.device_j_gross
-
-    def as_dict(self) -> Dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items()}
-        out.update(accuracy=self.accuracy, samples_per_s=self.samples_per_s)
-        return out
-
-
-class _Stream:
-    """A `run_dataset` iterable for the inference thread, and the tally of its samples."""
-
-    def __init__(
-        self, samples: Iterator[Tuple[np.ndarray, Optional[int]]], summary: RunSummary, progress: bool
-    ):
-        self.samples = samples
-        self.summary = summary
-        self.progress = progress
-        self.error: Optional[BaseException] = None
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._exhausted = False
-
-    def started(self) -> None:
-        with self._lock:
-            self._pending += 1
-
-    def rejected(self) -> None:
-        """Not an image the model takes: counted, never started."""
-        with self._lock:
-            self.summary.failed += 1
-
-    def finished(self, record: Optional[InferenceRecord]) -> None:
-        """A started sample's final record (None: processing it failed)."""
-        with self._lock:
-            if record is None:
-                self.summary.failed += 1
-            else:
-                self.summary.add(record)
-            self._pending -= 1
-            if self._exhausted and self._pending == 0:
-                self.done.set()
-
-    def exhaust(self) -> None:
-        with self._lock:
-            self._exhausted = True
-            if self._pending == 0:
-                self.done.set()
 
 
 class DeviceAgent:
@@ -194,7 +103,7 @@ class DeviceAgent:
             deadline_s=cfg.offload_deadline_s,
         )
         self._recover()
-        self._emit(self._run_record())
+        self._emit(run_record(self))
         self.link.hooks.append(self._housekeeping)
         self.link.start()
         if not self.link.wait_connected(cfg.connect_timeout_s):
@@ -240,7 +149,7 @@ class DeviceAgent:
                 "ended_unix": time.time(),
                 "samples": self._summary.samples,
                 # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
-                "policy_report": _plain(self._summary.policy_report),
+                "policy_report": plain(self._summary.policy_report),
             }
         )
         drained = self.link.drain(cfg.close_timeout_s)
@@ -278,7 +187,7 @@ class DeviceAgent:
         processing as `submit`, without a thread hand-off per sample, which costs as much as a small model.
         """
         summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
-        stream = _Stream(iter(samples), summary, progress)
+        stream = Stream(iter(samples), summary, progress)
         started = time.monotonic()
         self._queue.put(stream)
         while not stream.done.wait(0.5):
@@ -343,7 +252,7 @@ class DeviceAgent:
                 continue
             if item is _STOP:
                 break
-            if isinstance(item, _Stream):
+            if isinstance(item, Stream):
                 if window is not None:
                     self._close_window(window, members)
                     window = None
@@ -362,7 +271,7 @@ class DeviceAgent:
         if window is not None:
             self._close_window(window, members)
 
-    def _pull(self, stream: _Stream) -> None:
+    def _pull(self, stream: Stream) -> None:
         """Run a `run_dataset` iterable on this thread, in windows of `window_size`."""
         window: Optional[OpenWindow] = None
         members: List[Sample] = []
@@ -600,47 +509,3 @@ class DeviceAgent:
                 [NewEntry(f"batch/{key}", "record", topic, msgpack.packb([record], use_bin_type=True))],
             )
             logger.warning("offload %s of an earlier process recorded as fallback", entry.key)
-
-    def _run_record(self) -> Dict[str, Any]:
-        import onnxruntime
-
-        return {
-            "type": "run",
-            "run_id": self.run_id,
-            "device_id": self.device_id,
-            "policy": self.policy.name,
-            "policy_params": _plain(self.policy.params()),
-            "profile": self.config.profile,
-            "dataset": self.config.dataset,
-            "split": self.config.split,
-            "model_sha256": sha256_file(self.config.model_dir / "card.json"),
-            "code_revision": _code_revision(),
-            "host": {
-                "hostname": socket.gethostname(),
-                "machine": platform.machine(),
-                "python": platform.python_version(),
-                "onnxruntime": onnxruntime.__version__,
-                "providers": list(self.config.providers),
-                "meter": self.energy.source,
-            },
-            "started_unix": time.time(),
-        }
-
-
-def _plain(value: Any) -> Any:
-    """msgpack-able copy (numpy scalars and arrays become Python numbers and lists)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _code_revision() -> str:
-    from edgecascade import __version__
-
-    return __version__

@@ -1,0 +1,150 @@
+"""What a run reports: its opening record and its summary; and the stream `run_dataset` hands the loop."""
+
+from __future__ import annotations
+
+import platform
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+
+from device_agent.cascade import sha256_file
+from protocol import InferenceRecord
+
+
+@dataclass
+class RunSummary:
+    """What a run (or one `run_dataset` call) did."""
+
+    run_id: str
+    device_id: str
+    policy: str
+    samples: int = 0
+    exits: Dict[str, int] = field(default_factory=dict)  # exit_stage -> samples
+    offloaded: int = 0
+    fallbacks: int = 0
+    late_replies: int = 0
+    failed: int = 0
+    labelled: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    device_j_gross: Optional[float] = None
+    energy_source: str = "none"
+    policy_report: Dict[str, Any] = field(default_factory=dict)
+    outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
+
+    @property
+    def accuracy(self) -> Optional[float]:
+        return self.correct / self.labelled if self.labelled else None
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, record: InferenceRecord) -> None:
+        self.samples += 1
+        self.exits[record.exit_stage] = self.exits.get(record.exit_stage, 0) + 1
+        if record.exit_stage in ("cloud", "fallback") and record.bytes_up:
+            self.offloaded += 1
+        self.fallbacks += record.exit_stage == "fallback"
+        if record.label is not None:
+            self.labelled += 1
+            self.correct += record.prediction == record.label
+        if record.device_j_gross is not None:
+            self.device_j_gross = (self.device_j_gross or 0.0) + record.device_j_gross
+
+    def as_dict(self) -> Dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items()}
+        out.update(accuracy=self.accuracy, samples_per_s=self.samples_per_s)
+        return out
+
+
+class Stream:
+    """A `run_dataset` iterable for the inference thread, and the tally of its samples."""
+
+    def __init__(
+        self, samples: Iterator[Tuple[np.ndarray, Optional[int]]], summary: RunSummary, progress: bool
+    ):
+        self.samples = samples
+        self.summary = summary
+        self.progress = progress
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._exhausted = False
+
+    def started(self) -> None:
+        with self._lock:
+            self._pending += 1
+
+    def rejected(self) -> None:
+        """Not an image the model takes: counted, never started."""
+        with self._lock:
+            self.summary.failed += 1
+
+    def finished(self, record: Optional[InferenceRecord]) -> None:
+        """A started sample's final record (None: processing it failed)."""
+        with self._lock:
+            if record is None:
+                self.summary.failed += 1
+            else:
+                self.summary.add(record)
+            self._pending -= 1
+            if self._exhausted and self._pending == 0:
+                self.done.set()
+
+    def exhaust(self) -> None:
+        with self._lock:
+            self._exhausted = True
+            if self._pending == 0:
+                self.done.set()
+
+
+def run_record(agent: Any) -> Dict[str, Any]:
+    """The `run` record that opens a run."""
+    import onnxruntime
+
+    return {
+        "type": "run",
+        "run_id": agent.run_id,
+        "device_id": agent.device_id,
+        "policy": agent.policy.name,
+        "policy_params": plain(agent.policy.params()),
+        "profile": agent.config.profile,
+        "dataset": agent.config.dataset,
+        "split": agent.config.split,
+        "model_sha256": sha256_file(agent.config.model_dir / "card.json"),
+        "code_revision": code_revision(),
+        "host": {
+            "hostname": socket.gethostname(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__,
+            "providers": list(agent.config.providers),
+            "meter": agent.energy.source,
+        },
+        "started_unix": time.time(),
+    }
+
+
+def plain(value: Any) -> Any:
+    """msgpack-able copy (numpy scalars and arrays become Python numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def code_revision() -> str:
+    from edgecascade import __version__
+
+    return __version__
