@@ -380,6 +380,7 @@ class CloudWorker:
             for p in live:
                 self._ack(p.item.mid, p.item.qos, p.item.generation)
             return
+        self._queue.note_compute(seconds, len(live))
         probs = softmax(logits)
         predictions = probs.argmax(axis=1)
         cloud_ms = seconds * 1000.0 / len(live)

@@ -57,11 +57,30 @@ def test_lone_request_on_idle_queue_runs_at_once() -> None:
 
 def test_several_pending_wait_from_the_oldest_arrival_at_most_max_wait() -> None:
     queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=0.002)
-    queue.put(0, now=1.000)
-    queue.put(1, now=1.0015)
-    assert queue.wait_s(now=1.0015) == pytest.approx(0.0005)  # 2 ms after the oldest, not the newest
-    assert queue.wait_s(now=1.0025) == 0
-    assert [p.item for p in queue.take()] == [0, 1]
+    queue.note_compute(0.004, 4)  # 1 ms a sample: busy, batching pays
+    for i in range(3):  # dense arrivals: 0.1 ms apart
+        queue.put(i, now=1.0 + i * 0.0001)
+    assert queue.wait_s(now=1.0002) == pytest.approx(0.0018)  # 2 ms after the oldest, not the newest
+    assert queue.wait_s(now=1.0021) == 0
+    assert [p.item for p in queue.take()] == [0, 1, 2]
+
+
+def test_no_waiting_when_the_worker_keeps_up_or_nobody_would_come_in_time() -> None:
+    queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=0.002)
+    for i in range(10):  # a steady 500/s: 2 ms apart, each served alone in 0.1 ms
+        queue.put(i, now=i * 0.002)
+        assert queue.wait_s(now=i * 0.002) == 0
+        queue.take()
+        queue.note_compute(0.0001, 1)
+    queue.put(10, now=0.0200)
+    queue.put(11, now=0.0201)  # a small burst, but the worker is idle 95 % of the time: no point waiting
+    assert queue.wait_s(now=0.0201) == 0
+    queue.take()
+    slow: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=0.002)
+    slow.note_compute(0.01, 1)  # busy worker, but arrivals 5 ms apart: the next would come too late
+    for i in range(5):
+        slow.put(i, now=i * 0.005)
+    assert slow.wait_s(now=0.0201) == 0
 
 
 def test_full_batch_runs_at_once_and_bursts_split_in_arrival_order() -> None:
