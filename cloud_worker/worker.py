@@ -6,7 +6,7 @@ the cloud model, and publishes one reply per request to its ResponseTopic with i
 before acknowledging the request. paho is driven by hand (`loop`/`loop_read`, not `loop_start`), so a
 reply is written to the socket by the call that publishes it: no thread hand-off on the request path. (A first
 version with a network thread, a batch thread and onnxruntime's spinning pool measured overhead p50 2-12 ms,
-p99 100-140 ms at 500 offloads/s on a 2-core box; this one 1.2-1.4 ms and 16-25 ms: bench/offload_bench.py.)
+p99 100-140 ms at 500 offloads/s on a 2-core box; this one 1.1-1.4 ms and 4-25 ms: bench/offload_bench.py.)
 While a batch computes, new offloads wait in the socket and form the next batch; a batch must therefore
 finish well within the keepalive (15 s by default).
 
