@@ -1,0 +1,170 @@
+"""Training and evaluation loops: batched on-device augmentation, SGD one-cycle, label smoothing, tqdm."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from training.datasets import Split, TensorSplit
+
+logger = logging.getLogger(__name__)
+
+# forward(images_uint8_on_device) -> logits
+ForwardFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation recipe shared by all stages (SGD + one-cycle, crop + flip, label smoothing)."""
+
+    epochs: int
+    batch_size: int = 128
+    max_lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    label_smoothing: float = 0.05
+    crop_padding: Optional[int] = None  # None: H // 8 (at least 2)
+    flip: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def on_device(split: Split, device: torch.device) -> Split:
+    """In-memory splits move to the device once, so batches are sliced there (no per-batch copies)."""
+    if isinstance(split, TensorSplit) and device.type != "cpu":
+        return TensorSplit(split.images.to(device), split.labels.to(device))
+    return split
+
+
+def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole uint8 batch at once."""
+    n, _, h, w = images.shape
+    dev = images.device
+    if padding > 0:
+        padded = nn.functional.pad(images, (padding, padding, padding, padding))
+        oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
+        ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(dev)
+        rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+        batch_idx = torch.arange(n, device=dev)[:, None, None, None]
+        chan_idx = torch.arange(images.shape[1], device=dev)[None, :, None, None]
+        images = padded[batch_idx, chan_idx, rows, cols]
+    if flip:
+        mask = (torch.rand(n, generator=generator) < 0.5).to(dev)
+        images = torch.where(mask[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def train_stage(
+    name: str,
+    params: List[nn.Parameter],
+    train_modules: List[nn.Module],
+    frozen_modules: List[nn.Module],
+    forward: ForwardFn,
+    split: Split,
+    cfg: OptimConfig,
+    device: torch.device,
+    seed: int,
+    label_map: Optional[torch.Tensor] = None,
+    progress: bool = True,
+) -> Dict[str, float]:
+    """Train `params` for cfg.epochs; `frozen_modules` stay in eval mode (BatchNorm statistics frozen).
+
+    `label_map` remaps dataset labels to the head's classes (stage 2: hard class id -> 0..H-1).
+    Returns the last epoch's loss/accuracy and the wall time.
+    """
+    if len(split) == 0:
+        raise ValueError(f"{name}: no training samples")
+    generator = torch.Generator().manual_seed(seed)
+    split = on_device(split, device)
+    steps_per_epoch = (len(split) + cfg.batch_size - 1) // cfg.batch_size
+    opt = torch.optim.SGD(
+        params, lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.max_lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if label_map is not None:
+        label_map = label_map.to(device)
+    for m in train_modules:
+        m.train()
+    for m in frozen_modules:
+        m.eval()
+    _, _, h, _ = _peek_shape(split)
+    padding = cfg.crop_padding if cfg.crop_padding is not None else max(2, h // 8)
+    stats = {"loss": float("nan"), "accuracy": float("nan")}
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        total_loss, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            split.batches(cfg.batch_size, shuffle=True, generator=generator),
+            total=steps_per_epoch,
+            desc=f"{name} {epoch + 1}/{cfg.epochs}",
+            disable=not progress,
+            leave=True,
+            dynamic_ncols=True,
+        )
+        for images, labels in bar:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if label_map is not None:
+                labels = label_map[labels]
+            images = augment(images, padding, cfg.flip, generator)
+            logits = forward(images)
+            loss = loss_fn(logits, labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n = labels.shape[0]
+            total_loss += float(loss.detach()) * n
+            correct += int((logits.detach().argmax(1) == labels).sum())
+            seen += n
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.4f}")
+        stats = {"loss": total_loss / seen, "accuracy": correct / seen}
+        logger.info(
+            "%s epoch %d/%d loss %.4f acc %.4f", name, epoch + 1, cfg.epochs, stats["loss"], stats["accuracy"]
+        )
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _peek_shape(split: Split) -> Tuple[int, int, int, int]:
+    if isinstance(split, TensorSplit):
+        return tuple(split.images.shape)  # type: ignore[return-value]
+    image, _ = split.dataset[0]
+    return (len(split), *image.shape)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def collect(
+    fn: Callable[[torch.Tensor], Tuple[torch.Tensor, ...]],
+    split: Split,
+    device: torch.device,
+    batch_size: int = 512,
+) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Run `fn` (already in eval mode) over a split; each output concatenated on CPU, and the labels."""
+    outs: List[List[torch.Tensor]] = []
+    labels_all = []
+    for images, labels in split.batches(batch_size):
+        res = fn(images.to(device))
+        if not outs:
+            outs = [[] for _ in res]
+        for acc, r in zip(outs, res):
+            acc.append(r.float().cpu())
+        labels_all.append(labels.cpu())
+    return [torch.cat(o) for o in outs], torch.cat(labels_all)

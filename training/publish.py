@@ -1,0 +1,247 @@
+"""Calibrate thresholds on validation, export + check ONNX blocks, count costs, write the model cards."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from training.datasets import DatasetBundle, Split
+from training.engine import collect
+from training.export import check_against_torch, count_costs, export_block
+from training.pipeline import Recipe, Trained, save_checkpoint
+from training.reference import calibrate_thresholds, cascade_metrics
+
+logger = logging.getLogger(__name__)
+
+FILES = {"main": "main.onnx", "extension": "extension.onnx", "cloud": "cloud.onnx"}
+TORCH_DIR = "torch"  # main/extension state dicts: the torch reference for the agreement test
+
+
+def outputs_on(trained: Trained, split: Split, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Logits of every block on a split (extension on every row, as the reference rule expects)."""
+    main, ext, cloud = trained.main, trained.extension, trained.cloud
+
+    def fn(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        logits, feats = main(x)
+        return logits, ext(x, feats), cloud(x)
+
+    (main_l, ext_l, cloud_l), labels = collect(fn, split, device)
+    return {"labels": labels, "main": main_l, "extension": ext_l, "cloud": cloud_l}
+
+
+def _round(d: Dict[str, float]) -> Dict[str, float]:
+    return {k: (int(v) if k == "samples" else round(float(v), 5)) for k, v in d.items()}
+
+
+def publish(
+    trained: Trained,
+    bundle: DatasetBundle,
+    out_dir: Path,
+    recipe: Recipe,
+    command: str,
+    device: torch.device,
+) -> Dict[str, Any]:
+    """Everything after training: returns the card it wrote to `out_dir`."""
+    from device_agent.cascade import sha256_file  # numpy-only helper, shared with the device
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for m in (trained.main, trained.extension, trained.cloud):
+        m.to(device).eval()
+    val = outputs_on(trained, bundle.val, device)
+    test = outputs_on(trained, bundle.test, device)
+    hard = trained.arch.hard_classes
+    tau, hi = calibrate_thresholds(
+        val["labels"], val["main"], val["extension"], val["cloud"], hard, recipe.max_offload, recipe.tolerance
+    )
+    logger.info(
+        "calibrated tau %.5f (val offload %.3f), hi theta %.5f", tau.threshold, tau.fraction, hi.threshold
+    )
+    accuracy = {}
+    for name, o in (("validation", val), ("test", test)):
+        accuracy[name] = _round(
+            cascade_metrics(
+                o["labels"], o["main"], o["extension"], o["cloud"], hard, tau.threshold, hi.threshold
+            )
+        )
+
+    # ---- export + check each block on CPU
+    for m in (trained.main, trained.extension, trained.cloud):
+        m.cpu().eval()
+    images = _batch(bundle.test, 64)
+    with torch.no_grad():
+        _, feats = trained.main(images)
+    blocks: Dict[str, Dict[str, Any]] = {}
+    for name, module, inputs in (
+        ("main", trained.main, (images,)),
+        ("extension", trained.extension, (images, feats)),
+        ("cloud", trained.cloud, (images,)),
+    ):
+        path = out_dir / FILES[name]
+        export_block(module, name, images[:2], path, feats[:2] if name == "extension" else None)
+        diff = check_against_torch(module, name, path, images, feats if name == "extension" else None)
+        costs = count_costs(module, inputs)
+        blocks[name] = {
+            "file": FILES[name],
+            "sha256": sha256_file(path),
+            **costs,
+            "max_abs_diff_vs_torch": diff,
+        }
+    for name, module in (("main", trained.main), ("extension", trained.extension)):
+        save_checkpoint(
+            out_dir / TORCH_DIR / f"{name}.pt", module, trained.arch, recipe, trained.stages[name]
+        )
+
+    import onnx
+    import onnxruntime
+
+    stage_seconds = {s: float(f.get("seconds", 0.0)) for s, f in trained.stages.items()}
+    card: Dict[str, Any] = {
+        "schema": 1,
+        "dataset": bundle.name,
+        "backbone": trained.arch.backbone,
+        "num_classes": bundle.num_classes,
+        "class_names": bundle.class_names,
+        "input": {"shape": bundle.input_shape, "dtype": "uint8", "layout": "CHW"},
+        "hard_classes": sorted(hard),
+        "hard_class_names": [bundle.class_names[c] for c in sorted(hard)],
+        "hard_mode": recipe.hard_mode,
+        "thresholds": {
+            "entropy_tau": round(tau.threshold, 6),
+            "hi_theta": round(hi.threshold, 6),
+            "calibrated_on": f"validation ({len(bundle.val)} images carved from train, seed {recipe.seed})",
+            "target_offload_fraction": recipe.max_offload,
+            "tolerance_vs_cloud": recipe.tolerance,
+            "entropy_tau_met_target": tau.met_target,
+            "hi_theta_met_target": hi.met_target,
+        },
+        "blocks": blocks,
+        "accuracy": accuracy,
+        "architecture": trained.arch.to_dict(),
+        "torch_reference": {n: f"{TORCH_DIR}/{n}.pt" for n in ("main", "extension")},
+        "training": {
+            # the command of this run; stages loaded from --checkpoint-dir name their own command below
+            "command": command,
+            "reproduce": "make train  (= edgecascade train --out models/" + bundle.name + ")",
+            "seed": recipe.seed,
+            "device": "+".join(sorted({str(f.get("device", device.type)) for f in trained.stages.values()})),
+            "torch": "+".join(
+                sorted({str(f.get("torch", torch.__version__)) for f in trained.stages.values()})
+            ),
+            "epochs": {s: int(f.get("epochs", 0)) for s, f in trained.stages.items()},
+            "seconds": round(sum(stage_seconds.values()), 1),
+            "stage_seconds": stage_seconds,
+            "stages": trained.stages,
+            "recipe": trained.recipe,
+            "export": {
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "opset": 17,
+                "python": platform.python_version(),
+            },
+        },
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "MODEL_CARD.md").write_text(model_card_markdown(card), encoding="utf-8")
+    return card
+
+
+def _batch(split: Split, n: int) -> torch.Tensor:
+    images, _ = next(iter(split.batches(n)))
+    return images.cpu()
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * float(x):.2f} %"
+
+
+def model_card_markdown(card: Dict[str, Any]) -> str:
+    """A human-readable card with the same facts as card.json."""
+    acc = card["accuracy"]
+    tr = card["training"]
+    th = card["thresholds"]
+    hard_names = ", ".join(f"{c} {n}" for c, n in zip(card["hard_classes"], card["hard_class_names"]))
+    lines = [
+        f"# Model card: MEANet edge cascade on {card['dataset']} ({card['backbone']})",
+        "",
+        "Main block (edge, all classes) → extension block (edge, hard classes only, fed the main block's "
+        "last feature map and an adaptive CNN over the raw image) → cloud model (all classes) for inputs "
+        "whose "
+        "edge answer has a normalised entropy above τ. Inputs are raw uint8 pixels "
+        f"{card['input']['shape']} (CHW); normalisation is inside each ONNX graph (opset 17, batch-dynamic).",
+        "",
+        f"- hard classes: {hard_names} ({card['hard_mode']} on validation)",
+        f"- τ (entropy) = {th['entropy_tau']}, hi-threshold θ (max softmax) = {th['hi_theta']}; "
+        f"calibrated on {th['calibrated_on']}: smallest offload fraction ≤ "
+        f"{th['target_offload_fraction']:.0%} whose cascade "
+        f"accuracy reaches the cloud's − {100 * th['tolerance_vs_cloud']:.1f} pp",
+        "",
+        "## Blocks (per image)",
+        "",
+        "| block | file | MACs | params | bytes moved | max abs diff ORT vs torch | sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, b in card["blocks"].items():
+        lines.append(
+            f"| {name} | {b['file']} | {b['macs']:,} | {b['params']:,} | {b['bytes_moved']:,} | "
+            f"{b.get('max_abs_diff_vs_torch', 0):.2g} | `{b['sha256'][:16]}…` |"
+        )
+    lines += [
+        "",
+        "## Accuracy",
+        "",
+        "| | validation | test |",
+        "| --- | ---: | ---: |",
+    ]
+    labels = {
+        "main": "main block alone",
+        "main_on_hard": "main block, hard-class samples",
+        "edge_on_hard": "main + extension, hard-class samples",
+        "extension_on_hard": "extension alone, hard-class samples",
+        "edge_cascade": "edge cascade (main + extension)",
+        "cloud": "cloud model alone",
+        "cascade": "full cascade (MEANet rule, τ)",
+        "offload_fraction": "offloaded to the cloud (τ)",
+        "hi_cascade": "hi-threshold cascade (θ)",
+        "hi_offload_fraction": "offloaded to the cloud (θ)",
+        "extension_rate": "extension block ran",
+    }
+    for key, label in labels.items():
+        lines.append(f"| {label} | {_pct(acc['validation'].get(key))} | {_pct(acc['test'].get(key))} |")
+    lines += [
+        "",
+        f"Samples: validation {acc['validation']['samples']}, test {acc['test']['samples']}.",
+        "",
+        "## Training",
+        "",
+        f"- reproduce: `{tr['reproduce']}` (seed {tr['seed']})",
+        f"- calibrated and exported by: `{tr['command']}` with torch {tr['export']['torch']}, onnx "
+        f"{tr['export']['onnx']}, onnxruntime {tr['export']['onnxruntime']}",
+        f"- training: {tr['seconds']:.0f} s in all on {tr['device']}; per stage:",
+    ]
+    for name, f in tr["stages"].items():
+        lines.append(
+            f"  - {name}: {f.get('epochs')} epochs, {f.get('seconds')} s on {f.get('device')} "
+            f"{f.get('device_name', '')} (torch {f.get('torch')}), final train loss {f.get('train_loss')}, "
+            f"train accuracy {f.get('train_accuracy')}; `{f.get('command', '')}`"
+        )
+    lines += [
+        "",
+        "Reproduce with `make train`. Thresholds were fitted on the validation split only; the test split "
+        "was only evaluated.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main_command() -> str:
+    """The command line as typed (for the card)."""
+    argv = list(sys.argv)
+    prog = Path(argv[0]).name if argv else "edgecascade"
+    return " ".join(["edgecascade" if prog in ("edgecascade", "__main__.py", "cli.py") else prog, *argv[1:]])

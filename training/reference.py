@@ -1,0 +1,216 @@
+"""MEANet inference rule in torch (reference for device_agent.cascade), hard classes, calibration, metrics."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+HARD_MODES = ("lowest-accuracy", "confusion-pairs")
+
+
+@dataclass
+class EdgeResult:
+    """The edge rule applied to a batch (tensors on CPU, one row per sample)."""
+
+    prediction: torch.Tensor  # int64 [N]
+    ran_extension: torch.Tensor  # bool [N]: main top-1 was a hard class
+    answered_by_extension: torch.Tensor  # bool [N]: the extension's answer was kept
+    probs: torch.Tensor  # float32 [N, C]: the edge answer as a full-class distribution
+    p_main: torch.Tensor  # float32 [N]
+    p_ext: torch.Tensor  # float32 [N], NaN where the extension did not run
+    entropy: torch.Tensor  # float64 [N], normalised
+
+
+def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """η = −Σ p log p / log C, in float64 like the numpy twin."""
+    p = probs.double()
+    terms = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, torch.ones_like(p))), torch.zeros_like(p))
+    return (-terms.sum(-1) / math.log(p.shape[-1])).clamp(0.0, 1.0)
+
+
+def edge_rule(main_logits: torch.Tensor, ext_logits: torch.Tensor, hard_classes: List[int]) -> EdgeResult:
+    """Main top-1 not hard -> main answer; else the more confident of main and extension (ties: main).
+
+    `ext_logits` holds the extension's logits for every row; rows whose main top-1 is not hard ignore them.
+    """
+    main_probs = torch.softmax(main_logits.float(), dim=1)
+    num_classes = main_probs.shape[1]
+    hard = torch.as_tensor(hard_classes, dtype=torch.long)
+    is_hard = torch.zeros(num_classes, dtype=torch.bool)
+    is_hard[hard] = True
+    p_main, top1 = main_probs.max(dim=1)
+    ran = is_hard[top1]
+    q = torch.softmax(ext_logits.float(), dim=1)
+    p_ext_all = q.max(dim=1).values
+    take = ran & (p_ext_all > p_main)
+    ext_full = torch.zeros_like(main_probs)
+    ext_full[:, hard] = q
+    probs = torch.where(take[:, None], ext_full, main_probs)
+    p_ext = torch.where(ran, p_ext_all, torch.full_like(p_ext_all, float("nan")))
+    return EdgeResult(
+        prediction=probs.argmax(dim=1),
+        ran_extension=ran,
+        answered_by_extension=take,
+        probs=probs,
+        p_main=p_main,
+        p_ext=p_ext,
+        entropy=normalised_entropy(probs),
+    )
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    pred = logits.argmax(1)
+    acc = torch.zeros(num_classes, dtype=torch.float64)
+    for c in range(num_classes):
+        mask = labels == c
+        acc[c] = (pred[mask] == c).double().mean() if mask.any() else 1.0
+    return acc
+
+
+def select_hard_classes(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int, count: int, mode: str = "lowest-accuracy"
+) -> List[int]:
+    """Hard classes from validation outputs of the trained main block.
+
+    lowest-accuracy: the `count` classes with the lowest per-class accuracy (ties: lower class id).
+    confusion-pairs: classes of the most confused pairs (C[i,j] + C[j,i]) taken greedily until `count`.
+    """
+    if not 1 <= count < num_classes:
+        raise ValueError(f"hard class count must be in 1..{num_classes - 1}, got {count}")
+    if mode == "lowest-accuracy":
+        acc = per_class_accuracy(logits, labels, num_classes)
+        order = sorted(range(num_classes), key=lambda c: (float(acc[c]), c))
+        return sorted(order[:count])
+    if mode == "confusion-pairs":
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        conf.index_put_((labels, logits.argmax(1)), torch.ones_like(labels), accumulate=True)
+        sym = conf + conf.T
+        pairs = sorted(
+            ((int(sym[i, j]), i, j) for i in range(num_classes) for j in range(i + 1, num_classes)),
+            key=lambda t: (-t[0], t[1], t[2]),
+        )
+        chosen: List[int] = []
+        for _, i, j in pairs:
+            for c in (i, j):
+                if c not in chosen and len(chosen) < count:
+                    chosen.append(c)
+            if len(chosen) >= count:
+                break
+        return sorted(chosen)
+    raise ValueError(f"unknown hard-class mode {mode!r}; choose from {', '.join(HARD_MODES)}")
+
+
+@dataclass
+class OffloadCalibration:
+    threshold: float  # offload where score > threshold
+    fraction: float
+    accuracy: float
+    target_accuracy: float
+    met_target: bool
+
+
+def calibrate_offload(
+    score: torch.Tensor,
+    edge_correct: torch.Tensor,
+    cloud_correct: torch.Tensor,
+    max_fraction: float = 0.25,
+    tolerance: float = 0.002,
+) -> OffloadCalibration:
+    """Smallest offload fraction (≤ max_fraction) whose cascade accuracy reaches cloud accuracy − tolerance.
+
+    Samples are offloaded in decreasing `score`; where no fraction within the cap reaches the target, the one
+    with the best accuracy within the cap is taken. The threshold is the midpoint between the last offloaded
+    and the first kept score, so rounding differences between torch and onnxruntime do not move it onto a
+    sample.
+    """
+    n = int(score.shape[0])
+    order = torch.argsort(score.double(), descending=True, stable=True)
+    s = score.double()[order]
+    edge_c = edge_correct[order].double()
+    cloud_c = cloud_correct[order].double()
+    zero = torch.zeros(1, dtype=torch.float64)
+    # accuracy when the first k (k = 0..n) in this order go to the cloud
+    acc = (edge_c.sum() - torch.cat([zero, edge_c.cumsum(0)]) + torch.cat([zero, cloud_c.cumsum(0)])) / n
+    target = float(cloud_c.mean()) - tolerance
+    k_max = int(math.floor(max_fraction * n + 1e-9))
+    window = acc[: k_max + 1]
+    reached = torch.nonzero(window >= target - 1e-12).flatten()
+    if reached.numel():
+        k, met = int(reached[0]), True
+    else:
+        k, met = int(torch.argmax(window)), False  # argmax returns the first (smallest k) maximum
+    if k == 0:
+        threshold = float(s[0]) + 1e-6
+    elif k == n:
+        threshold = float(s[-1]) - 1e-6
+    else:
+        threshold = float((s[k - 1] + s[k]) / 2)
+    fraction = float((score.double() > threshold).double().mean())
+    return OffloadCalibration(threshold, fraction, float(acc[k]), target, met)
+
+
+def cascade_metrics(
+    labels: torch.Tensor,
+    main_logits: torch.Tensor,
+    ext_logits: torch.Tensor,
+    cloud_logits: Optional[torch.Tensor],
+    hard_classes: List[int],
+    entropy_tau: Optional[float] = None,
+    hi_theta: Optional[float] = None,
+) -> Dict[str, float]:
+    """Accuracies per stage and for the cascades on one split (the keys of card.accuracy.<split>)."""
+    edge = edge_rule(main_logits, ext_logits, hard_classes)
+    main_pred = main_logits.argmax(1)
+    hard = torch.as_tensor(hard_classes, dtype=torch.long)
+    on_hard = torch.isin(labels, hard)
+    ext_pred = hard[ext_logits.argmax(1)]
+    out = {
+        "samples": float(labels.shape[0]),
+        "main": _mean(main_pred == labels),
+        "main_on_hard": _mean((main_pred == labels)[on_hard]),
+        "extension_on_hard": _mean((ext_pred == labels)[on_hard]),  # the extension alone, hard-class samples
+        "edge_on_hard": _mean((edge.prediction == labels)[on_hard]),  # main + extension, hard-class samples
+        "edge_cascade": _mean(edge.prediction == labels),
+        "extension_rate": _mean(edge.ran_extension),
+    }
+    if cloud_logits is not None:
+        cloud_pred = cloud_logits.argmax(1)
+        out["cloud"] = _mean(cloud_pred == labels)
+        if entropy_tau is not None:
+            off = edge.entropy > entropy_tau
+            final = torch.where(off, cloud_pred, edge.prediction)
+            out["cascade"] = _mean(final == labels)
+            out["offload_fraction"] = _mean(off)
+        if hi_theta is not None:
+            p_main = torch.softmax(main_logits.float(), 1).max(1).values
+            off_hi = p_main < hi_theta
+            out["hi_cascade"] = _mean(torch.where(off_hi, cloud_pred, main_pred) == labels)
+            out["hi_offload_fraction"] = _mean(off_hi)
+    return out
+
+
+def _mean(mask: torch.Tensor) -> float:
+    return float(mask.double().mean()) if mask.numel() else float("nan")
+
+
+def calibrate_thresholds(
+    labels: torch.Tensor,
+    main_logits: torch.Tensor,
+    ext_logits: torch.Tensor,
+    cloud_logits: torch.Tensor,
+    hard_classes: List[int],
+    max_fraction: float = 0.25,
+    tolerance: float = 0.002,
+) -> Tuple[OffloadCalibration, OffloadCalibration]:
+    """τ for the MEANet rule (edge answer's entropy) and θ for hi-threshold (main max-softmax), on val."""
+    edge = edge_rule(main_logits, ext_logits, hard_classes)
+    cloud_correct = cloud_logits.argmax(1) == labels
+    tau = calibrate_offload(edge.entropy, edge.prediction == labels, cloud_correct, max_fraction, tolerance)
+    p_main, main_pred = torch.softmax(main_logits.float(), 1).max(1)
+    hi = calibrate_offload(-p_main.double(), main_pred == labels, cloud_correct, max_fraction, tolerance)
+    # the hi rule accepts where p >= theta, i.e. offloads where -p > -theta
+    hi.threshold = -hi.threshold
+    return tau, hi
