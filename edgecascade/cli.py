@@ -62,6 +62,13 @@ def configure_logging(verbosity: int) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    # `--config FILE` (what the systemd units pass) expands into the flags the file holds; flags after it win.
+    from deploy.config import ConfigError, expand_config_argv
+
+    try:
+        argv = expand_config_argv(sys.argv[1:] if argv is None else argv, parser)
+    except ConfigError as exc:
+        parser.error(str(exc))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
