@@ -1,22 +1,102 @@
-"""CLI for `edgecascade bench` (placeholder until the subcommand is built)."""
+"""CLI for `edgecascade bench`: the end-to-end, energy-metered benchmark."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+
+EXAMPLE = """examples:
+  edgecascade bench                       # profile detected (x86 here), 10,000 samples per policy + sweeps
+  edgecascade bench --quick               # 1,000 samples per policy, no sweep (about 2 minutes)
+  edgecascade bench --profile jetson --broker 10.0.0.2:1883 --credentials creds.json
+  edgecascade bench --samples 300 --no-sweep --no-http-peer --results /tmp/r
+writes results/bench.db (an earlier one is kept as results/bench-<time>.db), results/report/*.png + report.md,
+and prints one row per policy and the targets.
+"""
 
 
 def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser = subparsers.add_parser(
         name,
-        help="Run the end-to-end energy-metered benchmark",
-        description="Run the end-to-end energy-metered benchmark",
-        epilog="example:\n  edgecascade bench --help",
+        help="Run the end-to-end energy-metered benchmark (broker, collector, cloud, agent)",
+        description="Stream Fashion-MNIST through the real pipeline once per policy and report accuracy, "
+        "energy, latency and bandwidth.",
+        epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument(
+        "--profile", default="x86", help="device profile: a name in bench/profiles or a .toml"
+    )
+    parser.add_argument("--quick", action="store_true", help="1,000 samples per policy, no sweep")
+    parser.add_argument("--samples", type=int, help="samples per policy (default 10,000; quick 1,000)")
+    parser.add_argument(
+        "--no-sweep", dest="sweep", action="store_false", default=None, help="skip the sweeps"
+    )
+    parser.add_argument("--sweep", dest="sweep", action="store_true", help="run the sweeps even with --quick")
+    parser.add_argument("--no-http-peer", dest="http_peer", action="store_false", help="skip the HTTP peer")
+    parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"), help="model directory")
+    parser.add_argument("--results", type=Path, default=Path("results"), help="where the db and report go")
+    parser.add_argument("--broker", help="use this broker (host:port) instead of starting one")
+    parser.add_argument("--credentials", type=Path, help="with --broker: JSON from `edgecascade broker`")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--idle-seconds", type=float, help="idle baseline per run (default: the profile's)")
+    parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("edgecascade bench is not built yet", file=sys.stderr)
-    return 3
+    from rich.console import Console
+
+    from bench.run import BenchConfig, run_bench
+    from bench.targets import evaluate, policy_table, summaries, targets_table
+    from results_db import open_database
+    from results_db.report import build_report
+
+    cfg = BenchConfig(
+        profile=args.profile,
+        quick=args.quick,
+        samples=args.samples,
+        sweep=args.sweep,
+        models=args.models,
+        results=args.results,
+        broker=args.broker,
+        credentials=args.credentials,
+        http_peer=args.http_peer,
+        progress=args.progress,
+        idle_seconds=args.idle_seconds,
+    )
+    err = Console(stderr=True)
+    result = run_bench(cfg, err)
+    engine = open_database(result.db)
+    build_report(engine, cfg.results / "report")
+    rows = summaries(engine, result.runs)
+    throughput = {k: v["samples_per_s"] for k, v in result.summaries.items()}
+    if result.http:
+        throughput["http-peer"] = result.http["samples_per_s"]
+    result.targets = evaluate(rows, throughput, cfg.models, cfg.n_samples)
+    out = Console(width=None if sys.stdout.isatty() else 170)  # a wide table also in logs and pipes
+    out.print(policy_table(rows, throughput))
+    out.print(targets_table(result.targets, result.seconds))
+    out.print(f"database: {result.db}   report: {cfg.results / 'report' / 'report.md'}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "bench_id": result.bench_id,
+                    "seconds": result.seconds,
+                    "runs": result.runs,
+                    "summary": rows,
+                    "throughput": throughput,
+                    "http": result.http,
+                    "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in result.targets],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    engine.dispose()
+    if result.interrupted:
+        return 130
+    return 0 if all(ok for _, _, ok in result.targets) else 1

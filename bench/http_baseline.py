@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
+    disable_nagle_algorithm = (
+        True  # as our MQTT clients do: a fair peer, not one slowed by Nagle + delayed ACK
+    )
     server: CloudHTTPServer
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -102,6 +106,8 @@ def run_http_peer(
 ) -> HttpRunResult:
     """Edge cascade per sample; each complex sample is POSTed and the device blocks for the answer."""
     conn = http.client.HTTPConnection(*server)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body go as separate writes
     result = HttpRunResult()
     start = time.perf_counter()
     for seq, (image, label) in enumerate(samples):
@@ -138,3 +144,27 @@ def run_http_peer(
     result.seconds = time.perf_counter() - start
     conn.close()
     return result
+
+
+def main() -> None:
+    """`python -m bench.http_baseline --models DIR [--port N]`: serve the cloud model until SIGTERM."""
+    import argparse
+    import signal
+
+    from edgecascade.systemd import notify
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"))
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    args = parser.parse_args()
+    server = CloudHTTPServer(args.models / "cloud.onnx", args.providers, port=args.port)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    print(f"http peer on {server.url[0]}:{server.url[1]}", flush=True)
+    notify("READY=1")
+    server.serve_forever()
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()

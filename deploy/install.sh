@@ -223,7 +223,9 @@ remove() { # remove PATH: a file or a symlink, saying so
 
 prune() { # prune DIR STOP: remove DIR and its parents while empty, up to (not including) STOP
   local d=$1
-  while [ "$d" != "$2" ] && [ "$d" != "/" ] && [ "$d" != "." ] && rmdir "$d" 2>/dev/null; do
+  while [ "$d" != "$2" ] && [ "$d" != "/" ] && [ "$d" != "." ]; do
+    # A directory an earlier prune already removed is passed over, so its parents still go.
+    if [ -d "$d" ]; then rmdir "$d" 2>/dev/null || break; fi
     d=$(dirname "$d")
   done
   return 0

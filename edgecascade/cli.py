@@ -68,7 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         argv = expand_config_argv(sys.argv[1:] if argv is None else argv, parser)
     except ConfigError as exc:
-        parser.error(str(exc))
+        print(f"edgecascade: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -52,6 +52,20 @@ def _spawn_cli_worker(broker: BrokerProcess, topics: Topics, models: Path, tmp: 
     return proc
 
 
+def _wait_stopped(pid: int, timeout_s: float = 5.0) -> None:
+    """Until every thread of `pid` is in state T (stopped): kill(2) returns before a group stop completes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = [
+            (Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+            for tid in os.listdir(f"/proc/{pid}/task")
+        ]
+        if all(st in ("T", "t") for st in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
+
+
 def test_killed_worker_mid_stream_the_other_answers_everything(
     broker: BrokerProcess, topics: Topics, tiny_models: Path, device_id: str, tmp_path: Path
 ) -> None:
@@ -67,6 +81,7 @@ def test_killed_worker_mid_stream_the_other_answers_everything(
             for i in range(total):
                 if i == hang_at:
                     victim.send_signal(signal.SIGSTOP)  # hung: the broker keeps handing it its share
+                    _wait_stopped(victim.pid)  # the stop lands asynchronously; a loaded box shows the gap
                 if i == kill_at:
                     victim.send_signal(signal.SIGKILL)  # no DISCONNECT, no goodbye: its socket just closes
                     victim.wait(10)

@@ -1,0 +1,329 @@
+"""One benchmark run: broker, collector, cloud workers and the device agent over MQTT, once per policy.
+
+The same code paths as production: services are the real `edgecascade` CLI in child processes, the agent is
+`DeviceAgent`, results travel over MQTT to the collector and into SQLite. Then the HTTP peer (Sedna-style)
+runs the same filter and models, and the report and the targets are printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from rich.console import Console
+from tqdm import tqdm
+
+from bench.http_baseline import run_http_peer
+from bench.services import ServiceGroup
+from broker.launcher import BrokerProcess, find_free_port
+from device_agent import AgentConfig, DeviceAgent
+from device_agent.cascade import EdgeCascade, sha256_file
+from device_agent.config import apply_profile, load_profile
+from device_agent.sources import load_idx_dataset
+from protocol.codec import CONTENT_TYPE_RESULTS, encode_records
+from protocol.mqtt import BrokerAddress, new_client, publish_properties
+from protocol.topics import Topics
+
+logger = logging.getLogger(__name__)
+
+POLICIES: List[Dict[str, Any]] = [
+    {"name": "edge-only", "params": {}},
+    {"name": "cloud-only", "params": {}},
+    {"name": "meanet", "params": {}},
+    {"name": "hi-threshold", "params": {}},
+    {"name": "hi-online", "params": {}},
+    {"name": "entropy", "params": {}},
+]
+# Parameter sweeps of the threshold policies, for the Pareto front.
+SWEEPS: Dict[str, Tuple[str, List[float]]] = {
+    "hi-threshold": ("theta", [0.5, 0.6, 0.8, 0.9, 0.95]),
+    "entropy": ("tau", [0.1, 0.2, 0.4, 0.5, 0.6]),
+}
+DEVICE_ID = "bench-device"
+HTTP_DEVICE_ID = "bench-http-peer"
+
+
+@dataclass
+class BenchConfig:
+    profile: str = "x86"
+    quick: bool = False
+    samples: Optional[int] = None  # default: 10,000 (quick: 1,000)
+    sweep: Optional[bool] = None  # default: not in quick mode
+    models: Path = Path("models/fashion-mnist")
+    results: Path = Path("results")
+    broker: Optional[str] = None  # host:port of an existing broker (then `credentials` is needed)
+    credentials: Optional[Path] = None  # JSON from `edgecascade broker --credentials-out`
+    http_peer: bool = True
+    progress: bool = True
+    idle_seconds: Optional[float] = None  # override the profile's idle baseline length (tests)
+    policies: List[Dict[str, Any]] = field(default_factory=lambda: [dict(p) for p in POLICIES])
+
+    @property
+    def n_samples(self) -> int:
+        return self.samples or (1000 if self.quick else 10000)
+
+    @property
+    def do_sweep(self) -> bool:
+        return (not self.quick) if self.sweep is None else self.sweep
+
+
+@dataclass
+class BenchResult:
+    bench_id: str
+    db: Path
+    runs: Dict[str, str] = field(default_factory=dict)  # label -> run_id
+    summaries: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> agent summary
+    http: Dict[str, float] = field(default_factory=dict)
+    targets: List[Tuple[str, str, bool]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+def _rotate(db: Path) -> None:
+    """Keep an earlier results database beside the new one rather than mixing two benchmarks in one file."""
+    if db.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(db.stat().st_mtime))
+        for suffix in ("", "-wal", "-shm"):
+            old = db.with_name(db.name + suffix)
+            if old.exists():
+                old.rename(db.with_name(f"bench-{stamp}.db{suffix}"))
+
+
+class _Broker:
+    """Our own Mosquitto with the project's config, or an existing one with given credentials."""
+
+    def __init__(self, cfg: BenchConfig, workdir: Path) -> None:
+        self._proc: Optional[BrokerProcess] = None
+        self._creds: Dict[str, str] = {}
+        if cfg.broker:
+            if not cfg.credentials:
+                raise ValueError("--broker needs --credentials (the JSON `edgecascade broker` writes)")
+            info = json.loads(cfg.credentials.read_text())
+            self.host, port = cfg.broker.rsplit(":", 1)
+            self.port = int(port)
+            self._creds = info["passwords"]
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+            self._proc = BrokerProcess(workdir).start()
+            self._proc.add_users([DEVICE_ID, HTTP_DEVICE_ID])
+            self.host, self.port = self._proc.host, self._proc.port
+
+    def address(self, user: str) -> BrokerAddress:
+        if self._proc is not None:
+            return self._proc.credentials(user)
+        if user not in self._creds:
+            raise ValueError(f"the credentials file has no password for {user!r}")
+        return BrokerAddress(self.host, self.port, user, self._creds[user])
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.close()
+
+
+def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResult:
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    cfg.results.mkdir(parents=True, exist_ok=True)
+    db = cfg.results / "bench.db"
+    _rotate(db)
+    bench_id = time.strftime("b%Y%m%d-%H%M%S")
+    result = BenchResult(bench_id=bench_id, db=db)
+    profile = load_profile(cfg.profile)
+    cloud = profile.get("cloud", {})
+    images, labels = load_idx_dataset("fashion-mnist", "test", limit=cfg.n_samples)
+    console.print(
+        f"[bold]edgecascade bench[/] {bench_id}: profile {profile['device']['name']}, "
+        f"{len(images)} samples per policy, models {cfg.models}"
+    )
+
+    with contextlib.ExitStack() as stack:
+        broker = _Broker(cfg, cfg.results / "broker")
+        stack.callback(broker.close)
+        services = ServiceGroup(cfg.results / "logs")
+        stack.callback(services.close)
+        common = ["--broker", f"{broker.host}:{broker.port}"]
+        collector = broker.address("collector")
+        with console.status("starting collector, cloud workers and the HTTP peer"):
+            services.start(
+                "collector",
+                [
+                    "collect",
+                    *common,
+                    "--user",
+                    "collector",
+                    "--password-file",
+                    str(services.password_file(collector)),
+                    "--db",
+                    str(db),
+                ],
+            )
+            cloud_pw = services.password_file(broker.address("cloud"))
+            for i in range(int(cloud.get("workers", 1))):
+                services.start(
+                    f"cloud-{i}",
+                    [
+                        "cloud",
+                        *common,
+                        "--user",
+                        "cloud",
+                        "--password-file",
+                        str(cloud_pw),
+                        "--models",
+                        str(cfg.models),
+                        "--worker-id",
+                        f"{bench_id}-w{i}",
+                        "--max-batch",
+                        str(cloud.get("max_batch", 32)),
+                        "--max-wait-ms",
+                        str(cloud.get("max_wait_ms", 2.0)),
+                        "--providers",
+                        *cloud.get("providers", ["CPUExecutionProvider"]),
+                        "--meters",
+                        *cloud.get("backends", ["estimate"]),
+                    ],
+                )
+            http_port = find_free_port()
+            if cfg.http_peer:
+                services.start(
+                    "http-peer",
+                    ["--models", str(cfg.models), "--port", str(http_port)],
+                    module="bench.http_baseline",
+                )
+
+        plan = [(p["name"], p) for p in cfg.policies]
+        if cfg.do_sweep:
+            for name, (param, values) in SWEEPS.items():
+                plan += [(f"{name}[{param}={v:g}]", {"name": name, "params": {param: v}}) for v in values]
+        try:
+            for label, policy in plan:
+                run_id = f"{bench_id}-{label}"
+                agent_cfg = apply_profile(
+                    AgentConfig(
+                        device_id=DEVICE_ID,
+                        broker=broker.address(DEVICE_ID),
+                        topics=Topics(),
+                        model_dir=cfg.models,
+                        policy=policy,
+                        state_dir=cfg.results / "state",
+                        run_id=run_id,
+                        profile=profile["device"]["name"],
+                    ),
+                    profile,
+                )
+                if cfg.idle_seconds is not None:
+                    agent_cfg.idle_seconds = cfg.idle_seconds
+                console.print(
+                    f"[cyan]{label}[/]: idle baseline {agent_cfg.idle_seconds:g} s, {len(images)} samples"
+                )
+                with DeviceAgent(agent_cfg) as agent:
+                    summary = agent.run_dataset(zip(images, (int(x) for x in labels)), progress=cfg.progress)
+                result.runs[label] = run_id
+                result.summaries[label] = {**summary.as_dict(), "samples_per_s": summary.samples_per_s}
+            if cfg.http_peer:
+                result.http = _run_http(cfg, broker, images, labels, bench_id, http_port, console)
+                result.runs["http-peer"] = f"{bench_id}-http-peer"
+        except KeyboardInterrupt:
+            result.interrupted = True
+            console.print("[yellow]interrupted: keeping the runs that finished[/]")
+        _wait_for_rows(db, result, len(images), console)
+        services.stop("collector")
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _run_http(
+    cfg: BenchConfig,
+    broker: _Broker,
+    images: np.ndarray,
+    labels: np.ndarray,
+    bench_id: str,
+    port: int,
+    console: Console,
+) -> Dict[str, float]:
+    """The Sedna-style peer, same filter and models; its records go to the collector like any device's."""
+    run_id = f"{bench_id}-http-peer"
+    cascade = EdgeCascade(cfg.models)
+    console.print(
+        f"[cyan]http-peer[/]: meanet filter, one blocking POST per complex sample, {len(images)} samples"
+    )
+    bar = tqdm(total=len(images), desc="http-peer", unit="img", disable=not cfg.progress)
+    peer = run_http_peer(
+        cascade,
+        zip(images, (int(x) for x in labels)),
+        ("127.0.0.1", port),
+        run_id=run_id,
+        device_id=HTTP_DEVICE_ID,
+        progress=bar,
+    )
+    bar.close()
+    run_record = {
+        "type": "run",
+        "run_id": run_id,
+        "device_id": HTTP_DEVICE_ID,
+        "policy": "http-peer",
+        "policy_params": {"filter": "meanet", "transport": "http"},
+        "profile": "x86",
+        "dataset": "fashion-mnist",
+        "split": "test",
+        "model_sha256": sha256_file(cfg.models / "card.json"),
+        "code_revision": "",
+        "host": {},
+        "started_unix": time.time() - peer.seconds,
+    }
+    records = [run_record] + [r.to_record() for r in peer.records]
+    publish_records(broker.address(HTTP_DEVICE_ID), Topics(), HTTP_DEVICE_ID, records)
+    offloaded = sum(r.exit_stage == "cloud" for r in peer.records)
+    return {"samples_per_s": peer.throughput, "seconds": peer.seconds, "offloaded": offloaded}
+
+
+def publish_records(
+    address: BrokerAddress, topics: Topics, device_id: str, records: List[Dict[str, Any]], batch: int = 500
+) -> None:
+    """Publish result records at QoS 1 and return once the broker has acknowledged every batch."""
+    client = new_client(address, f"{device_id}-records")
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        props = publish_properties(content_type=CONTENT_TYPE_RESULTS)
+        infos = [
+            client.publish(
+                topics.results(device_id), encode_records(records[i : i + batch]), qos=1, properties=props
+            )
+            for i in range(0, len(records), batch)
+        ]
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _wait_for_rows(
+    db: Path, result: BenchResult, per_run: int, console: Console, timeout_s: float = 120
+) -> None:
+    """The collector commits asynchronously: wait until every finished run has all its rows."""
+    from sqlalchemy import text
+
+    from results_db import open_database
+
+    engine = open_database(db)
+    expected = {run_id: per_run for run_id in result.runs.values()}
+    deadline = time.monotonic() + timeout_s
+    counts: Dict[str, int] = {}
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            counts = dict(conn.execute(text("SELECT run_id, COUNT(*) FROM inferences GROUP BY run_id")).all())
+        if all(counts.get(r, 0) >= n for r, n in expected.items()):
+            break
+        time.sleep(0.5)
+    missing = {r: n - counts.get(r, 0) for r, n in expected.items() if counts.get(r, 0) < n}
+    if missing:
+        console.print(f"[red]rows still missing after {timeout_s:.0f} s: {missing}[/]")
+    engine.dispose()

@@ -1,0 +1,90 @@
+"""The benchmark's service processes (collector, cloud workers, HTTP peer), started as production starts them.
+
+Each child runs the real `edgecascade` CLI. Readiness is taken from the child's own sd_notify `READY=1`, sent
+to a datagram socket we own (the same message systemd waits for), so nothing here guesses with sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from protocol.mqtt import BrokerAddress
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceGroup:
+    """Children that report READY=1 on our notify socket; stopped with SIGTERM (then SIGKILL) on close."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._sock_path = Path(tempfile.mkdtemp(prefix="ec-notify-")) / "notify"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(self._sock_path))
+        self.procs: Dict[str, subprocess.Popen] = {}
+        self._ready: Dict[int, bool] = {}
+
+    def password_file(self, address: BrokerAddress) -> Path:
+        path = self.workdir / f"{address.username}.pw"
+        path.write_text(address.password + "\n")
+        path.chmod(0o600)
+        return path
+
+    def start(
+        self, name: str, args: List[str], module: str = "edgecascade", timeout_s: float = 60.0
+    ) -> subprocess.Popen:
+        """Start `python -m MODULE ARGS` and wait for its READY=1."""
+        env = {**os.environ, "NOTIFY_SOCKET": str(self._sock_path), "PYTHONUNBUFFERED": "1"}
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        self.procs[name] = proc
+        self._wait_ready(proc, name, timeout_s)
+        return proc
+
+    def _wait_ready(self, proc: subprocess.Popen, name: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self._ready.get(proc.pid):
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{name}.log").read_text()[-2000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode} before it was ready:\n{tail}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"{name} was not ready within {timeout_s:.0f} s")
+            self._sock.settimeout(min(left, 0.5))
+            try:
+                data, _ = self._sock.recvfrom(4096)
+            except socket.timeout:
+                continue
+            # Children start one at a time, so the READY=1 that arrives belongs to the one awaited.
+            if b"READY=1" in data:
+                self._ready[proc.pid] = True
+
+    def stop(self, name: str, timeout_s: float = 20.0) -> Optional[int]:
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        self._sock.close()
+        self._sock_path.unlink(missing_ok=True)
