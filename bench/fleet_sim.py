@@ -1,0 +1,338 @@
+"""Fleet simulation: many device agents (separate processes, own credentials) against one broker and a
+few cloud workers in the shared subscription, with optional chaos: a worker killed, the broker killed and
+restarted.
+
+    python -m bench.fleet_sim --agents 50 --workers 2 --samples 100
+    python -m bench.fleet_sim --agents 50 --workers 2 --kill-worker-at 15 --kill-broker-at 25
+    python -m bench.fleet_sim --agents 20 --compare-workers     # throughput with 1 worker, then 2
+
+Every agent is the real `edgecascade agent` CLI; every result goes through the collector into the results
+database (`results/fleet.db`), where loss is counted: a sample without its row, or with two, is a loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.services import ServiceGroup
+from broker.launcher import BrokerProcess
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FleetResult:
+    agents: int
+    workers: int
+    samples_per_agent: int
+    seconds: float = 0.0
+    rows: int = 0
+    duplicates: int = 0
+    fallbacks: int = 0
+    agent_failures: int = 0
+    events: List[str] = field(default_factory=list)
+    per_device: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def expected(self) -> int:
+        return self.agents * self.samples_per_agent
+
+    @property
+    def lost(self) -> int:
+        return self.expected - self.rows
+
+    @property
+    def throughput(self) -> float:
+        return self.expected / self.seconds if self.seconds else 0.0
+
+
+def _latencies(db: Path, fleet_id: str) -> List[Dict[str, Any]]:
+    """Offload round trip (network + cloud) p50/p99 per device, nearest rank, from the database."""
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT device_id, network_ms + cloud_ms FROM inferences "
+            "WHERE run_id LIKE ? AND exit_stage = 'cloud' ORDER BY device_id",
+            (f"{fleet_id}-%",),
+        ).fetchall()
+    by_device: Dict[str, List[float]] = {}
+    for device, ms in rows:
+        by_device.setdefault(device, []).append(ms)
+    out = []
+    for device, values in sorted(by_device.items()):
+        values.sort()
+        n = len(values)
+        out.append(
+            {
+                "device_id": device,
+                "offloads": n,
+                "p50_ms": values[-(-50 * n // 100) - 1],
+                "p99_ms": values[-(-99 * n // 100) - 1],
+            }
+        )
+    return out
+
+
+def run_fleet(
+    *,
+    agents: int,
+    workers: int,
+    samples: int,
+    policy: str = "cloud-only",
+    models: Path,
+    results: Path,
+    kill_worker_at: Optional[float] = None,
+    kill_broker_at: Optional[float] = None,
+    console: Console,
+) -> FleetResult:
+    fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
+    result = FleetResult(agents, workers, samples)
+    results.mkdir(parents=True, exist_ok=True)
+    db = results / "fleet.db"
+    devices = [f"sim-{i:03d}" for i in range(agents)]
+    workdir = results / "fleet" / fleet_id
+    with contextlib.ExitStack() as stack:
+        broker = BrokerProcess(workdir / "broker").start()
+        stack.callback(broker.close)
+        broker.add_users(devices)  # each agent its own password; the ACL fences it to its own topics
+        services = ServiceGroup(workdir / "logs")
+        stack.callback(services.close)
+        hostport = f"{broker.host}:{broker.port}"
+        services.start(
+            "collector",
+            [
+                "collect",
+                "--broker",
+                hostport,
+                "--user",
+                "collector",
+                "--password-file",
+                str(services.password_file(broker.credentials("collector"))),
+                "--db",
+                str(db),
+            ],
+        )
+        cloud_pw = services.password_file(broker.credentials("cloud"))
+        for w in range(workers):
+            services.start(
+                f"cloud-{w}",
+                [
+                    "cloud",
+                    "--broker",
+                    hostport,
+                    "--user",
+                    "cloud",
+                    "--password-file",
+                    str(cloud_pw),
+                    "--models",
+                    str(models),
+                    "--worker-id",
+                    f"w{w}",
+                    "--threads",
+                    "1",
+                ],
+            )
+        console.print(
+            f"[bold]{fleet_id}[/]: {agents} agents x {samples} samples ({policy}), {workers} worker(s)"
+        )
+        procs = []
+        started = time.monotonic()
+        for device in devices:
+            log = open(workdir / "logs" / f"{device}.log", "w")  # noqa: SIM115 (closed below)
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "edgecascade",
+                            "agent",
+                            "--broker",
+                            hostport,
+                            "--device-id",
+                            device,
+                            "--password-file",
+                            str(services.password_file(broker.credentials(device))),
+                            "--models",
+                            str(models),
+                            "--policy",
+                            policy,
+                            "--source",
+                            f"dataset:fashion-mnist:test:{samples}",
+                            "--state-dir",
+                            str(workdir / "state" / device),
+                            "--run-id",
+                            f"{fleet_id}-{device}",
+                            "--idle-seconds",
+                            "0",
+                            "--no-progress",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    ),
+                    log,
+                )
+            )
+        chaos = threading.Thread(
+            target=_chaos,
+            args=(services, broker, started, kill_worker_at, kill_broker_at, result, console),
+            daemon=True,
+        )
+        chaos.start()
+        for proc, log in procs:
+            proc.wait()
+            log.close()
+            result.agent_failures += proc.returncode != 0
+        result.seconds = time.monotonic() - started
+        chaos.join(1)
+        _wait_rows(db, fleet_id, result, timeout_s=120)
+        services.stop("collector")
+    result.per_device = _latencies(db, fleet_id)
+    return result
+
+
+def _chaos(
+    services: ServiceGroup,
+    broker: BrokerProcess,
+    started: float,
+    kill_worker_at: Optional[float],
+    kill_broker_at: Optional[float],
+    result: FleetResult,
+    console: Console,
+) -> None:
+    plan = sorted([(t, what) for t, what in ((kill_worker_at, "worker"), (kill_broker_at, "broker")) if t])
+    for at, what in plan:
+        time.sleep(max(0.0, started + at - time.monotonic()))
+        if what == "worker":
+            proc = services.procs.get("cloud-0")
+            if proc is not None:
+                proc.kill()  # SIGKILL: no goodbye; its in-flight requests are lost with it
+                result.events.append(f"t={at:g}s cloud-0 killed (SIGKILL)")
+        else:
+            broker.kill()  # SIGKILL: what a power cut does
+            time.sleep(1.0)
+            broker.start()
+            result.events.append(f"t={at:g}s broker killed (SIGKILL) and restarted after 1 s")
+        console.print(f"[yellow]{result.events[-1]}[/]")
+
+
+def _wait_rows(db: Path, fleet_id: str, result: FleetResult, timeout_s: float) -> None:
+    import sqlite3
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sqlite3.connect(db) as conn:
+            rows, distinct, fallbacks = conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT run_id || '/' || seq), "
+                "SUM(exit_stage = 'fallback') FROM inferences WHERE run_id LIKE ?",
+                (f"{fleet_id}-%",),
+            ).fetchone()
+        result.rows, result.duplicates, result.fallbacks = distinct, rows - distinct, fallbacks or 0
+        if distinct >= result.expected or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
+
+
+def summary_table(results: List[FleetResult]) -> Table:
+    table = Table(title="fleet simulation")
+    for col in (
+        "agents",
+        "workers",
+        "samples",
+        "rows",
+        "lost",
+        "dupes",
+        "fallbacks",
+        "agent exits != 0",
+        "samples/s",
+        "offload p50 ms (median device)",
+        "p99 ms (worst device)",
+        "chaos",
+    ):
+        table.add_column(col, justify="right")
+    for r in results:
+        p50s = sorted(d["p50_ms"] for d in r.per_device) or [float("nan")]
+        p99 = max((d["p99_ms"] for d in r.per_device), default=float("nan"))
+        table.add_row(
+            str(r.agents),
+            str(r.workers),
+            f"{r.expected:,}",
+            f"{r.rows:,}",
+            str(r.lost),
+            str(r.duplicates),
+            str(r.fallbacks),
+            str(r.agent_failures),
+            f"{r.throughput:,.0f}",
+            f"{p50s[len(p50s) // 2]:.1f}",
+            f"{p99:.1f}",
+            "; ".join(r.events) or "—",
+        )
+    return table
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fleet_sim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--agents", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=100, help="samples per agent")
+    parser.add_argument(
+        "--policy", default="cloud-only", help="agents' policy (cloud-only stresses the broker)"
+    )
+    parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"))
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument(
+        "--kill-worker-at", type=float, help="SIGKILL cloud worker 0 this many s into the run"
+    )
+    parser.add_argument("--kill-broker-at", type=float, help="SIGKILL the broker this many s in, restart it")
+    parser.add_argument(
+        "--compare-workers", action="store_true", help="run with 1 worker, then with --workers"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    console = Console(stderr=True)
+    worker_counts = [1, args.workers] if args.compare_workers else [args.workers]
+    results = [
+        run_fleet(
+            agents=args.agents,
+            workers=w,
+            samples=args.samples,
+            policy=args.policy,
+            models=args.models,
+            results=args.results,
+            kill_worker_at=None if args.compare_workers else args.kill_worker_at,
+            kill_broker_at=None if args.compare_workers else args.kill_broker_at,
+            console=console,
+        )
+        for w in worker_counts
+    ]
+    Console(width=200).print(summary_table(results))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                [{**r.__dict__, "lost": r.lost, "throughput": r.throughput} for r in results], indent=2
+            )
+        )
+    return 0 if all(r.lost == 0 and r.duplicates == 0 for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

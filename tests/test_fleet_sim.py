@@ -1,0 +1,34 @@
+"""Fleet simulation, small: agents as separate processes, a worker killed and the broker killed mid-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from bench.fleet_sim import run_fleet
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_fleet_loses_nothing_through_worker_and_broker_kills(tmp_path: Path) -> None:
+    result = run_fleet(
+        agents=4,
+        workers=2,
+        samples=300,
+        policy="cloud-only",
+        models=REPO / "models/fashion-mnist",
+        results=tmp_path,
+        kill_worker_at=3.0,
+        kill_broker_at=5.0,
+        console=Console(quiet=True),
+    )
+    assert len(result.events) == 2, result.events  # both kills happened
+    assert result.agent_failures == 0
+    assert result.duplicates == 0
+    assert result.lost == 0, f"{result.lost} of {result.expected} samples have no row"
+    assert {d["device_id"] for d in result.per_device} == {f"sim-{i:03d}" for i in range(4)}
+    assert all(d["p50_ms"] <= d["p99_ms"] for d in result.per_device)
