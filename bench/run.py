@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from tqdm import tqdm
 
 from bench.http_baseline import run_http_peer
@@ -187,6 +188,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                         *cloud.get("providers", ["CPUExecutionProvider"]),
                         "--meters",
                         *cloud.get("backends", ["estimate"]),
+                        *(["--threads", str(cloud["threads"])] if cloud.get("threads") else []),
                     ],
                 )
             http_port = find_free_port()
@@ -220,7 +222,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                 if cfg.idle_seconds is not None:
                     agent_cfg.idle_seconds = cfg.idle_seconds
                 console.print(
-                    f"[cyan]{label}[/]: idle baseline {agent_cfg.idle_seconds:g} s, {len(images)} samples"
+                    f"[cyan]{escape(label)}[/]: idle baseline {agent_cfg.idle_seconds:g} s, {len(images)} samples"
                 )
                 with DeviceAgent(agent_cfg) as agent:
                     summary = agent.run_dataset(zip(images, (int(x) for x in labels)), progress=cfg.progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
@@ -59,7 +60,7 @@ def policy_table(rows: Dict[str, Dict[str, Any]], throughput: Dict[str, float]) 
         table.add_column(header, justify="left" if header == "policy" else "right")
     for label, row in rows.items():
         row = {**row, "samples_per_s": throughput.get(label)}
-        table.add_row(*[_cell(row.get(key), fmt) for _, key, fmt in COLUMNS])
+        table.add_row(*[escape(_cell(row.get(key), fmt)) for _, key, fmt in COLUMNS])
     return table
 
 
