@@ -222,7 +222,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                 if cfg.idle_seconds is not None:
                     agent_cfg.idle_seconds = cfg.idle_seconds
                 console.print(
-                    f"[cyan]{escape(label)}[/]: idle baseline {agent_cfg.idle_seconds:g} s, {len(images)} samples"
+                    f"[cyan]{escape(label)}[/]: idle {agent_cfg.idle_seconds:g} s, {len(images)} samples"
                 )
                 with DeviceAgent(agent_cfg) as agent:
                     summary = agent.run_dataset(zip(images, (int(x) for x in labels)), progress=cfg.progress)
