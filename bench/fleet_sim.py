@@ -92,11 +92,12 @@ def run_fleet(
     agents: int,
     workers: int,
     samples: int,
-    policy: str = "cloud-only",
+    policy: str = "meanet",
     models: Path,
     results: Path,
     kill_worker_at: Optional[float] = None,
     kill_broker_at: Optional[float] = None,
+    hard_broker_kill: bool = False,
     console: Console,
 ) -> FleetResult:
     fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
@@ -189,7 +190,16 @@ def run_fleet(
             )
         chaos = threading.Thread(
             target=_chaos,
-            args=(services, broker, started, kill_worker_at, kill_broker_at, result, console),
+            args=(
+                services,
+                broker,
+                started,
+                kill_worker_at,
+                kill_broker_at,
+                result,
+                console,
+                hard_broker_kill,
+            ),
             daemon=True,
         )
         chaos.start()
@@ -213,6 +223,7 @@ def _chaos(
     kill_broker_at: Optional[float],
     result: FleetResult,
     console: Console,
+    hard_broker_kill: bool = False,
 ) -> None:
     plan = sorted([(t, what) for t, what in ((kill_worker_at, "worker"), (kill_broker_at, "broker")) if t])
     for at, what in plan:
@@ -223,10 +234,14 @@ def _chaos(
                 proc.kill()  # SIGKILL: no goodbye; its in-flight requests are lost with it
                 result.events.append(f"t={at:g}s cloud-0 killed (SIGKILL)")
         else:
-            broker.kill()  # SIGKILL: what a power cut does
+            if hard_broker_kill:
+                broker.kill()  # SIGKILL, a power cut: loses what it acknowledged since its last save
+            else:
+                broker.stop()  # SIGTERM: mosquitto writes its persistence file first
             time.sleep(1.0)
             broker.start()
-            result.events.append(f"t={at:g}s broker killed (SIGKILL) and restarted after 1 s")
+            how = "killed (SIGKILL)" if hard_broker_kill else "stopped (SIGTERM)"
+            result.events.append(f"t={at:g}s broker {how} and restarted after 1 s")
         console.print(f"[yellow]{result.events[-1]}[/]")
 
 
@@ -294,14 +309,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=100, help="samples per agent")
     parser.add_argument(
-        "--policy", default="cloud-only", help="agents' policy (cloud-only stresses the broker)"
+        "--policy", default="meanet", help="agents' policy (cloud-only overloads 2 cores: all fallbacks)"
     )
     parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"))
     parser.add_argument("--results", type=Path, default=Path("results"))
     parser.add_argument(
         "--kill-worker-at", type=float, help="SIGKILL cloud worker 0 this many s into the run"
     )
-    parser.add_argument("--kill-broker-at", type=float, help="SIGKILL the broker this many s in, restart it")
+    parser.add_argument("--kill-broker-at", type=float, help="stop the broker this many s in, restart it")
+    parser.add_argument(
+        "--hard-broker-kill", action="store_true", help="SIGKILL the broker rather than SIGTERM (see README)"
+    )
     parser.add_argument(
         "--compare-workers", action="store_true", help="run with 1 worker, then with --workers"
     )
@@ -320,6 +338,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             results=args.results,
             kill_worker_at=None if args.compare_workers else args.kill_worker_at,
             kill_broker_at=None if args.compare_workers else args.kill_broker_at,
+            hard_broker_kill=args.hard_broker_kill,
             console=console,
         )
         for w in worker_counts
