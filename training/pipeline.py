@@ -127,13 +127,27 @@ def load_bundle(recipe: Recipe, data_dir: Optional[str], workers: int = 2) -> Da
 
 
 def architecture_for(recipe: Recipe, bundle: DatasetBundle, hard_classes: List[int]) -> Architecture:
+    return recipe_architecture(
+        recipe, bundle.input_shape[0], bundle.num_classes, hard_classes, list(bundle.mean), list(bundle.std)
+    )
+
+
+def recipe_architecture(
+    recipe: Recipe,
+    in_channels: int,
+    num_classes: int,
+    hard_classes: List[int],
+    mean: List[float],
+    std: List[float],
+) -> Architecture:
+    """The recipe's blocks for data of this shape and normalisation."""
     return Architecture(
         backbone=recipe.backbone,
-        in_channels=bundle.input_shape[0],
-        num_classes=bundle.num_classes,
+        in_channels=in_channels,
+        num_classes=num_classes,
         hard_classes=list(hard_classes),
-        mean=list(bundle.mean),
-        std=list(bundle.std),
+        mean=mean,
+        std=std,
         main_size=recipe.main_size,
         cloud_size=recipe.cloud_size,
         main_overrides=dict(recipe.main_overrides),
