@@ -64,6 +64,7 @@ class Link:
         # Batches on the wire: (paho's message info, outbox ids of its records). Polled, not matched in
         # on_publish: that callback runs under paho's own lock, which publish() also takes.
         self._batches: List[Tuple[mqtt.MQTTMessageInfo, List[int], int]] = []  # info, outbox ids, records
+        self._requeue_batches = False  # set on a reconnect without session (paho thread), read by ours
         self._refused: Dict[int, float] = {}  # packet id -> when the broker refused it (PUBACK >= 0x80)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -124,6 +125,10 @@ class Link:
         # Subscribe even when the session is present: a broker that lost its state (SIGKILL before its
         # autosave) reports no session, and re-subscribing an existing subscription is harmless.
         client.subscribe(self._reply_topic, qos=1)
+        if not flags.session_present:
+            # A broker that lost our session may never acknowledge batches sent before: send them again from
+            # the outbox (the collector's unique key makes a second copy harmless).
+            self._requeue_batches = True
         client.publish(self.topics.status(self.device_id), b"online", qos=1, retain=True)
         self.connected.set()
         self._wake.set()
@@ -191,6 +196,11 @@ class Link:
                 self._refused.pop(mid, None)
 
     def _send_records(self) -> None:
+        if self._requeue_batches:
+            self._requeue_batches = False
+            for _, ids, _ in self._batches:
+                self.outbox.release(ids)
+            self._batches = []
         self._settle_batches()
         while len(self._batches) < self.max_batches_inflight:
             waiting = self.outbox.counts()["record"] - sum(count for _, _, count in self._batches)
