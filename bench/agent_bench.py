@@ -127,6 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     model_dir=model_dir,
                     policy={"name": "edge-only", "params": {}},
                     state_dir=work / "state",
+                    results_receipts=False,  # no collector here: records leave on the broker's PUBACK
                 ),
                 load_profile(args.profile),
             )

@@ -98,6 +98,7 @@ def run_fleet(
     kill_worker_at: Optional[float] = None,
     kill_broker_at: Optional[float] = None,
     hard_broker_kill: bool = False,
+    rate: Optional[float] = None,
     console: Console,
 ) -> FleetResult:
     fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
@@ -180,7 +181,11 @@ def run_fleet(
                             f"{fleet_id}-{device}",
                             "--idle-seconds",
                             "0",
+                            # after a broker crash, batches wait up to the receipt timeout (30 s) to be resent
+                            "--close-timeout",
+                            "180",
                             "--no-progress",
+                            *(["--rate", str(rate)] if rate else []),
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -308,6 +313,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--agents", type=int, default=50)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=100, help="samples per agent")
+    parser.add_argument("--rate", type=float, help="samples/s per agent, like a camera (default: flat out)")
     parser.add_argument(
         "--policy", default="meanet", help="agents' policy (cloud-only overloads 2 cores: all fallbacks)"
     )
@@ -339,6 +345,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             kill_worker_at=None if args.compare_workers else args.kill_worker_at,
             kill_broker_at=None if args.compare_workers else args.kill_broker_at,
             hard_broker_kill=args.hard_broker_kill,
+            rate=args.rate,
             console=console,
         )
         for w in worker_counts

@@ -89,6 +89,8 @@ class DeviceAgent:
             session_expiry_s=cfg.session_expiry_s,
             results_batch=cfg.results_batch,
             flush_s=cfg.flush_s,
+            receipts=cfg.results_receipts,
+            receipt_timeout_s=cfg.receipt_timeout_s,
             # Deadlines are swept each tick: within 5 % of the deadline is precise enough.
             tick_s=max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20)),
         )

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -25,7 +26,8 @@ EPILOG = """examples:
   # serve every PNG/PGM dropped into /srv/inbox until SIGTERM (a `label7` in a name scores it)
   edgecascade agent ... --policy hi-threshold --source dir:/srv/inbox
 
-The run's summary is printed on stdout as JSON; logs and progress go to stderr.
+The run's summary is printed on stdout as JSON; logs and progress go to stderr. Result records stay in the
+outbox (--state-dir) until the collector has stored them; what is left at exit is sent on the next start.
 Policies: edge-only, cloud-only, meanet, hi-threshold, hi-online, entropy.
 """
 
@@ -58,6 +60,23 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--run-id", help="run id (default: generated); reuse one to resume a run")
     parser.add_argument("--idle-seconds", type=float, help="idle baseline length (default: profile, 5 s)")
     parser.add_argument("--deadline", type=float, help="offload deadline in s (default: profile, 2 s)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        metavar="HZ",
+        help="dataset source: feed at most this many samples per second, like a camera (default: flat out)",
+    )
+    parser.add_argument(
+        "--close-timeout",
+        type=float,
+        help="at the end, wait this long (s) for offloads and results to be settled (default: 30)",
+    )
+    parser.add_argument(
+        "--no-receipts",
+        action="store_true",
+        help="forget result records once the broker has them, not once the collector has stored them "
+        "(for setups without a collector; a broker crash can then lose records)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=run)
 
@@ -113,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
             config.idle_seconds = args.idle_seconds
         if args.deadline is not None:
             config.offload_deadline_s = args.deadline
+        if args.rate is not None and args.rate <= 0:
+            raise ValueError(f"--rate must be positive, got {args.rate}")
+        if args.close_timeout is not None:
+            config.close_timeout_s = args.close_timeout
+        config.results_receipts = not args.no_receipts
         if kind == "dir" and not source["path"].is_dir():
             raise FileNotFoundError(f"{source['path']} is not a directory")
     except (ValueError, OSError, IndexError) as exc:  # json errors, bad files, bad addresses
@@ -129,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if kind == "dataset":
             samples = iter_dataset(source["name"], source["split"], source["limit"])
-            summary = agent.run_dataset(_until(samples, stop), progress=not args.no_progress)
+            summary = agent.run_dataset(_until(samples, stop, args.rate), progress=not args.no_progress)
         else:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             summary = agent.watch(source["path"], stop)
@@ -142,8 +166,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _until(samples: Any, stop: threading.Event) -> Any:
-    for sample in samples:
+def _until(samples: Any, stop: threading.Event, rate: Optional[float] = None) -> Any:
+    """The samples until SIGTERM; at most `rate` per second when given (a camera, not a file)."""
+    started = time.monotonic()
+    for i, sample in enumerate(samples):
+        if rate:
+            due = started + i / rate
+            stop.wait(max(0.0, due - time.monotonic()))
         if stop.is_set():
             logger.warning("stopping early on SIGTERM")
             return

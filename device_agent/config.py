@@ -42,6 +42,8 @@ class AgentConfig:
     offload_deadline_s: float = 2.0  # then the edge answer is used, flagged `fallback`
     results_batch: int = 100  # result records per MQTT message
     flush_s: float = 0.2  # a partial batch of records waits at most this long
+    results_receipts: bool = True  # keep records until the collector has stored them (False: the broker)
+    receipt_timeout_s: float = 30.0  # a batch PUBACKed but not receipted this long is sent again
     dataset: str = "fashion-mnist"
     split: str = "test"
     profile: str = "x86"

@@ -3,9 +3,16 @@
 - Client id = device id, MQTT 5, clean_start=False with a session expiry: the broker keeps the reply
   subscription (and replies queued for it) across reconnects of the agent.
 - Last Will: retained `offline` on `status`; a retained `online` is published on every connect.
-- Result records leave the outbox in batches (`encode_records`, QoS 1) and are deleted from it on PUBACK only.
-  A batch on the wire when the connection drops is retransmitted by paho on reconnect (same packet id), so the
-  pump never sends it a second time itself; a new process starts from the outbox (entries reset to pending).
+- Result records leave the outbox in batches (`encode_records`, QoS 1). With receipts (the default) each batch
+  carries a token (CorrelationData) and our `receipts` topic (ResponseTopic); the collector answers once the
+  batch is committed, and only then are its records deleted. A broker PUBACK alone is not enough: a broker
+  killed before its autosave forgets what it acknowledged. A batch with no receipt within `receipt_timeout_s`
+  after its PUBACK is sent again (the timeout doubles while receipts stay away, so a collector that is down
+  does not make us flood the broker); the collector's unique keys make a second copy write nothing. Without
+  receipts (no collector in the loop) records are deleted on PUBACK.
+- A batch on the wire when the connection drops is retransmitted by paho on reconnect (same packet id); after
+  a reconnect without session every unsettled batch goes back to the outbox; a new process starts from the
+  outbox (entries reset to pending).
 - A background thread ticks every `tick_s` (or when woken): the agent's housekeeping hook (deadlines,
   flushing records into the outbox), then sending. Each tick takes the GIL and a SQLite transaction from
   the inference loop, so it is no more frequent than the deadlines' precision needs.
@@ -13,11 +20,15 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
+import os
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import msgpack
 import paho.mqtt.client as mqtt
@@ -29,6 +40,17 @@ from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish
 logger = logging.getLogger(__name__)
 
 ReplyHandler = Callable[[Optional[bytes], bytes], None]
+MAX_RECEIPT_TIMEOUT_S = 600.0
+
+
+@dataclass
+class _Batch:
+    """A results message sent and not yet settled."""
+
+    info: mqtt.MQTTMessageInfo  # paho's handle: is_published() once the broker PUBACKed it
+    ids: List[int]  # outbox ids of its entries
+    records: int
+    acked_at: Optional[float] = None  # monotonic time of the PUBACK (receipt mode: the receipt is still due)
 
 
 class Link:
@@ -46,7 +68,9 @@ class Link:
         results_batch: int = 100,
         flush_s: float = 0.2,
         tick_s: float = 0.1,
-        max_batches_inflight: int = 8,
+        max_batches_inflight: int = 16,
+        receipts: bool = True,
+        receipt_timeout_s: float = 30.0,
     ) -> None:
         self.address = address
         self.topics = topics
@@ -56,26 +80,42 @@ class Link:
         self.flush_s = flush_s
         self.tick_s = tick_s
         self.max_batches_inflight = max_batches_inflight
+        self.receipts = receipts
+        self.receipt_timeout_s = receipt_timeout_s
         self.connected = threading.Event()
         self.hooks: List[Callable[[bool], None]] = []  # called each tick with the connected flag
         self._on_reply = on_reply
         self._session_expiry_s = session_expiry_s
         self._reply_topic = topics.reply(device_id)
-        # Batches on the wire: (paho's message info, outbox ids of its records). Polled, not matched in
-        # on_publish: that callback runs under paho's own lock, which publish() also takes.
-        self._batches: List[Tuple[mqtt.MQTTMessageInfo, List[int], int]] = []  # info, outbox ids, records
+        self._receipts_topic = topics.receipts(device_id)
+        # Unsettled batches by token. PUBACKs are polled, not matched in on_publish: that callback runs under
+        # paho's own lock, which publish() also takes. Receipts arrive on paho's thread into a deque.
+        self._batches: Dict[bytes, _Batch] = {}
+        self._token_prefix = os.urandom(4)  # tokens of an earlier process never match ours
+        self._token_seq = itertools.count()
+        self._receipts_in: Deque[bytes] = collections.deque()
+        self._receipt_wait_s = receipt_timeout_s  # current timeout: doubles while receipts stay away
         self._requeue_batches = False  # set on a reconnect without session (paho thread), read by ours
         self._refused: Dict[int, float] = {}  # packet id -> when the broker refused it (PUBACK >= 0x80)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_all = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self.stats = {"connects": 0, "disconnects": 0, "batches": 0, "records_sent": 0, "rejected_batches": 0}
+        self.stats = {
+            "connects": 0,
+            "disconnects": 0,
+            "batches": 0,
+            "records_sent": 0,  # settled: receipted (or PUBACKed without receipts)
+            "rejected_batches": 0,
+            "resent_batches": 0,  # no receipt in time: sent again
+            "stray_receipts": 0,  # receipts for batches already settled or from an earlier process
+        }
         self.client = new_client(address, device_id, on_connect=self._on_connect)
         self.client.will_set(topics.status(device_id), b"offline", qos=1, retain=True)
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.message_callback_add(self._reply_topic, self._on_message)
+        self.client.message_callback_add(self._receipts_topic, self._on_receipt)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,10 +164,10 @@ class Link:
         logger.info("%s connected (session present: %s)", self.device_id, flags.session_present)
         # Subscribe even when the session is present: a broker that lost its state (SIGKILL before its
         # autosave) reports no session, and re-subscribing an existing subscription is harmless.
-        client.subscribe(self._reply_topic, qos=1)
+        client.subscribe([(self._reply_topic, 1)] + ([(self._receipts_topic, 1)] if self.receipts else []))
         if not flags.session_present:
-            # A broker that lost our session may never acknowledge batches sent before: send them again from
-            # the outbox (the collector's unique key makes a second copy harmless).
+            # A broker that lost our session may never acknowledge (or deliver) batches sent before: send them
+            # again from the outbox (the collector's unique key makes a second copy harmless).
             self._requeue_batches = True
         client.publish(self.topics.status(self.device_id), b"online", qos=1, retain=True)
         self.connected.set()
@@ -148,6 +188,11 @@ class Link:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         corr = getattr(message.properties, "CorrelationData", None)
         self._on_reply(corr, bytes(message.payload))
+
+    def _on_receipt(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        token = getattr(message.properties, "CorrelationData", None)
+        if token:
+            self._receipts_in.append(bytes(token))
 
     # -- sending --------------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, properties: Any = None) -> Optional[int]:
@@ -177,33 +222,60 @@ class Link:
                     logger.exception("sending records failed")
 
     def _settle_batches(self) -> None:
-        """Acknowledge (delete) the records of batches the broker has PUBACKed; put refused ones back."""
-        still = []
-        for info, ids, count in self._batches:
-            if not info.is_published():
-                still.append((info, ids, count))
-            elif self._refused.pop(info.mid, None) is not None:
-                self.stats["rejected_batches"] += 1
-                logger.error("broker refused a batch of %d records; will retry", len(ids))
-                self.outbox.release(ids)
-            else:
-                self.stats["records_sent"] += count
-                self.outbox.ack(ids)
-        self._batches = still
+        """Delete the records of settled batches; put refused and unreceipted ones back in line."""
         now = time.monotonic()
+        while self._receipts_in:
+            batch = self._batches.pop(self._receipts_in.popleft(), None)
+            if batch is None:
+                self.stats["stray_receipts"] += 1
+                continue
+            self._settled(batch)
+            self._receipt_wait_s = self.receipt_timeout_s
+        overdue = 0
+        for token, batch in list(self._batches.items()):
+            if batch.acked_at is None:
+                if not batch.info.is_published():
+                    continue
+                if self._refused.pop(batch.info.mid, None) is not None:
+                    self.stats["rejected_batches"] += 1
+                    logger.error("broker refused a batch of %d records; will retry", batch.records)
+                    self._unsend(token)
+                elif self.receipts:
+                    batch.acked_at = now
+                else:
+                    self._settled(self._batches.pop(token))
+            elif now - batch.acked_at > self._receipt_wait_s:
+                self._unsend(token)
+                overdue += 1
+        if overdue:
+            self.stats["resent_batches"] += overdue
+            logger.warning(
+                "%s: no receipt for %d result batches in %.0fs (collector down, or the broker lost them); "
+                "sending them again",
+                self.device_id,
+                overdue,
+                self._receipt_wait_s,
+            )
+            self._receipt_wait_s = min(2 * self._receipt_wait_s, MAX_RECEIPT_TIMEOUT_S)
         for mid, when in list(self._refused.items()):
             if now - when > 10.0:  # refusals of offloads/status: nothing waits for them
                 self._refused.pop(mid, None)
 
+    def _settled(self, batch: _Batch) -> None:
+        self.stats["records_sent"] += batch.records
+        self.outbox.ack(batch.ids)
+
+    def _unsend(self, token: bytes) -> None:
+        self.outbox.release(self._batches.pop(token).ids)
+
     def _send_records(self) -> None:
         if self._requeue_batches:
             self._requeue_batches = False
-            for _, ids, _ in self._batches:
-                self.outbox.release(ids)
-            self._batches = []
+            for token in list(self._batches):
+                self._unsend(token)
         self._settle_batches()
         while len(self._batches) < self.max_batches_inflight:
-            waiting = self.outbox.counts()["record"] - sum(count for _, _, count in self._batches)
+            waiting = self.outbox.counts()["record"] - sum(b.records for b in self._batches.values())
             if waiting <= 0:
                 return
             if waiting < self.results_batch and not self._flush_all.is_set():
@@ -214,12 +286,14 @@ class Link:
             if not entries:
                 return
             records = [r for e in entries for r in msgpack.unpackb(e.payload, raw=False)]
-            payload = encode_records(records)
-            info = self.client.publish(
-                self.topics.results(self.device_id),
-                payload,
-                qos=1,
-                properties=publish_properties(content_type=CONTENT_TYPE_RESULTS),
+            token = self._token_prefix + next(self._token_seq).to_bytes(8, "big")
+            properties = publish_properties(
+                content_type=CONTENT_TYPE_RESULTS,
+                response_topic=self._receipts_topic if self.receipts else None,
+                correlation_data=token if self.receipts else None,
             )
-            self._batches.append((info, [e.id for e in entries], len(records)))
+            info = self.client.publish(
+                self.topics.results(self.device_id), encode_records(records), qos=1, properties=properties
+            )
+            self._batches[token] = _Batch(info, [e.id for e in entries], len(records))
             self.stats["batches"] += 1

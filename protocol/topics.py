@@ -38,6 +38,10 @@ class Topics:
     def results(self, device_id: str) -> str:
         return f"{self.root}/{_check_id(device_id, 'device id')}/results"
 
+    def receipts(self, device_id: str) -> str:
+        """The collector's receipts for result batches it has committed (end-to-end acknowledgement)."""
+        return f"{self.root}/{_check_id(device_id, 'device id')}/receipts"
+
     def status(self, device_id: str) -> str:
         return f"{self.root}/{_check_id(device_id, 'device id')}/status"
 

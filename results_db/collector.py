@@ -8,6 +8,11 @@ an invalid record, or a record whose device_id is not the topic's device is coun
 acknowledged: it must not block the queue. Unacknowledged messages also bound memory: the broker sends at most
 `max_inflight_messages` (1000) of them before it waits for our acks.
 
+End to end: a device that asks for it (ResponseTopic = its `receipts` topic, CorrelationData = a batch
+token) gets a receipt once the batch is committed (or refused for good). The device keeps the records in its
+outbox until then, so a broker killed after its PUBACK but before delivering to us loses nothing: the device
+sends the batch again when no receipt comes.
+
 Threads: paho's network thread decodes and validates each message (and acks a refused one at once); one
 writer thread batches, writes and acks. The two overlap on two cores because sqlite3 and psycopg release the
 GIL while the database works.
@@ -28,7 +33,7 @@ from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from edgecascade.systemd import Watchdog
 from protocol.codec import ProtocolError, decode_records
-from protocol.mqtt import BrokerAddress, connect_properties, new_client
+from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish_properties
 from protocol.records import validate_record
 from protocol.topics import Topics
 from results_db.database import open_database
@@ -46,6 +51,7 @@ STAT_KEYS = (
     "rejected_messages",  # messages with at least one refused record, or undecodable
     "batches",  # transactions committed
     "db_retries",  # transactions retried because the database was unavailable
+    "receipts",  # receipts sent to devices for settled batches
 )
 
 
@@ -77,6 +83,8 @@ class _Message:
     qos: int
     topic: str
     payload: bytes
+    receipt_to: Optional[str] = None  # the device's receipts topic, when it asked for a receipt
+    correlation: Optional[bytes] = None
 
 
 @dataclass
@@ -184,8 +192,17 @@ class Collector:
             logger.warning("collector disconnected (%s); paho reconnects", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        props = message.properties
         item = self._decode(
-            _Message(self._generation, message.mid, message.qos, message.topic, bytes(message.payload))
+            _Message(
+                self._generation,
+                message.mid,
+                message.qos,
+                message.topic,
+                bytes(message.payload),
+                getattr(props, "ResponseTopic", None),
+                getattr(props, "CorrelationData", None),
+            )
         )
         if item is not None:
             self._inbox.put(item)
@@ -304,6 +321,7 @@ class Collector:
         )
 
     def _ack(self, messages: List[_Message]) -> None:
+        """PUBACK settled messages, and send the receipts their devices asked for."""
         client = self._client
         if client is None:
             return
@@ -313,6 +331,18 @@ class Collector:
             # acknowledge another message, so we let the re-delivered copy (a duplicate) carry the ack.
             if message.generation == generation and message.qos > 0:
                 client.ack(message.mid, message.qos)
+            if message.receipt_to is not None and message.correlation is not None:
+                self._send_receipt(client, message)
+
+    def _send_receipt(self, client: mqtt.Client, message: _Message) -> None:
+        # Only to the sender's own receipts topic: a device must not make us publish anywhere else.
+        device_id = self.config.topics.device_of(message.topic)
+        if message.receipt_to != self.config.topics.receipts(device_id):
+            logger.warning("ignored receipt topic %r on %s", message.receipt_to, message.topic)
+            return
+        properties = publish_properties(correlation_data=message.correlation)
+        client.publish(message.receipt_to, b"", qos=1, properties=properties)
+        self._count(receipts=1)
 
 
 def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from protocol import (
 )
 from protocol.mqtt import BrokerAddress, new_client, publish_properties
 from protocol.topics import Topics
+from results_db import Collector, CollectorConfig
 
 pytestmark = pytest.mark.integration
 
@@ -104,6 +106,7 @@ def make_config(broker: BrokerProcess, topics: Topics, models: Path, state: Path
         window_size=8,
         flush_s=0.05,
         connect_timeout_s=5.0,
+        results_receipts=False,  # the Tap is no collector: records leave the outbox on the broker's PUBACK
     )
     defaults.update(kw)
     return AgentConfig(**defaults)
@@ -349,6 +352,48 @@ def test_broker_killed_and_restarted_mid_stream(tiny_models, tmp_path) -> None:
     tap.close()
     worker.stop()
     own.close()
+
+
+def test_records_stay_in_the_outbox_until_the_collector_has_stored_them(
+    broker, tiny_models, tmp_path
+) -> None:
+    """A broker that acknowledges a batch and then drops it (here: nobody subscribed yet, as after a broker
+    crash that lost the collector's session) loses nothing: without a receipt the agent sends it again."""
+    topics = Topics.namespaced(f"rc{uuid.uuid4().hex[:8]}")
+    config = make_config(
+        broker,
+        topics,
+        tiny_models,
+        tmp_path / "state",
+        policy={"name": "edge-only"},
+        results_receipts=True,
+        receipt_timeout_s=0.5,
+        close_timeout_s=30.0,
+    )
+    n = 60
+    agent = DeviceAgent(config).start()
+    agent.run_dataset(samples(n, seed=7))
+    link = agent.link
+    assert link.wait_connected(5)
+    deadline = time.monotonic() + 10
+    while link.stats["resent_batches"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # PUBACKed by the broker, sent again for want of a receipt, and still kept
+    assert link.stats["batches"] > link.stats["resent_batches"] >= 1
+    assert link.stats["records_sent"] == 0 and agent.outbox.counts()["record"] >= n
+    db = tmp_path / "results.db"
+    collector = Collector(
+        CollectorConfig(broker.credentials("collector"), topics, db, client_id=f"col-{uuid.uuid4().hex[:8]}")
+    ).start()
+    try:
+        final = agent.close()  # drains: returns once every batch has its receipt
+    finally:
+        collector.stop()
+    assert final.outbox_left == {"record": 0, "offload": 0}
+    assert collector.stats["receipts"] >= 1 and link.stats["records_sent"] >= n
+    with sqlite3.connect(db) as raw:
+        seqs = [row[0] for row in raw.execute("SELECT seq FROM inferences WHERE run_id = ?", (agent.run_id,))]
+    assert sorted(seqs) == list(range(n))
 
 
 def test_offloads_left_by_a_crashed_process_become_fallback_records(broker, topics, tiny_models, tmp_path):

@@ -81,6 +81,7 @@ def test_a_dataset_run_prints_its_summary(
                 "--namespace", "clitest",
                 "--profile", "x86",
                 "--idle-seconds", "0",
+                "--no-receipts",  # no collector here: records leave the outbox on the broker's PUBACK
                 "--no-progress",
             ]
         )  # fmt: skip

@@ -82,3 +82,23 @@ def test_device_is_fenced_to_its_own_topics(broker: BrokerProcess, topics: Topic
         c.loop_stop()
     assert [p for _, p in seen_offloads] == [b"mine"]
     assert snooped == []
+
+
+def test_receipts_come_only_from_the_collector_and_reach_only_their_device(
+    broker: BrokerProcess, topics: Topics
+) -> None:
+    broker.add_users(["dev-c", "dev-d"])
+    dev_c, _ = _connect(broker.credentials("dev-c"), "dev-c")
+    dev_d, _ = _connect(broker.credentials("dev-d"), "dev-d")
+    collector, reason = _connect(broker.credentials("collector"), "collector-acl")
+    assert not reason.is_failure
+    own = _collect(dev_d, topics.receipts("dev-d"))
+    snooped = _collect(dev_c, topics.receipts("dev-d"))
+    dev_c.publish(topics.receipts("dev-d"), b"forged receipt", qos=1).wait_for_publish(5)
+    collector.publish(topics.receipts("dev-d"), b"stored", qos=1).wait_for_publish(5)
+    time.sleep(0.5)
+    for c in (dev_c, dev_d, collector):
+        c.disconnect()
+        c.loop_stop()
+    assert [p for _, p in own] == [b"stored"]
+    assert snooped == []

@@ -20,7 +20,7 @@ import pytest
 
 from broker.launcher import BrokerProcess
 from protocol.codec import encode_records
-from protocol.mqtt import new_client
+from protocol.mqtt import new_client, publish_properties
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig
 from results_db.synthetic import full_run, inference_records
@@ -97,6 +97,46 @@ def test_records_land_once_and_systemd_hears_ready(
     with sqlite3.connect(db) as raw:
         policy, ended, samples = raw.execute("SELECT policy, ended_unix, samples FROM runs").fetchone()
     assert (policy, samples) == ("meanet", 250) and ended is not None
+
+
+def test_a_batch_that_asks_for_a_receipt_gets_one_after_commit_on_its_own_topic(
+    broker, topics, device_id, device, tmp_path, caplog
+) -> None:
+    db = tmp_path / "results.db"
+    receipts: List[bytes] = []
+    rows_at_receipt: List[int] = []
+
+    def on_receipt(client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        receipts.append(message.properties.CorrelationData)
+        rows_at_receipt.append(count_rows(db))
+
+    subscribed = threading.Event()
+    device.on_subscribe = lambda *a: subscribed.set()
+    device.message_callback_add(topics.receipts(device_id), on_receipt)
+    device.subscribe(topics.receipts(device_id), qos=1)
+    assert subscribed.wait(5)
+    records = inference_records("run-r", device_id, 40)
+    caplog.set_level(logging.WARNING, logger="results_db.collector")
+    with Collector(
+        config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", batch_size=1000, flush_ms=50)
+    ) as c:
+        asked = publish_properties(response_topic=topics.receipts(device_id), correlation_data=b"batch-1")
+        device.publish(
+            topics.results(device_id), encode_records(records[:20]), qos=1, properties=asked
+        ).wait_for_publish(5)
+        # a receipt asked for on another device's topic is not sent (the ACL would refuse it anyway)
+        elsewhere = publish_properties(response_topic=topics.receipts("victim"), correlation_data=b"batch-2")
+        device.publish(
+            topics.results(device_id), encode_records(records[20:]), qos=1, properties=elsewhere
+        ).wait_for_publish(5)
+        publish(device, topics.results(device_id), encode_records(records[:1]))  # asks for nothing
+        wait_for(lambda: c.stats["inserted"] == 40 and c.stats["duplicates"] == 1, what="all records")
+        wait_for(lambda: len(receipts) == 1, what="the receipt")
+        time.sleep(0.3)  # a second receipt would have arrived by now
+        stats = c.stats
+    assert receipts == [b"batch-1"] and stats["receipts"] == 1
+    assert rows_at_receipt[0] >= 20  # sent after the batch was committed, never before
+    assert any("victim" in r.getMessage() for r in caplog.records)
 
 
 def test_malformed_input_is_counted_logged_and_does_not_block(

@@ -1,4 +1,4 @@
-"""Fleet simulation, small: agents as separate processes, a worker killed and the broker killed mid-run."""
+"""Fleet simulation, small: agents as separate processes, a worker and the broker SIGKILLed mid-run."""
 
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ def test_fleet_loses_nothing_through_worker_and_broker_kills(tmp_path: Path) -> 
         policy="cloud-only",
         models=REPO / "models/fashion-mnist",
         results=tmp_path,
+        rate=40.0,  # each agent streams for 7.5 s after its start-up, so both kills fall mid-stream
         kill_worker_at=3.0,
         kill_broker_at=5.0,
+        hard_broker_kill=True,  # SIGKILL: what it had acknowledged and not saved is gone; receipts recover it
         console=Console(quiet=True),
     )
     assert len(result.events) == 2, result.events  # both kills happened
