@@ -85,6 +85,7 @@ class DeviceEnergy:
         self._analytic: Dict[str, Optional[float]] = {}
         if card_raw is not None:
             self._analytic = _analytic_blocks(card_raw)
+        self._analytic_sums: Dict[Tuple[str, ...], Optional[float]] = {}  # per sample: a handful of keys
 
     def measure_idle(self, seconds: float) -> Optional[Dict[str, Any]]:
         """Measure the idle baseline (skipped for 0 s or no meter): an `idle_baseline` record's fields."""
@@ -101,12 +102,19 @@ class DeviceEnergy:
 
     def analytic_j(self, blocks: Sequence[str]) -> Optional[float]:
         """Modelled joules of running `blocks` on one image (None when the model or card lacks figures)."""
-        if not blocks:
-            return 0.0
-        values = [self._analytic.get(b) for b in blocks]
+        key = tuple(blocks)
+        try:
+            return self._analytic_sums[key]
+        except KeyError:
+            pass
+        total: Optional[float] = 0.0
+        values = [self._analytic.get(b) for b in key]
         if any(v is None for v in values):
-            return None
-        return float(sum(v for v in values if v is not None))
+            total = None
+        elif values:
+            total = float(sum(v for v in values if v is not None))
+        self._analytic_sums[key] = total
+        return total
 
     def close(self) -> None:
         if self.meter is not None:

@@ -133,6 +133,25 @@ def test_decisions_are_well_formed(cascade: EdgeCascade, test_set: tuple) -> Non
     assert cascade.decide(images[:0]) == []
 
 
+def test_one_image_at_a_time_decides_exactly_as_the_batch_does(cascade: EdgeCascade, test_set: tuple) -> None:
+    """The agent's batch-1 path (plain Python on ~10 values) against the batched numpy path."""
+    images, _ = test_set
+    batched = cascade.decide(images[:500])
+    assert {d.exit_stage for d in batched} == {"main", "extension"}  # both branches are exercised
+    assert any(d.answered_by == "extension" for d in batched) and any(d.complex for d in batched)
+    for image, want in zip(images[:500], batched):
+        for got in (cascade.decide(image[None])[0], cascade.decide(image)[0]):
+            assert (got.prediction, got.exit_stage, got.answered_by, got.complex) == (
+                want.prediction,
+                want.exit_stage,
+                want.answered_by,
+                want.complex,
+            )
+            assert got.p_main == want.p_main and got.p_ext == want.p_ext
+            np.testing.assert_array_equal(got.probs, want.probs)
+            assert got.entropy == pytest.approx(want.entropy, abs=1e-12)
+
+
 def test_cloud_model_predicts_probabilities(test_set: tuple) -> None:
     images, labels = test_set
     cloud = CloudModel(MODELS / "cloud.onnx")
