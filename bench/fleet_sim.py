@@ -42,6 +42,7 @@ class FleetResult:
     rows: int = 0
     duplicates: int = 0
     fallbacks: int = 0
+    cloud_answers: int = 0
     agent_failures: int = 0
     events: List[str] = field(default_factory=list)
     per_device: List[Dict[str, Any]] = field(default_factory=list)
@@ -57,6 +58,11 @@ class FleetResult:
     @property
     def throughput(self) -> float:
         return self.expected / self.seconds if self.seconds else 0.0
+
+    @property
+    def cloud_rate(self) -> float:
+        """Samples answered by the cloud per second: what the workers add."""
+        return self.cloud_answers / self.seconds if self.seconds else 0.0
 
 
 def _latencies(db: Path, fleet_id: str) -> List[Dict[str, Any]]:
@@ -256,12 +262,13 @@ def _wait_rows(db: Path, fleet_id: str, result: FleetResult, timeout_s: float) -
     deadline = time.monotonic() + timeout_s
     while True:
         with sqlite3.connect(db) as conn:
-            rows, distinct, fallbacks = conn.execute(
+            rows, distinct, fallbacks, cloud = conn.execute(
                 "SELECT COUNT(*), COUNT(DISTINCT run_id || '/' || seq), "
-                "SUM(exit_stage = 'fallback') FROM inferences WHERE run_id LIKE ?",
+                "SUM(exit_stage = 'fallback'), SUM(exit_stage = 'cloud') FROM inferences WHERE run_id LIKE ?",
                 (f"{fleet_id}-%",),
             ).fetchone()
         result.rows, result.duplicates, result.fallbacks = distinct, rows - distinct, fallbacks or 0
+        result.cloud_answers = cloud or 0
         if distinct >= result.expected or time.monotonic() > deadline:
             return
         time.sleep(0.5)
@@ -279,6 +286,7 @@ def summary_table(results: List[FleetResult]) -> Table:
         "fallbacks",
         "agent exits != 0",
         "samples/s",
+        "cloud answers/s",
         "offload p50 ms (median device)",
         "p99 ms (worst device)",
         "chaos",
@@ -297,6 +305,7 @@ def summary_table(results: List[FleetResult]) -> Table:
             str(r.fallbacks),
             str(r.agent_failures),
             f"{r.throughput:,.0f}",
+            f"{r.cloud_rate:,.0f}",
             f"{p50s[len(p50s) // 2]:.1f}",
             f"{p99:.1f}",
             "; ".join(r.events) or "—",
@@ -354,7 +363,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                [{**r.__dict__, "lost": r.lost, "throughput": r.throughput} for r in results], indent=2
+                [
+                    {**r.__dict__, "lost": r.lost, "throughput": r.throughput, "cloud_rate": r.cloud_rate}
+                    for r in results
+                ],
+                indent=2,
             )
         )
     return 0 if all(r.lost == 0 and r.duplicates == 0 for r in results) else 1
