@@ -255,7 +255,8 @@ def _run_http(
     console.print(
         f"[cyan]http-peer[/]: meanet filter, one blocking POST per complex sample, {len(images)} samples"
     )
-    bar = tqdm(total=len(images), desc="http-peer", unit="img", disable=not cfg.progress)
+    # disable=None: no carriage-return bars when stderr is a log file rather than a terminal
+    bar = tqdm(total=len(images), desc="http-peer", unit="img", disable=None if cfg.progress else True)
     peer = run_http_peer(
         cascade,
         zip(images, (int(x) for x in labels)),
