@@ -114,7 +114,7 @@ def train_stage(
             split.batches(cfg.batch_size, shuffle=True, generator=generator),
             total=steps_per_epoch,
             desc=f"{name} {epoch + 1}/{cfg.epochs}",
-            disable=not progress,
+            disable=None if progress else True,  # None: bars on a terminal only, not in logs
             leave=True,
             dynamic_ncols=True,
         )
