@@ -91,10 +91,12 @@ class Link:
         # Unsettled batches by token. PUBACKs are polled, not matched in on_publish: that callback runs under
         # paho's own lock, which publish() also takes. Receipts arrive on paho's thread into a deque.
         self._batches: Dict[bytes, _Batch] = {}
-        self._token_prefix = os.urandom(4)  # tokens of an earlier process never match ours
+        self._token_prefix = os.urandom(8)  # so that receipts meant for an earlier process match nothing
         self._token_seq = itertools.count()
         self._receipts_in: Deque[bytes] = collections.deque()
         self._receipt_wait_s = receipt_timeout_s  # current timeout: doubles while receipts stay away
+        self._backed_off_at = 0.0  # when it last doubled: at most once per timeout period
+        self._warned_no_receipts = False
         self._requeue_batches = False  # set on a reconnect without session (paho thread), read by ours
         self._refused: Dict[int, float] = {}  # packet id -> when the broker refused it (PUBACK >= 0x80)
         self._wake = threading.Event()
@@ -221,9 +223,7 @@ class Link:
                 except Exception:
                     logger.exception("sending records failed")
 
-    def _settle_batches(self) -> None:
-        """Delete the records of settled batches; put refused and unreceipted ones back in line."""
-        now = time.monotonic()
+    def _take_receipts(self) -> None:
         while self._receipts_in:
             batch = self._batches.pop(self._receipts_in.popleft(), None)
             if batch is None:
@@ -231,6 +231,11 @@ class Link:
                 continue
             self._settled(batch)
             self._receipt_wait_s = self.receipt_timeout_s
+
+    def _settle_batches(self) -> None:
+        """Delete the records of settled batches; put refused and unreceipted ones back in line."""
+        now = time.monotonic()
+        self._take_receipts()
         overdue = 0
         for token, batch in list(self._batches.items()):
             if batch.acked_at is None:
@@ -256,7 +261,17 @@ class Link:
                 overdue,
                 self._receipt_wait_s,
             )
-            self._receipt_wait_s = min(2 * self._receipt_wait_s, MAX_RECEIPT_TIMEOUT_S)
+            if not self._warned_no_receipts and self.stats["records_sent"] == 0:
+                self._warned_no_receipts = True
+                logger.error(
+                    "%s: the broker takes our result batches but no receipt has ever come back: is the "
+                    "collector running, with receipts (and the broker's ACL allowing them)? "
+                    "--no-receipts runs without",
+                    self.device_id,
+                )
+            if now - self._backed_off_at >= self._receipt_wait_s:
+                self._backed_off_at = now
+                self._receipt_wait_s = min(2 * self._receipt_wait_s, MAX_RECEIPT_TIMEOUT_S)
         for mid, when in list(self._refused.items()):
             if now - when > 10.0:  # refusals of offloads/status: nothing waits for them
                 self._refused.pop(mid, None)
@@ -271,6 +286,7 @@ class Link:
     def _send_records(self) -> None:
         if self._requeue_batches:
             self._requeue_batches = False
+            self._take_receipts()  # what is already stored need not go again
             for token in list(self._batches):
                 self._unsend(token)
         self._settle_batches()

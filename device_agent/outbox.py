@@ -1,9 +1,9 @@
 """Store-and-forward: a bounded on-disk outbox for offloads and result records (stdlib sqlite3, WAL).
 
 Every result record and every offload is written here before it goes to the broker, and leaves only when it
-is acknowledged: a record batch on its PUBACK, an offload on the cloud's reply or at its deadline (its record,
-answer or `fallback`, enters in the same transaction). While the broker is unreachable entries simply wait;
-a restarted agent finds them on disk.
+is settled: a record batch on the collector's receipt (on the broker's PUBACK without receipts), an offload
+on the cloud's reply or at its deadline (its record, answer or `fallback`, enters in the same transaction).
+While the broker is unreachable entries simply wait; a restarted agent finds them on disk.
 
 Each entry has an idempotent key (`inference/<run>/<device>/<seq>`, ...). A key that was already put, pending
 or acknowledged, is refused, so nothing is recorded twice: acknowledged keys stay behind as tombstones (key
@@ -281,7 +281,7 @@ class Outbox:
         return [_entry(r) for r in rows]
 
     def release(self, ids: Sequence[int]) -> None:
-        """Put entries back in line (their send failed or was refused)."""
+        """Put entries back in line (their send failed, was refused, or got no receipt in time)."""
         with self._lock, self._tx() as cur:
             cur.executemany("UPDATE entries SET inflight = 0 WHERE id = ?", [(i,) for i in ids])
 

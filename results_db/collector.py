@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from edgecascade.systemd import Watchdog
 from protocol.codec import ProtocolError, decode_records
@@ -287,13 +288,18 @@ class Collector:
             try:
                 counts = self._writer.write(records)
                 break
-            except OperationalError as exc:  # database unavailable or locked: keep the batch, retry
-                self._count(db_retries=1)
-                logger.warning("database unavailable (%s); retrying in %.1fs", exc.orig, delay)
-                self.watchdog.beat()
-                time.sleep(delay)
-                delay = min(delay * 2, self.config.retry_max_s)
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
+                if _transient(
+                    exc
+                ):  # keep the batch and retry: never refuse (ack, receipt) over a passing fault
+                    self._count(db_retries=1)
+                    logger.warning(
+                        "database unavailable (%s); retrying in %.1fs", getattr(exc, "orig", exc), delay
+                    )
+                    self.watchdog.beat()
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.config.retry_max_s)
+                    continue
                 # A row the database refuses (constraint, type, range: sqlite3 raises OverflowError for
                 # integers beyond 64 bits). Find the message that carries it; the others still land.
                 if len(pending) == 1:
@@ -336,13 +342,23 @@ class Collector:
 
     def _send_receipt(self, client: mqtt.Client, message: _Message) -> None:
         # Only to the sender's own receipts topic: a device must not make us publish anywhere else.
-        device_id = self.config.topics.device_of(message.topic)
-        if message.receipt_to != self.config.topics.receipts(device_id):
+        try:
+            own = self.config.topics.receipts(self.config.topics.device_of(message.topic))
+        except ValueError:  # a device id no topic can be built for ('$...'): it gets no receipt
+            own = None
+        if own is None or message.receipt_to != own:
             logger.warning("ignored receipt topic %r on %s", message.receipt_to, message.topic)
             return
         properties = publish_properties(correlation_data=message.correlation)
-        client.publish(message.receipt_to, b"", qos=1, properties=properties)
+        client.publish(own, b"", qos=1, properties=properties)
         self._count(receipts=1)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Database unavailable or locked, connection lost, pool exhausted: a fault that passes."""
+    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:

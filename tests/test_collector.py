@@ -186,6 +186,36 @@ def test_a_row_the_database_refuses_costs_only_its_own_message(
     assert any("database refused" in r.getMessage() for r in caplog.records)
 
 
+def test_a_passing_database_fault_is_retried_never_refused(
+    broker, topics, device_id, device, tmp_path, monkeypatch
+) -> None:
+    """A lost connection or an exhausted pool must not make the collector refuse (ack, receipt) records."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    from results_db.ingest import RecordWriter
+
+    faults = [
+        PoolTimeoutError("QueuePool limit reached"),
+        InterfaceError("INSERT", {}, Exception("connection already closed")),
+        DBAPIError("INSERT", {}, Exception("server closed the connection"), connection_invalidated=True),
+    ]
+    real_write = RecordWriter.write
+
+    def flaky_write(self, records):
+        if faults:
+            raise faults.pop(0)
+        return real_write(self, records)
+
+    monkeypatch.setattr(RecordWriter, "write", flaky_write)
+    db = tmp_path / "results.db"
+    with Collector(config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", retry_max_s=0.05)) as c:
+        publish(device, topics.results(device_id), encode_records(inference_records("run-f", device_id, 30)))
+        wait_for(lambda: c.stats["inserted"] == 30, what="the records after three faults")
+        stats = c.stats
+    assert stats["db_retries"] == 3 and stats["rejected"] == 0 and count_rows(db) == 30
+
+
 def test_a_stopped_collector_gets_what_was_published_while_away(
     broker, topics, device_id, device, tmp_path
 ) -> None:
