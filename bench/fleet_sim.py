@@ -120,39 +120,10 @@ def run_fleet(
         services = ServiceGroup(workdir / "logs")
         stack.callback(services.close)
         hostport = f"{broker.host}:{broker.port}"
-        services.start(
-            "collector",
-            [
-                "collect",
-                "--broker",
-                hostport,
-                "--user",
-                "collector",
-                "--password-file",
-                str(services.password_file(broker.credentials("collector"))),
-                "--db",
-                str(db),
-            ],
-        )
-        cloud_pw = services.password_file(broker.credentials("cloud"))
+        services.start_collector(broker.credentials("collector"), db)
         for w in range(workers):
-            services.start(
-                f"cloud-{w}",
-                [
-                    "cloud",
-                    "--broker",
-                    hostport,
-                    "--user",
-                    "cloud",
-                    "--password-file",
-                    str(cloud_pw),
-                    "--models",
-                    str(models),
-                    "--worker-id",
-                    f"w{w}",
-                    "--threads",
-                    "1",
-                ],
+            services.start_cloud(
+                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1"]
             )
         console.print(
             f"[bold]{fleet_id}[/]: {agents} agents x {samples} samples ({policy}), {workers} worker(s)"

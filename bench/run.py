@@ -149,37 +149,15 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
         stack.callback(broker.close)
         services = ServiceGroup(cfg.results / "logs")
         stack.callback(services.close)
-        common = ["--broker", f"{broker.host}:{broker.port}"]
-        collector = broker.address("collector")
         with console.status("starting collector, cloud workers and the HTTP peer"):
-            services.start(
-                "collector",
-                [
-                    "collect",
-                    *common,
-                    "--user",
-                    "collector",
-                    "--password-file",
-                    str(services.password_file(collector)),
-                    "--db",
-                    str(db),
-                ],
-            )
-            cloud_pw = services.password_file(broker.address("cloud"))
+            services.start_collector(broker.address("collector"), db)
             for i in range(int(cloud.get("workers", 1))):
-                services.start(
+                services.start_cloud(
                     f"cloud-{i}",
+                    broker.address("cloud"),
+                    cfg.models,
+                    f"{bench_id}-w{i}",
                     [
-                        "cloud",
-                        *common,
-                        "--user",
-                        "cloud",
-                        "--password-file",
-                        str(cloud_pw),
-                        "--models",
-                        str(cfg.models),
-                        "--worker-id",
-                        f"{bench_id}-w{i}",
                         "--max-batch",
                         str(cloud.get("max_batch", 32)),
                         "--max-wait-ms",

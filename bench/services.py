@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from protocol.mqtt import BrokerAddress
 
@@ -38,6 +38,27 @@ class ServiceGroup:
         path.write_text(address.password + "\n")
         path.chmod(0o600)
         return path
+
+    def start_collector(self, address: BrokerAddress, db: Path) -> subprocess.Popen:
+        """`edgecascade collect` into `db`, as user `address.username`."""
+        return self.start("collector", ["collect", *self._login(address), "--db", str(db)])
+
+    def start_cloud(
+        self, name: str, address: BrokerAddress, models: Path, worker_id: str, extra: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        """`edgecascade cloud` serving `models`, with further `extra` flags."""
+        args = ["cloud", *self._login(address), "--models", str(models), "--worker-id", worker_id, *extra]
+        return self.start(name, args)
+
+    def _login(self, address: BrokerAddress) -> List[str]:
+        return [
+            "--broker",
+            f"{address.host}:{address.port}",
+            "--user",
+            address.username,
+            "--password-file",
+            str(self.password_file(address)),
+        ]
 
     def start(
         self, name: str, args: List[str], module: str = "edgecascade", timeout_s: float = 60.0
