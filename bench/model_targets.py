@@ -151,12 +151,15 @@ def main(argv: List[str]) -> int:
     )
     ok_all = all(ok for _, _, ok in rows)
     if args.estimate_train_time:
-        from training.estimate import estimate_recipe_seconds
+        from training.estimate import cpu_description, estimate_recipe_seconds
 
         est = estimate_recipe_seconds(threads=args.threads)
         ok = est["total_s"] <= TRAIN_BUDGET_S
         ok_all = ok_all and ok
-        print(f"`make train` on this CPU ({args.threads} threads), extrapolated from timed steps:")
+        print(
+            f"`make train` on this CPU ({cpu_description()}; {args.threads} threads), "
+            "extrapolated from timed steps:"
+        )
         for stage, sec in est["stages_s"].items():
             print(f"  {stage:<10} {sec / 60:6.1f} min  ({est['step_s'][stage] * 1000:.0f} ms/step)")
         print(

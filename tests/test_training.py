@@ -117,6 +117,34 @@ def test_publish_from_checkpoints_reproduces_the_card(quick_run: dict, tmp_path:
     assert card2["thresholds"]["entropy_tau"] == quick_run["card"]["thresholds"]["entropy_tau"]
 
 
+@pytest.mark.slow
+def test_reuse_cloud_publishes_a_new_edge_pair_against_the_deployed_cloud(
+    quick_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """--reuse-cloud: no cloud training; the cloud file and its card facts carried over; ORT calibrates."""
+    ckpt = tmp_path / "edge-ckpt"
+    ckpt.mkdir()
+    for stage in ("main", "extension"):
+        (ckpt / f"{stage}.pt").write_bytes((quick_run["ckpt"] / f"{stage}.pt").read_bytes())
+    out = tmp_path / "edge2"
+    args = ["train", "--quick", "--checkpoint-dir", str(ckpt), "--out", str(out), "--no-progress"]
+    assert cli_main([*args, "--reuse-cloud", str(quick_run["out"])]) == 0
+    assert not (ckpt / "cloud.pt").exists()  # nothing was trained
+    first, card = quick_run["card"], json.loads((out / "card.json").read_text())
+    assert (out / "cloud.onnx").read_bytes() == (quick_run["out"] / "cloud.onnx").read_bytes()
+    assert card["blocks"]["cloud"] == first["blocks"]["cloud"]
+    assert str(quick_run["out"]) in card["training"]["stages"]["cloud"]["reused_from"]
+    assert card["training"]["stages"]["cloud"]["epochs"] == first["training"]["stages"]["cloud"]["epochs"]
+    for split in ("validation", "test"):
+        a, b = card["accuracy"][split], first["accuracy"][split]
+        assert a["main"] == b["main"] and a["edge_cascade"] == b["edge_cascade"]
+        # onnxruntime's cloud logits instead of torch's: at most a near-tie may flip
+        assert abs(a["cloud"] - b["cloud"]) <= 1.0 / a["samples"]
+    capsys.readouterr()
+    assert cli_main([*args, "--reuse-cloud", str(tmp_path / "nowhere")]) == 2
+    assert "--reuse-cloud: no model card" in capsys.readouterr().err
+
+
 def _write_cifar100(root: Path, n_train: int = 60, n_test: int = 20) -> None:
     """A few images in torchvision's cifar-100-python layout (python pickles, rows of 3072 bytes)."""
     base = root / "cifar-100-python"
@@ -234,6 +262,16 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
     assert len(val_a) == 10 and len(train_a) == 90 and len(seen) == 100
 
 
+def test_cpu_description_names_the_widest_vector_unit(tmp_path: Path) -> None:
+    from training.estimate import cpu_description
+
+    head = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+    for flags, vector in (("fpu sse2 avx avx2 fma", "AVX2"), ("avx avx2 avx512f avx512bw", "AVX512F")):
+        info = tmp_path / f"cpuinfo-{vector}"
+        info.write_text(head + f"flags\t\t: {flags}\n\nprocessor\t: 1\n")
+        assert cpu_description(info) == f"AMD EPYC 7B13, {vector}"
+
+
 def test_augment_keeps_shape_and_flip_only_permutes_pixels() -> None:
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
@@ -284,6 +322,27 @@ def test_calibration_picks_the_smallest_fraction_that_reaches_the_cloud() -> Non
         and capped.fraction == pytest.approx(0.2)
         and capped.accuracy == pytest.approx(0.9)
     )
+
+
+def test_calibration_margin_grows_with_the_disagreements_it_keeps() -> None:
+    # 1,000 samples in decreasing score: the edge is wrong on the 100 most uncertain and on 20 confident
+    # ones; the cloud is wrong on 20 other confident ones. Kept, those 40 disagreements cancel on average
+    # but make the difference noisy, so the 95 % rule offloads more than the plain one.
+    n = 1000
+    score = torch.linspace(1.0, 0.0, n, dtype=torch.float64)
+    edge_ok = torch.ones(n, dtype=torch.bool)
+    edge_ok[:100] = False
+    edge_ok[500:520] = False
+    cloud_ok = torch.ones(n, dtype=torch.bool)
+    cloud_ok[600:620] = False
+    plain = calibrate_offload(score, edge_ok, cloud_ok, 0.25, tolerance=0.02, confidence=0.5)
+    assert plain.met_target and plain.fraction == pytest.approx(0.080)  # difference −20/1000 reached
+    sure = calibrate_offload(score, edge_ok, cloud_ok, 0.25, tolerance=0.02, confidence=0.95)
+    # at k = 96: difference −4/1000, 44 kept disagreements: −0.004 − 1.645·√2·√((0.044 − 0.004²)/1000) ≥ −0.02
+    assert sure.met_target and sure.fraction == pytest.approx(0.096)
+    # a tolerance no fraction within the cap can promise: the most accurate fraction is taken, target unmet
+    strict = calibrate_offload(score, edge_ok, cloud_ok, 0.25, tolerance=0.0, confidence=0.95)
+    assert not strict.met_target and strict.fraction == pytest.approx(0.100)
 
 
 def test_hard_classes_by_accuracy_and_by_confusion_pairs() -> None:

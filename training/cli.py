@@ -16,6 +16,7 @@ EPILOG = """examples:
   edgecascade train --backbone mobilenetv2 --dataset cifar100 --data-dir ~/data/cifar100 --out models/c100
   edgecascade train --device cuda --checkpoint-dir ckpt --no-export   # train only (e.g. on a GPU box) ...
   edgecascade train --checkpoint-dir ckpt --out models/fashion-mnist  # ... then calibrate + export elsewhere
+  edgecascade train --reuse-cloud models/fashion-mnist --out models/fmnist-edge2   # new edge, same cloud
 """
 
 
@@ -77,6 +78,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--max-offload", type=float, help="cap on the calibrated offload fraction (default 0.25)"
     )
     run_g.add_argument(
+        "--tolerance",
+        type=float,
+        help="accuracy the cascade may trail the cloud by, as a fraction (default 0.003 = 0.3 pp)",
+    )
+    run_g.add_argument(
+        "--confidence",
+        type=float,
+        help="probability that τ keeps that tolerance on unseen data (default 0.95; 0.5: no margin)",
+    )
+    run_g.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present"
     )
     run_g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -87,6 +98,13 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="save each stage's state dict here; stages already saved there are loaded, not retrained",
     )
     run_g.add_argument("--no-export", action="store_true", help="train (and checkpoint) only")
+    run_g.add_argument(
+        "--reuse-cloud",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="publish the cloud block of this model directory unchanged instead of training one "
+        "(a new edge pair for a cloud model already deployed)",
+    )
     run_g.add_argument(
         "--stages",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
@@ -122,6 +140,8 @@ def recipe_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "val_size": args.val_size,
         "image_size": args.image_size,
         "max_offload": args.max_offload,
+        "tolerance": args.tolerance,
+        "confidence": args.confidence,
         "train_limit": args.train_limit,
         "test_limit": args.test_limit,
         "extension_width": args.ext_width,
@@ -142,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     from training.datasets import DatasetError
     from training.engine import resolve_device
     from training.pipeline import load_bundle, train_models
-    from training.publish import main_command, publish
+    from training.publish import ReusedCloud, main_command, publish
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,9 +181,18 @@ def run(args: argparse.Namespace) -> int:
         f"device {device}; backbone {recipe.backbone}",
         file=sys.stderr,
     )
+    reused = None
+    if args.reuse_cloud:
+        try:
+            reused = ReusedCloud.open(args.reuse_cloud, bundle)
+        except ValueError as exc:
+            print(f"error: --reuse-cloud: {exc}", file=sys.stderr)
+            return 2
+        args.stages = [s for s in args.stages if s != "cloud"]
     bad = set(args.stages) - {"main", "extension", "cloud"}
     if bad or (
-        set(args.stages) != {"main", "extension", "cloud"} and not (args.no_export and args.checkpoint_dir)
+        set(args.stages) | ({"cloud"} if reused else set()) != {"main", "extension", "cloud"}
+        and not (args.no_export and args.checkpoint_dir)
     ):
         print(
             "error: --stages takes main,extension,cloud; a subset needs --checkpoint-dir and --no-export",
@@ -177,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_export:
         print(f"trained in {train_s:.0f} s; checkpoints in {args.checkpoint_dir}", file=sys.stderr)
         return 0
-    card = publish(trained, bundle, out, recipe, command, device)
+    card = publish(trained, bundle, out, recipe, command, device, reused)
     test = card["accuracy"]["test"]
     print(
         f"wrote {out}: test main {test['main']:.4f}, edge cascade {test['edge_cascade']:.4f}, "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -17,6 +19,20 @@ FMNIST_HARD_FRACTION = 0.5  # half of the classes are hard, and Fashion-MNIST is
 PUBLISH_S = (
     180.0  # evaluation of val + test for all blocks, calibration, export (measured: ~2-3 min on 2 cores)
 )
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """CPU model and widest vector unit: hosts of one machine kind differ ~4x in training speed by these."""
+    try:
+        info = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(
+        (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in info.splitlines()) if v
+    )
+    flags = set(fields.get("flags", "").split())
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), "no AVX")
+    return f"{fields.get('model name', platform.machine())}, {vector.upper()}"
 
 
 def _median_step_s(

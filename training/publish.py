@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -23,12 +25,47 @@ FILES = {"main": "main.onnx", "extension": "extension.onnx", "cloud": "cloud.onn
 TORCH_DIR = "torch"  # main/extension state dicts: the torch reference for the agreement test
 
 
-def outputs_on(trained: Trained, split: Split, device: torch.device) -> Dict[str, torch.Tensor]:
+@dataclass
+class ReusedCloud:
+    """The cloud block of another model directory, published unchanged: run with onnxruntime, facts copied."""
+
+    onnx_path: Path
+    block: Dict[str, Any]  # its card's blocks.cloud
+    facts: Dict[str, Any]  # its card's training.stages.cloud
+    logits: Callable[[Any], Any]  # uint8 numpy batch -> numpy logits
+
+    @classmethod
+    def open(cls, model_dir: Path, bundle: DatasetBundle) -> ReusedCloud:
+        from device_agent.cascade import CloudModel, load_card, sha256_file
+
+        card = load_card(model_dir)  # ModelCardError (a ValueError) on a missing or broken card
+        if (card.dataset, card.num_classes, card.input_shape) != (
+            bundle.name,
+            bundle.num_classes,
+            bundle.input_shape,
+        ):
+            raise ValueError(
+                f"{model_dir}: its cloud block is for {card.dataset} ({card.num_classes} classes, input "
+                f"{card.input_shape}), not {bundle.name} ({bundle.num_classes} classes, {bundle.input_shape})"
+            )
+        path = card.block_path("cloud")
+        if sha256_file(path) != card.blocks["cloud"].sha256:
+            raise ValueError(f"{path} does not match the sha256 in {model_dir}/card.json")
+        facts = dict(card.training.get("stages", {}).get("cloud", {}))
+        facts["reused_from"] = f"{model_dir} (sha256 {card.blocks['cloud'].sha256[:16]})"
+        return cls(path, dict(card.raw["blocks"]["cloud"]), facts, CloudModel(path).logits)
+
+
+def outputs_on(
+    trained: Trained, split: Split, device: torch.device, reused: Optional[ReusedCloud] = None
+) -> Dict[str, torch.Tensor]:
     """Logits of every block on a split (extension on every row, as the reference rule expects)."""
     main, ext, cloud = trained.main, trained.extension, trained.cloud
 
     def fn(x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         logits, feats = main(x)
+        if reused is not None:
+            return logits, ext(x, feats), torch.from_numpy(reused.logits(x.cpu().numpy()))
         return logits, ext(x, feats), cloud(x)
 
     (main_l, ext_l, cloud_l), labels = collect(fn, split, device)
@@ -46,18 +83,31 @@ def publish(
     recipe: Recipe,
     command: str,
     device: torch.device,
+    reused: Optional[ReusedCloud] = None,
 ) -> Dict[str, Any]:
-    """Everything after training: returns the card it wrote to `out_dir`."""
+    """Everything after training: returns the card it wrote to `out_dir`.
+
+    With `reused`, the cloud block comes from another model directory (trained.cloud is not used).
+    """
     from device_agent.cascade import sha256_file  # numpy-only helper, shared with the device
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for m in (trained.main, trained.extension, trained.cloud):
         m.to(device).eval()
-    val = outputs_on(trained, bundle.val, device)
-    test = outputs_on(trained, bundle.test, device)
+    if reused is not None:
+        trained.stages["cloud"] = reused.facts
+    val = outputs_on(trained, bundle.val, device, reused)
+    test = outputs_on(trained, bundle.test, device, reused)
     hard = trained.arch.hard_classes
     tau, hi = calibrate_thresholds(
-        val["labels"], val["main"], val["extension"], val["cloud"], hard, recipe.max_offload, recipe.tolerance
+        val["labels"],
+        val["main"],
+        val["extension"],
+        val["cloud"],
+        hard,
+        recipe.max_offload,
+        recipe.tolerance,
+        recipe.confidence,
     )
     logger.info(
         "calibrated tau %.5f (val offload %.3f), hi theta %.5f", tau.threshold, tau.fraction, hi.threshold
@@ -83,6 +133,11 @@ def publish(
         ("cloud", trained.cloud, (images,)),
     ):
         path = out_dir / FILES[name]
+        if name == "cloud" and reused is not None:
+            if reused.onnx_path.resolve() != path.resolve():
+                shutil.copyfile(reused.onnx_path, path)
+            blocks[name] = {**reused.block, "file": FILES[name]}
+            continue
         export_block(module, name, images[:2], path, feats[:2] if name == "extension" else None)
         diff = check_against_torch(module, name, path, images, feats if name == "extension" else None)
         costs = count_costs(module, inputs)
@@ -117,6 +172,7 @@ def publish(
             "calibrated_on": f"validation ({len(bundle.val)} images carved from train, seed {recipe.seed})",
             "target_offload_fraction": recipe.max_offload,
             "tolerance_vs_cloud": recipe.tolerance,
+            "confidence": recipe.confidence,
             "entropy_tau_met_target": tau.met_target,
             "hi_theta_met_target": hi.met_target,
         },
@@ -179,8 +235,9 @@ def model_card_markdown(card: Dict[str, Any]) -> str:
         f"- hard classes: {hard_names} ({card['hard_mode']} on validation)",
         f"- τ (entropy) = {th['entropy_tau']}, hi-threshold θ (max softmax) = {th['hi_theta']}; "
         f"calibrated on {th['calibrated_on']}: smallest offload fraction ≤ "
-        f"{th['target_offload_fraction']:.0%} whose cascade "
-        f"accuracy reaches the cloud's − {100 * th['tolerance_vs_cloud']:.1f} pp",
+        f"{th['target_offload_fraction']:.0%} whose cascade accuracy stays within "
+        f"{100 * th['tolerance_vs_cloud']:.1f} pp of the cloud's on unseen data with "
+        f"{100 * th.get('confidence', 0.5):.0f} % confidence (paired normal bound)",
         "",
         "## Blocks (per image)",
         "",
