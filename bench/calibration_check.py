@@ -79,7 +79,8 @@ def check(pool: Dict[str, torch.Tensor], repeats: int, calib_size: int, seed: in
             deficits.append(float(final_ok.double().mean() - cloud_ok[ev].double().mean()))
             fractions.append(float(off.double().mean()))
         d, f = np.asarray(deficits), np.asarray(fractions)
-        miss = (d < -TARGET_DEFICIT - 1e-12) | (f > TARGET_OFFLOAD)
+        miss_acc, miss_off = d < -TARGET_DEFICIT - 1e-12, f > TARGET_OFFLOAD
+        miss = miss_acc | miss_off
         rows.append(
             {
                 "rule": label,
@@ -88,6 +89,8 @@ def check(pool: Dict[str, torch.Tensor], repeats: int, calib_size: int, seed: in
                 "deficit_mean": d.mean(),
                 "deficit_p05": np.percentile(d, 5),
                 "miss_rate": miss.mean(),
+                "miss_accuracy": miss_acc.mean(),
+                "miss_offload": miss_off.mean(),
             }
         )
     return rows
@@ -112,11 +115,15 @@ def main(argv: List[str] | None = None) -> int:
         f"{n - args.calib_size} to evaluate; target: cascade ≥ cloud − {100 * TARGET_DEFICIT:.1f} pp, "
         f"≤ {TARGET_OFFLOAD:.0%} offloaded"
     )
-    print(f"{'rule':44} {'offload':>8} {'p95':>7} {'Δ cloud':>8} {'p05 Δ':>8} {'miss':>6}")
+    print(
+        f"{'rule':44} {'offload':>8} {'p95':>7} {'Δ cloud':>8} {'p05 Δ':>8} {'miss':>6} "
+        f"{'(Δ':>6} {'offload)':>8}"
+    )
     for r in check(pool, args.repeats, args.calib_size, args.seed):
         print(
             f"{r['rule']:44} {100 * r['offload_mean']:7.1f}% {100 * r['offload_p95']:6.1f}% "
-            f"{100 * r['deficit_mean']:+7.2f}pp {100 * r['deficit_p05']:+7.2f}pp {100 * r['miss_rate']:5.1f}%"
+            f"{100 * r['deficit_mean']:+7.2f}pp {100 * r['deficit_p05']:+7.2f}pp {100 * r['miss_rate']:5.1f}% "
+            f"{100 * r['miss_accuracy']:5.1f}% {100 * r['miss_offload']:7.1f}%"
         )
     return 0
 

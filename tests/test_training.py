@@ -311,12 +311,12 @@ def test_calibration_picks_the_smallest_fraction_that_reaches_the_cloud() -> Non
     score = torch.tensor([0.9, 0.8, 0.3, 0.2, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01], dtype=torch.float64)
     edge_ok = torch.tensor([0, 0, 1, 1, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
     cloud_ok = torch.ones(10, dtype=torch.bool)
-    cal = calibrate_offload(score, edge_ok, cloud_ok, max_fraction=0.25, tolerance=0.0)
+    cal = calibrate_offload(score, edge_ok, cloud_ok, max_fraction=0.25, tolerance=0.0, confidence=0.5)
     assert cal.met_target and cal.fraction == pytest.approx(0.2) and cal.accuracy == pytest.approx(1.0)
     assert 0.3 < cal.threshold < 0.8
     # the cap binds: with three uncertain errors and a 20 % cap, the best within the cap is taken
     edge_ok3 = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
-    capped = calibrate_offload(score, edge_ok3, cloud_ok, max_fraction=0.2, tolerance=0.0)
+    capped = calibrate_offload(score, edge_ok3, cloud_ok, max_fraction=0.2, tolerance=0.0, confidence=0.5)
     assert (
         not capped.met_target
         and capped.fraction == pytest.approx(0.2)
@@ -343,6 +343,9 @@ def test_calibration_margin_grows_with_the_disagreements_it_keeps() -> None:
     # a tolerance no fraction within the cap can promise: the most accurate fraction is taken, target unmet
     strict = calibrate_offload(score, edge_ok, cloud_ok, 0.25, tolerance=0.0, confidence=0.95)
     assert not strict.met_target and strict.fraction == pytest.approx(0.100)
+    # the cap shrinks by the same margin: 10 % − 1.645·√(2·0.1·0.9/1000) = 7.8 %, so k = 96 is out of reach
+    capped = calibrate_offload(score, edge_ok, cloud_ok, 0.10, tolerance=0.02, confidence=0.95)
+    assert not capped.met_target and capped.fraction == pytest.approx(0.077)
 
 
 def test_hard_classes_by_accuracy_and_by_confusion_pairs() -> None:
