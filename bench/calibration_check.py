@@ -122,8 +122,8 @@ def main(argv: List[str] | None = None) -> int:
     for r in check(pool, args.repeats, args.calib_size, args.seed):
         print(
             f"{r['rule']:44} {100 * r['offload_mean']:7.1f}% {100 * r['offload_p95']:6.1f}% "
-            f"{100 * r['deficit_mean']:+7.2f}pp {100 * r['deficit_p05']:+7.2f}pp {100 * r['miss_rate']:5.1f}% "
-            f"{100 * r['miss_accuracy']:5.1f}% {100 * r['miss_offload']:7.1f}%"
+            f"{100 * r['deficit_mean']:+7.2f}pp {100 * r['deficit_p05']:+7.2f}pp "
+            f"{100 * r['miss_rate']:5.1f}% {100 * r['miss_accuracy']:5.1f}% {100 * r['miss_offload']:7.1f}%"
         )
     return 0
 

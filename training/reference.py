@@ -130,8 +130,8 @@ def calibrate_offload(
     is a second sample as noisy as this one. (Without the margin, the first fraction to cross the target on
     5,000 validation images trailed the cloud by 0.45 pp on test in one run of `make train`.) Confidence 0.5
     gives the plain rule. Where no fraction within the (equally shrunk) cap qualifies, the most accurate one
-    within it is taken. The threshold is the midpoint between the last offloaded and the first kept score, so rounding
-    differences between torch and onnxruntime do not move it onto a sample.
+    within it is taken. The threshold is the midpoint between the last offloaded and the first kept score, so
+    rounding differences between torch and onnxruntime do not move it onto a sample.
     """
     n = int(score.shape[0])
     order = torch.argsort(score.double(), descending=True, stable=True)
@@ -148,7 +148,7 @@ def calibrate_offload(
     se = torch.sqrt(torch.clamp(kept_discordant - diff**2, min=0.0) / n)
     z = statistics.NormalDist().inv_cdf(confidence)
     bound = diff - z * math.sqrt(2.0) * se
-    # the offload cap gets the same margin: a fraction at the cap on validation exceeds it on test half the time
+    # the cap gets the same margin: a fraction at the cap on validation exceeds it on test half the time
     cap = max_fraction - z * math.sqrt(2.0 * max_fraction * (1.0 - max_fraction) / n)
     k_max = max(0, int(math.floor(cap * n + 1e-9)))
     reached = torch.nonzero(bound[: k_max + 1] >= -tolerance - 1e-12).flatten()
