@@ -237,7 +237,13 @@ def model_card_markdown(card: Dict[str, Any]) -> str:
         f"calibrated on {th['calibrated_on']}: smallest offload fraction ≤ "
         f"{th['target_offload_fraction']:.0%} whose cascade accuracy stays within "
         f"{100 * th['tolerance_vs_cloud']:.1f} pp of the cloud's on unseen data with "
-        f"{100 * th.get('confidence', 0.5):.0f} % confidence (paired normal bound)",
+        f"{100 * th.get('confidence', 0.5):.0f} % confidence (paired normal bound)"
+        + (
+            ""
+            if th.get("entropy_tau_met_target", True)
+            else "; no fraction within the cap could promise that on this validation split, so τ is the "
+            "most accurate fraction within the cap (shrunk by the same margin)"
+        ),
         "",
         "## Blocks (per image)",
         "",
