@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from training.reference import calibrate_offload, edge_rule
+from training.reference import calibrate_offload
 
 TARGET_DEFICIT = 0.003  # the issue: cascade ≥ cloud-only − 0.3 pp ...
 TARGET_OFFLOAD = 0.25  # ... with ≤ 25 % of samples offloaded
@@ -31,45 +31,39 @@ RULES: List[Tuple[str, float, float]] = [
 ]
 
 
-def held_out_logits(models: Path, data_dir: str | None) -> Dict[str, torch.Tensor]:
-    """Logits of the three ONNX blocks on validation + test, concatenated (the pool never trained on)."""
-    import onnxruntime as ort
-
-    from device_agent.cascade import load_card
+def held_out_outcomes(models: Path, data_dir: str | None) -> Dict[str, torch.Tensor]:
+    """The device's rule and the cloud on validation + test (the pool no block trained on): per sample the
+    edge answer's entropy (the offload score), whether the edge answer and whether the cloud's is right."""
+    from device_agent.cascade import CloudModel, EdgeCascade
     from training.datasets import load_dataset
 
-    card = load_card(models)
-    bundle = load_dataset("fashion-mnist", data_dir, val_size=5000, seed=int(card.training["seed"]))
-    sessions = {
-        b: ort.InferenceSession(str(card.block_path(b)), providers=["CPUExecutionProvider"])
-        for b in ("main", "extension", "cloud")
-    }
-    out: Dict[str, List[np.ndarray]] = {"main": [], "extension": [], "cloud": [], "labels": []}
+    cascade = EdgeCascade(models)
+    cloud = CloudModel(cascade.card.block_path("cloud"))
+    seed = int(cascade.card.training["seed"])
+    bundle = load_dataset("fashion-mnist", data_dir, val_size=5000, seed=seed)
+    score, edge_ok, cloud_ok = [], [], []
     for split in (bundle.val, bundle.test):
         for images, labels in split.batches(1000):
-            x = images.numpy()
-            logits, feats = sessions["main"].run(["logits", "features"], {"image": x})
-            out["main"].append(logits)
-            out["extension"].append(sessions["extension"].run(["logits"], {"image": x, "features": feats})[0])
-            out["cloud"].append(sessions["cloud"].run(["logits"], {"image": x})[0])
-            out["labels"].append(labels.numpy())
-    pool = {k: torch.from_numpy(np.concatenate(v)) for k, v in out.items()}
-    pool["hard"] = torch.as_tensor(card.hard_classes)
-    return pool
+            x, y = images.numpy(), labels.numpy()
+            decisions = cascade.decide(x)
+            score.append(np.array([d.entropy for d in decisions]))
+            edge_ok.append(np.array([d.prediction for d in decisions]) == y)
+            cloud_ok.append(cloud.logits(x).argmax(1) == y)
+    return {
+        "score": torch.from_numpy(np.concatenate(score)),
+        "edge_ok": torch.from_numpy(np.concatenate(edge_ok)),
+        "cloud_ok": torch.from_numpy(np.concatenate(cloud_ok)),
+    }
 
 
 def check(pool: Dict[str, torch.Tensor], repeats: int, calib_size: int, seed: int) -> List[Dict[str, float]]:
-    labels = pool["labels"]
-    edge = edge_rule(pool["main"], pool["extension"], pool["hard"].tolist())
-    score = edge.entropy
-    edge_ok = edge.prediction == labels
-    cloud_ok = pool["cloud"].argmax(1) == labels
+    score, edge_ok, cloud_ok = pool["score"], pool["edge_ok"], pool["cloud_ok"]
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for label, tolerance, confidence in RULES:
         deficits, fractions = [], []
         for _ in range(repeats):
-            perm = torch.randperm(labels.shape[0], generator=gen)
+            perm = torch.randperm(score.shape[0], generator=gen)
             cal, ev = perm[:calib_size], perm[calib_size:]
             tau = calibrate_offload(
                 score[cal], edge_ok[cal], cloud_ok[cal], TARGET_OFFLOAD, tolerance, confidence
@@ -108,8 +102,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--calib-size", type=int, default=5000, help="calibration images per split")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    pool = held_out_logits(args.models, args.data_dir)
-    n = int(pool["labels"].shape[0])
+    pool = held_out_outcomes(args.models, args.data_dir)
+    n = int(pool["score"].shape[0])
     print(
         f"{args.models}: {n} held-out images; {args.repeats} splits into {args.calib_size} to calibrate, "
         f"{n - args.calib_size} to evaluate; target: cascade ≥ cloud − {100 * TARGET_DEFICIT:.1f} pp, "

@@ -289,9 +289,8 @@ class Collector:
                 counts = self._writer.write(records)
                 break
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
-                if _transient(
-                    exc
-                ):  # keep the batch and retry: never refuse (ack, receipt) over a passing fault
+                # A passing fault: keep the batch and retry; never refuse (ack, receipt) records over it.
+                if _transient(exc):
                     self._count(db_retries=1)
                     logger.warning(
                         "database unavailable (%s); retrying in %.1fs", getattr(exc, "orig", exc), delay
