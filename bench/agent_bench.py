@@ -15,6 +15,7 @@ Prints both rates (samples/s), the ratio and which models and images were used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import statistics
 import sys
@@ -131,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 ),
                 load_profile(args.profile),
             )
-            config.idle_seconds = 0.0
+            config = dataclasses.replace(config, idle_seconds=0.0)
             warm = images[: min(200, len(images))]
             bare_loop(model_dir, warm, config.providers, config.threads)
             with DeviceAgent(config) as agent:

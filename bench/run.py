@@ -8,8 +8,10 @@ runs the same filter and models, and the report and the targets are printed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -49,6 +51,11 @@ SWEEPS: Dict[str, Tuple[str, List[float]]] = {
 }
 DEVICE_ID = "bench-device"
 HTTP_DEVICE_ID = "bench-http-peer"
+
+
+def run_label(label: str) -> str:
+    """A run label (`hi-threshold[theta=0.77]`) as the run-id part it names (`hi-threshold_theta-0.77`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "", label.replace("[", "_").replace("=", "-"))
 
 
 @dataclass
@@ -183,7 +190,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                 plan += [(f"{name}[{param}={v:g}]", {"name": name, "params": {param: v}}) for v in values]
         try:
             for label, policy in plan:
-                run_id = f"{bench_id}-{label}"
+                run_id = f"{bench_id}-{run_label(label)}"
                 agent_cfg = apply_profile(
                     AgentConfig(
                         device_id=DEVICE_ID,
@@ -198,7 +205,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                     profile,
                 )
                 if cfg.idle_seconds is not None:
-                    agent_cfg.idle_seconds = cfg.idle_seconds
+                    agent_cfg = dataclasses.replace(agent_cfg, idle_seconds=cfg.idle_seconds)
                 console.print(
                     f"[cyan]{escape(label)}[/]: idle {agent_cfg.idle_seconds:g} s, {len(images)} samples"
                 )

@@ -132,6 +132,10 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
     for name in ("entropy_tau", "hi_theta"):
         if name not in card.thresholds:
             raise ModelCardError(f"model card {card_path} has no threshold {name!r}")
+        value = card.thresholds[name]
+        # `not 0 <= value <= 1` is also true for NaN, which would otherwise decide every sample one way
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ModelCardError(f"model card {card_path}: threshold {name} must be in [0, 1], got {value!r}")
     return card
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -57,7 +58,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--state-dir", type=Path, default=Path("state"), help="outbox and run state")
     parser.add_argument("--namespace", help="topic namespace in front of edgecascade/v1 (tests, staging)")
     parser.add_argument("--profile", help="device profile: a name in bench/profiles or a .toml file")
-    parser.add_argument("--run-id", help="run id (default: generated); reuse one to resume a run")
+    parser.add_argument(
+        "--run-id",
+        help="run id (default: generated). Reuse one to continue a run: a dataset pass that was cut short "
+        "(SIGKILL, SIGTERM) resumes where its records end; a finished one starts a new pass",
+    )
     parser.add_argument("--idle-seconds", type=float, help="idle baseline length (default: profile, 5 s)")
     parser.add_argument("--deadline", type=float, help="offload deadline in s (default: profile, 2 s)")
     parser.add_argument(
@@ -65,6 +70,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         type=float,
         metavar="HZ",
         help="dataset source: feed at most this many samples per second, like a camera (default: flat out)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        help="at the start, wait this long (s) for the broker before running from the outbox (default: 10)",
     )
     parser.add_argument(
         "--close-timeout",
@@ -99,47 +109,62 @@ def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
     raise ValueError(f"--source must be dataset:NAME:SPLIT[:N] or dir:PATH, got {source!r}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from device_agent import AgentConfig, DeviceAgent, apply_profile, load_profile
+def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) -> Any:
+    """The agent's config from the flags, built and validated once (ValueError says what is wrong)."""
+    from device_agent import AgentConfig, apply_profile, load_profile
     from device_agent.policies import PolicyError, policy_names
-    from device_agent.sources import iter_dataset
-    from protocol.mqtt import BrokerAddress
+    from protocol.mqtt import BrokerAddress, read_secret
     from protocol.topics import Topics
+
+    params = json.loads(args.policy_params)
+    if not isinstance(params, dict):
+        raise ValueError("--policy-params must be a JSON object")
+    if args.policy not in policy_names():
+        raise PolicyError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
+    if args.rate is not None and not args.rate > 0:
+        raise ValueError(f"--rate must be positive, got {args.rate}")
+    password = read_secret(args.password_file) if args.password_file else ""
+    broker = BrokerAddress.parse(args.broker, args.username or args.device_id, password, args.tls_ca)
+    overrides = {
+        "idle_seconds": args.idle_seconds,
+        "offload_deadline_s": args.deadline,
+        "close_timeout_s": args.close_timeout,
+        "connect_timeout_s": args.connect_timeout,
+    }
+    config = AgentConfig(
+        device_id=args.device_id,
+        broker=broker,
+        topics=Topics.namespaced(args.namespace) if args.namespace else Topics(),
+        model_dir=args.models,
+        policy={"name": args.policy, "params": params},
+        state_dir=args.state_dir,
+        run_id=args.run_id,
+        dataset=source["name"] if kind == "dataset" else f"dir:{source['path']}",
+        split=source["split"] if kind == "dataset" else "live",
+        results_receipts=not args.no_receipts,
+    )
+    if args.profile:
+        config = apply_profile(config, load_profile(args.profile))
+    # Flags win over the profile; `replace` validates the result again.
+    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit codes: 0 done; 1 nothing could be processed (every sample failed or was refused); 2 bad
+    arguments or a broker/model that cannot work; 3 done, but results still wait in the outbox (the broker
+    or collector was not reached in time: they are sent on the next start)."""
+    from device_agent import DeviceAgent
+    from device_agent.sources import load_idx_dataset
+    from protocol.mqtt import BrokerUnusable
 
     try:
         kind, source = parse_source(args.source)
-        params = json.loads(args.policy_params)
-        if not isinstance(params, dict):
-            raise ValueError("--policy-params must be a JSON object")
-        if args.policy not in policy_names():
-            raise PolicyError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
-        password = args.password_file.read_text().splitlines()[0].strip() if args.password_file else ""
-        broker = BrokerAddress.parse(args.broker, args.username or args.device_id, password, args.tls_ca)
-        config = AgentConfig(
-            device_id=args.device_id,
-            broker=broker,
-            topics=Topics.namespaced(args.namespace) if args.namespace else Topics(),
-            model_dir=args.models,
-            policy={"name": args.policy, "params": params},
-            state_dir=args.state_dir,
-            run_id=args.run_id,
-            dataset=source["name"] if kind == "dataset" else f"dir:{source['path']}",
-            split=source["split"] if kind == "dataset" else "live",
-        )
-        if args.profile:
-            config = apply_profile(config, load_profile(args.profile))
-        if args.idle_seconds is not None:
-            config.idle_seconds = args.idle_seconds
-        if args.deadline is not None:
-            config.offload_deadline_s = args.deadline
-        if args.rate is not None and args.rate <= 0:
-            raise ValueError(f"--rate must be positive, got {args.rate}")
-        if args.close_timeout is not None:
-            config.close_timeout_s = args.close_timeout
-        config.results_receipts = not args.no_receipts
-        if kind == "dir" and not source["path"].is_dir():
+        config = build_config(args, kind, source)
+        if kind == "dataset":  # read it now: a wrong name or split is an argument error, not a crash later
+            images, labels = load_idx_dataset(source["name"], source["split"], source["limit"])
+        elif not source["path"].is_dir():
             raise FileNotFoundError(f"{source['path']} is not a directory")
-    except (ValueError, OSError, IndexError) as exc:  # json errors, bad files, bad addresses
+    except (ValueError, OSError) as exc:  # json errors, bad files, bad addresses, invalid ids and values
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
 
@@ -147,13 +172,18 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         agent = DeviceAgent(config).start()
-    except (ValueError, OSError) as exc:  # a missing model dir or card, bad policy params
+    except (ValueError, OSError, BrokerUnusable) as exc:  # a missing model dir or card, bad params, TLS
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
     try:
         if kind == "dataset":
-            samples = iter_dataset(source["name"], source["split"], source["limit"])
-            summary = agent.run_dataset(_until(samples, stop, args.rate), progress=not args.no_progress)
+            samples = zip(images, (int(y) for y in labels))
+            progress = agent.source_progress(args.source)
+            summary = agent.run_dataset(
+                _until(samples, stop, args.rate), progress=not args.no_progress, source=args.source
+            )
+            if not stop.is_set():
+                progress.finish_pass()  # every item is recorded: the next start with this run id runs anew
         else:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             summary = agent.watch(source["path"], stop)
@@ -161,8 +191,38 @@ def run(args: argparse.Namespace) -> int:
         final = agent.close()
     out = summary.as_dict()
     out["outbox_left"] = final.outbox_left
+    out["refused_records"] = final.refused_records
     out["offload_stats"] = dict(agent.offloads.stats)
     print(json.dumps(out, default=str))
+    return _exit_code(summary, final, config, agent.link.refused)
+
+
+def _exit_code(summary: Any, final: Any, config: Any, refused: Any = None) -> int:
+    if refused:
+        print(f"edgecascade agent: {refused}", file=sys.stderr)
+        return 2
+    if summary.samples == 0 and (summary.failed or summary.rejected_inputs):
+        print(
+            f"edgecascade agent: no sample could be processed ({summary.failed} failed, "
+            f"{summary.rejected_inputs} not an image the model takes)",
+            file=sys.stderr,
+        )
+        return 1
+    if final.refused_records:
+        print(
+            f"edgecascade agent: the collector refused {final.refused_records} records "
+            "(see its rejected_records table)",
+            file=sys.stderr,
+        )
+        return 1
+    if final.outbox_left.get("record"):
+        print(
+            f"edgecascade agent: {final.outbox_left['record']} records still wait in the outbox "
+            f"(broker {config.broker.host}:{config.broker.port} or the collector not reached); "
+            "they are sent on the next start",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 

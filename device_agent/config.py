@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from protocol.ids import check_device_id, check_run_id
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
 
@@ -20,9 +22,11 @@ else:  # the device extra installs tomli on older Pythons
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "bench" / "profiles"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
-    """Everything a `DeviceAgent` needs; `apply_profile` fills the hardware-specific part from a profile."""
+    """Everything a `DeviceAgent` needs; `apply_profile` fills the hardware-specific part from a profile.
+
+    Validated when built and never changed after (`dataclasses.replace` builds a new, validated one)."""
 
     device_id: str
     broker: BrokerAddress
@@ -38,6 +42,7 @@ class AgentConfig:
     meter_options: Dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 5.0
     window_size: int = 32  # inferences per energy window
+    window_max_s: float = 1.0  # ... and at most this long open (what a SIGKILL can lose: see settlement)
     max_inflight: int = 64  # offloads awaiting a reply
     offload_deadline_s: float = 2.0  # then the edge answer is used, flagged `fallback`
     results_batch: int = 100  # result records per MQTT message
@@ -55,13 +60,35 @@ class AgentConfig:
     outbox_wait_s: Optional[float] = 300.0  # how long the loop waits for room in a full outbox, then fails
 
     def __post_init__(self) -> None:
-        self.model_dir = Path(self.model_dir)
-        self.state_dir = Path(self.state_dir)
-        for name in ("window_size", "max_inflight", "results_batch"):
+        object.__setattr__(self, "model_dir", Path(self.model_dir))
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        check_device_id(self.device_id)
+        if self.run_id is not None:
+            check_run_id(self.run_id)
+        for name in (
+            "window_size",
+            "max_inflight",
+            "results_batch",
+            "outbox_max_entries",
+            "outbox_max_bytes",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
-        if self.offload_deadline_s <= 0:
-            raise ValueError(f"offload_deadline_s must be positive, got {self.offload_deadline_s!r}")
+        for name in ("offload_deadline_s", "flush_s", "receipt_timeout_s", "window_max_s"):
+            _positive(name, getattr(self, name))
+        for name in ("idle_seconds", "connect_timeout_s", "close_timeout_s"):
+            _positive(name, getattr(self, name), zero=True)
+        if self.outbox_wait_s is not None:
+            _positive("outbox_wait_s", self.outbox_wait_s, zero=True)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads!r}")
+
+
+def _positive(name: str, value: Any, zero: bool = False) -> None:
+    """A finite number > 0 (>= 0 with `zero`): NaN and infinity are refused too."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>= 0' if zero else '> 0'}, got {value!r}")
 
 
 def load_profile(profile: Union[str, Path]) -> Dict[str, Any]:

@@ -3,13 +3,15 @@
 - Client id = device id, MQTT 5, clean_start=False with a session expiry: the broker keeps the reply
   subscription (and replies queued for it) across reconnects of the agent.
 - Last Will: retained `offline` on `status`; a retained `online` is published on every connect.
-- Result records leave the outbox in batches (`encode_records`, QoS 1). With receipts (the default) each batch
-  carries a token (CorrelationData) and our `receipts` topic (ResponseTopic); the collector answers once the
-  batch is committed, and only then are its records deleted. A broker PUBACK alone is not enough: a broker
-  killed before its autosave forgets what it acknowledged. A batch with no receipt within `receipt_timeout_s`
-  after its PUBACK is sent again (the timeout doubles while receipts stay away, so a collector that is down
-  does not make us flood the broker); the collector's unique keys make a second copy write nothing. Without
-  receipts (no collector in the loop) records are deleted on PUBACK.
+- Result records leave the outbox in batches (`encode_records`, QoS 1). With receipts (the default) each
+  batch carries a token (CorrelationData) and our `receipts` topic (ResponseTopic); the collector answers
+  once the batch is committed, and only then are its records deleted. A receipt says how many records were
+  stored and how many refused (the collector keeps those in its `rejected_records` table, with the reason):
+  refusals are logged as errors and counted (`refused_records`), never taken for stored. A broker PUBACK
+  alone is not enough: a broker killed before its autosave forgets what it acknowledged. A batch with no
+  receipt within `receipt_timeout_s` after its PUBACK is sent again (the timeout doubles while receipts stay
+  away, so a collector that is down does not make us flood the broker); the collector's unique keys make a
+  second copy write nothing. Without receipts (no collector in the loop) records are deleted on PUBACK.
 - A batch on the wire when the connection drops is retransmitted by paho on reconnect (same packet id); after
   a reconnect without session every unsettled batch goes back to the outbox; a new process starts from the
   outbox (entries reset to pending).
@@ -25,17 +27,26 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import msgpack
 import paho.mqtt.client as mqtt
 
 from device_agent.outbox import Outbox
-from protocol import CONTENT_TYPE_RESULTS, Topics, encode_records
-from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish_properties
+from protocol import CONTENT_TYPE_RESULTS, ProtocolError, Topics, decode_receipt, encode_records
+from protocol.mqtt import (
+    BrokerAddress,
+    BrokerUnusable,
+    connect_properties,
+    new_client,
+    permanent_connack_refusal,
+    publish_properties,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +104,9 @@ class Link:
         self._batches: Dict[bytes, _Batch] = {}
         self._token_prefix = os.urandom(8)  # so that receipts meant for an earlier process match nothing
         self._token_seq = itertools.count()
-        self._receipts_in: Deque[bytes] = collections.deque()
+        self._receipts_in: Deque[Tuple[bytes, bytes]] = collections.deque()  # (token, payload)
+        self.last_error: Optional[str] = None  # why the last connection attempt failed
+        self.refused: Optional[str] = None  # set while the broker refuses our login for good (CONNACK)
         self._receipt_wait_s = receipt_timeout_s  # current timeout: doubles while receipts stay away
         self._backed_off_at = 0.0  # when it last doubled: at most once per timeout period
         self._warned_no_receipts = False
@@ -111,6 +124,8 @@ class Link:
             "rejected_batches": 0,
             "resent_batches": 0,  # no receipt in time: sent again
             "stray_receipts": 0,  # receipts for batches already settled or from an earlier process
+            "refused_records": 0,  # records the collector could not store (see its rejected_records)
+            "bad_receipts": 0,
         }
         self.client = new_client(address, device_id, on_connect=self._on_connect)
         self.client.will_set(topics.status(device_id), b"offline", qos=1, retain=True)
@@ -121,20 +136,36 @@ class Link:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Connect in the background (a broker that is down now is retried: the outbox holds the data)."""
-        self.client.connect_async(
-            self.address.host,
-            self.address.port,
-            keepalive=15,
-            clean_start=False,
-            properties=connect_properties(self._session_expiry_s),
-        )
-        self.client.loop_start()
+        """Connect; a broker that is down now is retried in the background (the outbox holds the data).
+
+        BrokerUnusable at once for what no retry heals: a failing TLS handshake (wrong CA, no TLS there)."""
+        host, port = self.address.host, self.address.port
+        try:
+            # A first attempt in the foreground, to tell a broker that is down from one that cannot work.
+            self.client.connect(
+                host,
+                port,
+                keepalive=15,
+                clean_start=False,
+                properties=connect_properties(self._session_expiry_s),
+            )
+        except ssl.SSLError as exc:
+            raise BrokerUnusable(f"TLS with {host}:{port} failed: {exc.reason or exc}") from None
+        except socket.gaierror as exc:
+            self.last_error = f"cannot resolve {host!r}: {exc.strerror}"
+        except OSError as exc:
+            self.last_error = f"{host}:{port}: {exc.strerror or exc}"
+        self.client.loop_start()  # reconnects (with back-off) whether or not that first attempt worked
         self._thread = threading.Thread(target=self._run, name=f"link-{self.device_id}", daemon=True)
         self._thread.start()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self.connected.wait(timeout)
+        """True once connected; False after `timeout`, or as soon as the broker refuses our login for good."""
+        deadline = time.monotonic() + timeout
+        while not self.connected.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            if self.refused is not None or time.monotonic() >= deadline:
+                return False
+        return True
 
     def drain(self, timeout: float) -> bool:
         """Send every waiting record, partial batches included; True once the outbox holds no records."""
@@ -161,7 +192,17 @@ class Link:
     # -- paho callbacks (network thread) --------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            why = permanent_connack_refusal(reason)
+            if why is not None and self.refused is None:
+                self.refused = (
+                    f"broker {self.address.host}:{self.address.port} refused {self.address.username!r}: {why}"
+                )
+                logger.error(
+                    "%s (retrying with back-off; nothing is lost, the outbox keeps it)", self.refused
+                )
+            self.last_error = str(reason)
             return
+        self.refused = None
         self.stats["connects"] += 1
         logger.info("%s connected (session present: %s)", self.device_id, flags.session_present)
         # Subscribe even when the session is present: a broker that lost its state (SIGKILL before its
@@ -194,7 +235,7 @@ class Link:
     def _on_receipt(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         token = getattr(message.properties, "CorrelationData", None)
         if token:
-            self._receipts_in.append(bytes(token))
+            self._receipts_in.append((bytes(token), bytes(message.payload)))
 
     # -- sending --------------------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, properties: Any = None) -> Optional[int]:
@@ -225,10 +266,27 @@ class Link:
 
     def _take_receipts(self) -> None:
         while self._receipts_in:
-            batch = self._batches.pop(self._receipts_in.popleft(), None)
-            if batch is None:
+            token, payload = self._receipts_in.popleft()
+            if token not in self._batches:
                 self.stats["stray_receipts"] += 1
                 continue
+            try:
+                receipt = decode_receipt(payload)
+            except ProtocolError as exc:  # not a receipt we can read: the batch goes again
+                self.stats["bad_receipts"] += 1
+                logger.warning("%s: unreadable receipt (%s)", self.device_id, exc)
+                continue
+            batch = self._batches.pop(token)
+            if receipt.refused:
+                self.stats["refused_records"] += receipt.refused
+                logger.error(
+                    "%s: the collector could not store %d of %d records (kept in its rejected_records "
+                    "table): %s",
+                    self.device_id,
+                    receipt.refused,
+                    batch.records,
+                    receipt.reason,
+                )
             self._settled(batch)
             self._receipt_wait_s = self.receipt_timeout_s
 

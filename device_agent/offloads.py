@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from device_agent.link import Link
-from device_agent.outbox import Outbox
+from device_agent.outbox import Also, Outbox
 from protocol import CONTENT_TYPE_OFFLOAD, OffloadReply, ProtocolError, Topics, decode_reply
 from protocol.mqtt import publish_properties
 
@@ -95,8 +95,13 @@ class OffloadTracker:
     def correlation(self, seq: int) -> bytes:
         return f"{self.run_id}/{seq}".encode()
 
-    def offload(self, sample: Any, seq: int, payload: bytes, partial_record: Dict[str, Any]) -> None:
-        """Queue one offload (blocks while the in-flight window is full) and send it if connected."""
+    def offload(
+        self, sample: Any, seq: int, payload: bytes, partial_record: Dict[str, Any], also: Also = None
+    ) -> None:
+        """Queue one offload (blocks while the in-flight window is full) and send it if connected.
+
+        On disk it is its fallback record (`meta`), which the next start records if this process dies
+        first; the image stays in memory only, for the re-sends (nothing ever reads it back from disk)."""
         if not self._window.acquire(blocking=False):
             self.stats["window_waits"] += 1
             self._window.acquire()
@@ -105,9 +110,10 @@ class OffloadTracker:
             f"offload/{self.run_id}/{partial_record['device_id']}/{seq}",
             "offload",
             self._topic,
-            payload,
+            b"",
             meta=partial_record,
             deadline_unix=time.time() + self.deadline_s,
+            also=also,
         )
         if outbox_id is None:  # this key was offloaded before: never twice
             self._window.release()

@@ -5,11 +5,15 @@ is settled: a record batch on the collector's receipt (on the broker's PUBACK wi
 on the cloud's reply or at its deadline (its record, answer or `fallback`, enters in the same transaction).
 While the broker is unreachable entries simply wait; a restarted agent finds them on disk.
 
-Each entry has an idempotent key (`inference/<run>/<device>/<seq>`, ...). A key that was already put, pending
-or acknowledged, is refused, so nothing is recorded twice: acknowledged keys stay behind as tombstones (key
-and time only) for `keep_done_s`. A record entry may carry several records (`items`; the agent writes the
-records that finish together as one entry: one insert per window instead of one per sample); such a batch
-lists its records' keys in `meta["keys"]`, and each becomes a tombstone when the batch is acknowledged.
+Each entry has a key that its writer makes unique for good (from sequence numbers that survive a restart,
+`device_agent.durable`). A key can be pending once: putting it again with the same payload is a harmless
+duplicate (refused and counted), with another payload an `OutboxConflict` — never a silent drop. Nothing is
+kept of an entry once it has left: the collector's unique keys, which compare content, settle re-delivery.
+A record entry may carry several records (`items`; the agent writes the records that finish together as one
+entry: one insert per flush instead of one per sample).
+
+Writers may run their own statements in the transaction of a put or commit (`also`): what `durable` keeps
+about a source's progress must change exactly when the records that prove it do.
 
 The outbox is bounded in entries and payload bytes; `put` waits for room (backpressure on the inference loop)
 and raises `OutboxFull` when none appears in time.
@@ -24,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import msgpack
 
@@ -47,13 +51,21 @@ CREATE TABLE IF NOT EXISTS entries (
     items INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS entries_pending ON entries (kind, inflight, id);
-CREATE TABLE IF NOT EXISTS done (key TEXT PRIMARY KEY, done_unix REAL NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+DROP TABLE IF EXISTS done;
 """
+# (`done` held a tombstone per acknowledged key in earlier versions: unbounded, and it refused new records
+# whose keys happened to collide with old ones. Dropped on open.)
+
+Also = Optional[Callable[[sqlite3.Cursor], None]]  # extra statements for the same transaction
 
 
 class OutboxFull(RuntimeError):
     """The outbox is at its bound and nothing was acknowledged in time: the broker has been away too long."""
+
+
+class OutboxConflict(RuntimeError):
+    """A key already pending with a different payload: two different things were given one name (a bug)."""
 
 
 @dataclass
@@ -94,7 +106,6 @@ class Outbox:
         *,
         max_entries: int = 200_000,
         max_bytes: int = 512 * 1024 * 1024,
-        keep_done_s: float = 7 * 24 * 3600.0,
     ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,10 +120,10 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._depth = 0
+        self._delta = (0, 0)  # (entries, bytes) added by the open transaction
         with self._lock:
             # Whatever was on the wire when the last process died was never acknowledged: send it again.
             self._db.execute("UPDATE entries SET inflight = 0 WHERE inflight != 0")
-            self._db.execute("DELETE FROM done WHERE done_unix < ?", (time.time() - keep_done_s,))
             self._recount()
         self.refused_duplicates = 0
         self.waited_for_room = 0
@@ -126,18 +137,24 @@ class Outbox:
             self._depth += 1
             if self._depth == 1:
                 cur.execute("BEGIN IMMEDIATE")
+                self._delta = (0, 0)
             try:
                 yield cur
             except BaseException:
                 if self._depth == 1:
                     cur.execute("ROLLBACK")
-                    self._recount()  # counters moved inside the transaction that just vanished
                 raise
             else:
                 if self._depth == 1:
                     cur.execute("COMMIT")
+                    # Counted at COMMIT only, so that a rolled-back transaction leaves the counters right.
+                    self._entries += self._delta[0]
+                    self._bytes += self._delta[1]
             finally:
                 self._depth -= 1
+
+    def _pending_delta(self, entries: int, size: int) -> None:
+        self._delta = (self._delta[0] + entries, self._delta[1] + size)
 
     def _recount(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM entries").fetchone()
@@ -154,21 +171,25 @@ class Outbox:
         meta: Optional[Dict[str, Any]] = None,
         deadline_unix: Optional[float] = None,
         timeout: Optional[float] = None,
+        also: Also = None,
     ) -> Optional[int]:
-        """Add one entry; its id, or None when the key was already put (never recorded twice)."""
+        """Add one entry (and run `also` in its transaction); its id, or None when an entry of that key and
+        payload is already pending."""
         entry = NewEntry(key, kind, topic, payload, meta, deadline_unix)
         with self._room:
             self._wait_room([entry], timeout)
-            return self._insert([entry])[0]
+            with self._tx() as cur:
+                ids = self._insert(cur, [entry])
+                if also is not None:
+                    also(cur)
+            return ids[0]
 
     def put_many(self, entries: Sequence[NewEntry], *, timeout: Optional[float] = None) -> int:
         """Add entries in one transaction, waiting up to `timeout` s for room (None: wait indefinitely);
-        how many were new (keys already put are refused)."""
+        how many were new."""
         if not entries:
             return 0
-        with self._room:
-            self._wait_room(entries, timeout)
-            return self._insert_many(entries)
+        return self.commit([], entries, timeout=timeout)[1]
 
     def _wait_room(
         self, entries: Sequence[NewEntry], timeout: Optional[float], freed: Tuple[int, int] = (0, 0)
@@ -194,69 +215,27 @@ class Outbox:
     def _has_room(self, count: int, size: int) -> bool:
         return self._entries + count <= self.max_entries and self._bytes + size <= self.max_bytes
 
-    def _insert(self, entries: Iterable[NewEntry]) -> List[Optional[int]]:
-        """Insert one by one, returning each id (None: key already put or acknowledged)."""
+    def _insert(self, cur: sqlite3.Cursor, entries: Sequence[NewEntry]) -> List[Optional[int]]:
+        """Insert each new entry; its id, or None for a duplicate of a pending one."""
+        now = time.time()
         ids: List[Optional[int]] = []
-        now = time.time()
-        added = added_bytes = 0
-        with self._tx() as cur:
-            for e in entries:
-                if cur.execute("SELECT 1 FROM done WHERE key = ?", (e.key,)).fetchone():
-                    ids.append(None)
-                    self.refused_duplicates += 1
-                    continue
-                meta = None if e.meta is None else msgpack.packb(e.meta, use_bin_type=True)
-                cur.execute(
-                    "INSERT OR IGNORE INTO entries (key, kind, topic, payload, meta, deadline_unix,"
-                    " created_unix, items) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (e.key, e.kind, e.topic, e.payload, meta, e.deadline_unix, now, e.items),
-                )
-                if cur.rowcount == 0:
-                    ids.append(None)
-                    self.refused_duplicates += 1
-                    continue
-                ids.append(cur.lastrowid)
-                added, added_bytes = added + 1, added_bytes + len(e.payload)
-        # Counted after COMMIT so that a rolled-back transaction leaves the counters right.
-        self._entries += added
-        self._bytes += added_bytes
+        for e in entries:
+            meta = None if e.meta is None else msgpack.packb(e.meta, use_bin_type=True)
+            row = cur.execute("SELECT payload, meta FROM entries WHERE key = ?", (e.key,)).fetchone()
+            if row is not None:
+                if bytes(row[0]) != e.payload or (None if row[1] is None else bytes(row[1])) != meta:
+                    raise OutboxConflict(f"{e.key!r} is already pending with a different content")
+                self.refused_duplicates += 1  # the same thing again: harmless
+                ids.append(None)
+                continue
+            cur.execute(
+                "INSERT INTO entries (key, kind, topic, payload, meta, deadline_unix, created_unix, items)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (e.key, e.kind, e.topic, e.payload, meta, e.deadline_unix, now, e.items),
+            )
+            ids.append(cur.lastrowid)
+            self._pending_delta(1, len(e.payload))
         return ids
-
-    def _insert_many(self, entries: Sequence[NewEntry]) -> int:
-        """Insert a batch in one statement (the per-record path of the agent: ~5x cheaper than `_insert`)."""
-        now = time.time()
-        rows = [
-            (
-                e.key,
-                e.kind,
-                e.topic,
-                e.payload,
-                None if e.meta is None else msgpack.packb(e.meta, use_bin_type=True),
-                e.deadline_unix,
-                now,
-                e.items,
-                e.key,
-            )
-            for e in entries
-        ]
-        before = self._db.total_changes
-        with self._tx() as cur:
-            cur.executemany(
-                "INSERT OR IGNORE INTO entries (key, kind, topic, payload, meta, deadline_unix, created_unix,"
-                " items) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM done WHERE key = ?)",
-                rows,
-            )
-        added = self._db.total_changes - before
-        if added == len(entries):
-            self._entries += added
-            self._bytes += sum(len(e.payload) for e in entries)
-        else:  # some keys were refused: count from the table rather than guess which
-            self.refused_duplicates += len(entries) - added
-            row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM entries"
-            ).fetchone()
-            self._entries, self._bytes = int(row[0]), int(row[1])
-        return added
 
     # -- taking out -----------------------------------------------------------------------------------
     def take(self, kind: str, limit: int) -> List[Entry]:
@@ -286,26 +265,35 @@ class Outbox:
             cur.executemany("UPDATE entries SET inflight = 0 WHERE id = ?", [(i,) for i in ids])
 
     def ack(self, ids: Sequence[int]) -> int:
-        """Remove acknowledged entries, keeping their keys as tombstones; how many were there."""
-        with self._room:
-            removed = self._remove(ids)
-            self._room.notify_all()
-        return removed
+        """Remove settled entries; how many were there."""
+        return self.commit(ids, [])[0]
 
     def commit(
-        self, remove: Sequence[int], add: Sequence[NewEntry], *, timeout: Optional[float] = None
-    ) -> int:
-        """Remove entries and add others in one transaction (settled offloads leave as their records enter),
-        waiting up to `timeout` s for room for the net growth; how many were removed."""
+        self,
+        remove: Sequence[int],
+        add: Sequence[NewEntry],
+        *,
+        timeout: Optional[float] = None,
+        also: Also = None,
+    ) -> Tuple[int, int]:
+        """Remove entries, add others and run `also`, in one transaction (settled offloads leave as their
+        records enter), waiting up to `timeout` s for room for the net growth; (removed, added)."""
         with self._room:
             if add:
                 self._wait_room(add, timeout, freed=self._sizes(remove))
-            with self._tx():  # nested: one transaction for both
-                removed = self._remove(remove)
-                if add:
-                    self._insert_many(add)
+            with self._tx() as cur:
+                removed = 0
+                for i in remove:
+                    row = cur.execute("SELECT LENGTH(payload) FROM entries WHERE id = ?", (i,)).fetchone()
+                    if row is not None:
+                        cur.execute("DELETE FROM entries WHERE id = ?", (i,))
+                        removed += 1
+                        self._pending_delta(-1, -int(row[0]))
+                ids = self._insert(cur, add) if add else []
+                if also is not None:
+                    also(cur)
             self._room.notify_all()
-        return removed
+        return removed, sum(i is not None for i in ids)
 
     def _sizes(self, ids: Sequence[int]) -> Tuple[int, int]:
         size = 0
@@ -315,28 +303,6 @@ class Outbox:
             if row is not None:
                 count, size = count + 1, size + int(row[0])
         return count, size
-
-    def _remove(self, ids: Sequence[int]) -> int:
-        now = time.time()
-        removed = removed_bytes = 0
-        with self._tx() as cur:
-            for i in ids:
-                row = cur.execute(
-                    "SELECT key, LENGTH(payload), meta FROM entries WHERE id = ?", (i,)
-                ).fetchone()
-                if row is None:
-                    continue
-                cur.execute("DELETE FROM entries WHERE id = ?", (i,))
-                keys = [row[0]]
-                if row[2] is not None:  # a batch names its records: they are tombstoned one by one
-                    keys += list(msgpack.unpackb(row[2], raw=False).get("keys", []))
-                cur.executemany(
-                    "INSERT OR REPLACE INTO done (key, done_unix) VALUES (?, ?)", [(k, now) for k in keys]
-                )
-                removed, removed_bytes = removed + 1, removed_bytes + int(row[1])
-        self._entries -= removed
-        self._bytes -= removed_bytes
-        return removed
 
     def oldest_pending(self, kind: str) -> Optional[float]:
         """Creation time of the oldest entry of `kind` not on the wire."""
@@ -354,7 +320,16 @@ class Outbox:
             ).fetchall()
         return [_entry(r) for r in rows]
 
-    # -- small persistent state (next sequence number of a run) ---------------------------------------
+    # -- small persistent state (sequence numbers, progress: device_agent.durable) -----------------------
+    def transaction(self) -> ContextManager[sqlite3.Cursor]:
+        """A write transaction for statements on the state tables (never `entries`: use put/commit)."""
+        return self._tx()
+
+    def read(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        """Rows of a query on the state tables."""
+        with self._lock:
+            return list(self._db.execute(sql, params).fetchall())
+
     def get_state(self, name: str) -> Optional[str]:
         with self._lock:
             row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
@@ -377,10 +352,6 @@ class Outbox:
         out = {k: 0 for k in KINDS}
         out.update({str(k): int(n) for k, n in rows})
         return out
-
-    def is_done(self, key: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM done WHERE key = ?", (key,)).fetchone() is not None
 
     def wait_empty(self, kind: str, timeout: float) -> bool:
         """Wait until no entry of `kind` is left; False on timeout."""

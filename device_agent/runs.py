@@ -7,11 +7,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
 import numpy as np
 
 from device_agent.cascade import sha256_file
+from device_agent.durable import Origin, SourceProgress
 from protocol import InferenceRecord
 
 
@@ -35,6 +36,12 @@ class RunSummary:
     energy_source: str = "none"
     policy_report: Dict[str, Any] = field(default_factory=dict)
     outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
+    rejected_inputs: int = 0  # samples that are not an image the model takes (never started)
+    skipped_files: int = 0  # watched files that could not be read (remembered: never read again)
+    pass_number: int = 0  # a resumable dataset source: which pass over it this is
+    resumed_done: int = 0  # ... and how many of its items an earlier process had already recorded
+    recovered_offloads: int = 0  # offloads an earlier process left, recorded as fallbacks at start
+    refused_records: int = 0  # records the collector could not store (kept in its rejected_records table)
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -63,19 +70,36 @@ class RunSummary:
 
 
 class Stream:
-    """A `run_dataset` iterable for the inference thread, and the tally of its samples."""
+    """A `run_dataset` iterable for the inference thread, the tally of its samples, and (for a resumable
+    source) its progress: the stream's items done in an earlier process are skipped."""
 
     def __init__(
-        self, samples: Iterator[Tuple[np.ndarray, Optional[int]]], summary: RunSummary, progress: bool
+        self,
+        samples: Iterator[Tuple[np.ndarray, Optional[int]]],
+        summary: RunSummary,
+        progress: bool,
+        source: Optional[SourceProgress] = None,
     ):
         self.samples = samples
         self.summary = summary
         self.progress = progress
+        self.source = source
+        self._done_before: Set[str] = set()
+        if source is not None:
+            summary.pass_number, done = source.begin_pass()
+            self._done_before = set(done)
+            summary.resumed_done = len(done)
         self.error: Optional[BaseException] = None
         self.done = threading.Event()
         self._lock = threading.Lock()
         self._pending = 0
         self._exhausted = False
+
+    def done_before(self, index: int) -> bool:
+        return bool(self._done_before) and str(index) in self._done_before
+
+    def origin(self, index: int) -> Optional[Origin]:
+        return None if self.source is None else self.source.origin(str(index))
 
     def started(self) -> None:
         with self._lock:
@@ -84,7 +108,7 @@ class Stream:
     def rejected(self) -> None:
         """Not an image the model takes: counted, never started."""
         with self._lock:
-            self.summary.failed += 1
+            self.summary.rejected_inputs += 1
 
     def finished(self, record: Optional[InferenceRecord]) -> None:
         """A started sample's final record (None: processing it failed)."""

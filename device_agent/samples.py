@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 
 from device_agent.cascade import EdgeCascade, normalised_entropy
+from device_agent.durable import Origin
 from device_agent.policies import Decision, EdgeView, PolicyError
 from protocol import InferenceRecord, OffloadReply
 
@@ -18,7 +19,7 @@ class Sample:
     __slots__ = (
         "seq", "image", "label", "future", "ts_unix", "view", "decision", "blocks", "edge_ms",
         "compute_s", "bytes_up", "bytes_down", "network_ms", "reply", "offload_outbox_id",
-        "device_j_gross", "device_j_net", "energy_done", "exit_stage", "finished", "sink",
+        "device_j_gross", "device_j_net", "energy_done", "exit_stage", "finished", "sink", "origin",
     )  # fmt: skip
 
     def __init__(
@@ -45,6 +46,7 @@ class Sample:
         self.exit_stage: Optional[str] = None
         self.finished = False
         self.sink: Optional[Callable[[Optional[InferenceRecord]], None]] = None  # run_dataset's tally
+        self.origin: Optional[Origin] = None  # the source item it came from, marked done with its record
 
 
 def edge_view(

@@ -1,7 +1,8 @@
 """Where samples come from: a dataset in IDX files, a directory watched for image files, or an array.
 
-Everything here is numpy and the standard library: a device reads PNG (through zlib) and PGM itself instead of
-pulling in Pillow. Images come out as uint8 CHW arrays; a label, when the source knows one, beside them.
+Images come out as uint8 CHW arrays; a label, when the source knows one, beside them. Image files are decoded
+by Pillow, which reads a file's header before it decodes anything: a file whose header does not announce the
+model's size is refused before a byte is decompressed (a 249 KB PNG can announce gigabytes of pixels).
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import re
 import struct
 import threading
 import time
-import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
+
+from device_agent.durable import Origin, SourceProgress
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ _IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IMAGE_SUFFIXES = (".png", ".pgm", ".pnm")
+IMAGE_FORMATS = ("PNG", "PPM")  # Pillow's names; PPM covers PGM and PNM
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a model input is kilobytes: anything this big is not one
 _LABEL_IN_NAME = re.compile(r"(?:^|[_\-.])label[_\-]?(\d+)(?:[_\-.]|$)", re.IGNORECASE)
 
 
@@ -96,125 +102,37 @@ def iter_dataset(
 
 
 # -- image files -----------------------------------------------------------------------------------------
-def _paeth(a: int, b: int, c: int) -> int:
-    p = a + b - c
-    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-    if pa <= pb and pa <= pc:
-        return a
-    return b if pb <= pc else c
-
-
-def _unfilter(raw: bytes, height: int, stride: int, bpp: int) -> np.ndarray:
-    """Undo PNG's per-row filters (spec section 9)."""
-    rows = np.frombuffer(raw, dtype=np.uint8)
-    if rows.size != height * (stride + 1):
-        raise ImageError(f"PNG data has {rows.size} bytes, expected {height * (stride + 1)}")
-    rows = rows.reshape(height, stride + 1)
-    out = np.zeros((height, stride), dtype=np.int64)
-    prev = np.zeros(stride, dtype=np.int64)
-    for y in range(height):
-        kind, line = int(rows[y, 0]), rows[y, 1:].astype(np.int64)
-        if kind == 0:
-            cur = line
-        elif kind == 1:  # Sub: a running sum along each channel
-            cur = np.zeros(stride, dtype=np.int64)
-            for k in range(bpp):
-                cur[k::bpp] = np.cumsum(line[k::bpp]) & 0xFF
-        elif kind == 2:  # Up
-            cur = (line + prev) & 0xFF
-        elif kind in (3, 4):  # Average and Paeth depend on the reconstructed left neighbour: per pixel
-            px, up, done = line.tolist(), prev.tolist(), [0] * stride
-            for x in range(stride):
-                left = done[x - bpp] if x >= bpp else 0
-                up_left = up[x - bpp] if x >= bpp else 0
-                pred = (left + up[x]) >> 1 if kind == 3 else _paeth(left, up[x], up_left)
-                done[x] = (px[x] + pred) & 0xFF
-            cur = np.array(done, dtype=np.int64)
-        else:
-            raise ImageError(f"unknown PNG filter type {kind}")
-        out[y] = cur
-        prev = cur
-    return out.astype(np.uint8)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """A non-interlaced 8-bit PNG (grey, grey+alpha, RGB, RGBA, palette) as uint8 [H, W, channels]."""
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ImageError("not a PNG file")
-    pos, idat, header, palette = 8, [], None, None
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        chunk = data[pos + 8 : pos + 8 + length]
-        if len(chunk) != length:
-            raise ImageError("truncated PNG chunk")
-        if kind == b"IHDR":
-            header = struct.unpack(">IIBBBBB", chunk)
-        elif kind == b"PLTE":
-            palette = np.frombuffer(chunk, dtype=np.uint8).reshape(-1, 3)
-        elif kind == b"IDAT":
-            idat.append(chunk)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
-    if header is None or not idat:
-        raise ImageError("PNG lacks IHDR or IDAT")
-    width, height, depth, color, _, _, interlace = header
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(color)
-    if channels is None or depth != 8 or interlace != 0:
-        raise ImageError(f"unsupported PNG (bit depth {depth}, colour type {color}, interlace {interlace})")
-    try:
-        raw = zlib.decompress(b"".join(idat))
-    except zlib.error as exc:
-        raise ImageError(f"corrupt PNG data: {exc}") from exc
-    pixels = _unfilter(raw, height, width * channels, channels).reshape(height, width, channels)
-    if color == 3:
-        if palette is None:
-            raise ImageError("palette PNG without PLTE")
-        pixels = palette[pixels[:, :, 0]]
-    return pixels
-
-
-def decode_pgm(data: bytes) -> np.ndarray:
-    """A binary (P5) or ASCII (P2) PGM with maxval <= 255 as uint8 [H, W, 1]."""
-    tokens: List[bytes] = []
-    pos = 0
-    while len(tokens) < 4:
-        match = re.compile(rb"\s*(#[^\n]*\n\s*)*(\S+)").match(data, pos)
-        if match is None:
-            raise ImageError("truncated PGM header")
-        tokens.append(match.group(2))
-        pos = match.end()
-    magic, width, height, maxval = tokens[0], *(int(t) for t in tokens[1:4])
-    if magic not in (b"P5", b"P2") or not 0 < maxval <= 255:
-        raise ImageError(f"unsupported PGM ({magic!r}, maxval {maxval})")
-    if magic == b"P5":
-        body = np.frombuffer(data[pos + 1 : pos + 1 + width * height], dtype=np.uint8)
-    else:
-        body = np.array(data[pos:].split()[: width * height], dtype=np.int64).astype(np.uint8)
-    if body.size != width * height:
-        raise ImageError(f"PGM body has {body.size} pixels, expected {width * height}")
-    if maxval != 255:
-        body = (body.astype(np.uint16) * 255 // maxval).astype(np.uint8)
-    return body.reshape(height, width, 1)
-
-
 def read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
-    """An image file as the uint8 CHW array the model takes (colour becomes grey for 1-channel models)."""
-    data = Path(path).read_bytes()
-    pixels = decode_png(data) if data[:4] == b"\x89PNG" else decode_pgm(data)
+    """An image file as the uint8 CHW array the model takes (colour becomes grey for 1-channel models).
+
+    ImageError for anything else: not a PNG/PGM, truncated or corrupt, bigger than `MAX_FILE_BYTES`, or a
+    header that announces another size than the model's (checked before decoding)."""
     channels, height, width = (int(d) for d in input_shape)
-    if pixels.shape[2] in (2, 4):  # drop alpha
-        pixels = pixels[:, :, :-1]
-    if channels == 1 and pixels.shape[2] == 3:
-        grey = pixels.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        pixels = np.clip(np.rint(grey), 0, 255).astype(np.uint8)[:, :, None]
-    elif channels == 3 and pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-    if pixels.shape != (height, width, channels):
-        raise ImageError(
-            f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}x{pixels.shape[2]}, "
-            f"the model takes {width}x{height}x{channels}"
-        )
+    try:
+        size = os.stat(path).st_size
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"{path}: {size} bytes, more than {MAX_FILE_BYTES}")
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            if image.size != (width, height):
+                raise ImageError(
+                    f"{path}: image is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}"
+                )
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except ImageError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        IndexError,
+        struct.error,
+        Image.DecompressionBombError,
+    ) as exc:
+        # Pillow's errors for unreadable, truncated and corrupt files, and ours for unreadable paths
+        raise ImageError(f"{path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
@@ -224,43 +142,82 @@ def label_from_name(path: Path) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+@dataclass
+class Found:
+    """One file of a watched directory: its image and label, or None for a file that cannot be read."""
+
+    path: Path
+    image: Optional[np.ndarray]
+    label: Optional[int] = None
+    origin: Optional[Origin] = None  # mark it done with its record (the watcher's progress)
+
+
+UNREADABLE = "unreadable"  # the stamp of an entry that cannot even be stat()ed (a symlink loop)
+
+
 def watch_directory(
     directory: Path,
     input_shape: Sequence[int],
     stop: threading.Event,
+    progress: Optional[SourceProgress] = None,
     poll_s: float = 0.2,
     settle_s: float = 0.1,
-) -> Iterator[Tuple[Path, Optional[np.ndarray], Optional[int]]]:
-    """Yield (path, image, label) for each image file appearing in `directory`, once, oldest first, until
-    `stop` is set. A file is read once its size and mtime have not changed for `settle_s` (writers still
-    busy are left for the next scan). An unreadable image yields (path, None, None) and is logged."""
+) -> Iterator[Found]:
+    """Yield each image file appearing in `directory`, once, oldest first, until `stop` is set.
+
+    A file is read once its size and mtime have not changed for `settle_s` (writers still busy are left for
+    the next scan). "Once" holds across restarts with a `progress`: a file is done when its record is on
+    disk (the caller marks `Found.origin` with it) or, unreadable, when it was skipped — so a bad file is
+    logged and yielded with `image=None` once, and never read again (no crash loop under systemd). A file
+    rewritten under the same name (another mtime or size) is new. What is remembered is what is in the
+    directory: names that disappear are forgotten, so the state is bounded by the directory itself."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
-    seen: Set[str] = set()
+    done: Dict[str, str] = progress.done() if progress is not None else {}
+
+    def skip(path: Path, stamp: str, why: object) -> Found:
+        logger.warning("skipping %s: %s", path, why)
+        done[path.name] = stamp
+        if progress is not None:
+            progress.mark_now(path.name, stamp)
+        return Found(path, None)
+
     while not stop.is_set():
         now = time.time()
-        fresh = []
+        fresh: List[Tuple[int, str, str]] = []
+        present = set()
         with os.scandir(directory) as it:
             for entry in it:
-                if entry.name in seen or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+                if not entry.name.lower().endswith(IMAGE_SUFFIXES):
                     continue
+                present.add(entry.name)
                 try:
-                    st = entry.stat()
-                except FileNotFoundError:
+                    st = entry.stat()  # follows symlinks: a loop or a dangling link raises
+                except OSError as exc:
+                    if done.get(entry.name) != UNREADABLE:
+                        yield skip(directory / entry.name, UNREADABLE, exc)
                     continue
-                if now - st.st_mtime >= settle_s and entry.is_file():
-                    fresh.append((st.st_mtime, entry.name))
-        for _, name in sorted(fresh):
-            seen.add(name)
+                stamp = f"{st.st_mtime_ns}:{st.st_size}"
+                if done.get(entry.name) == stamp or not entry.is_file():
+                    continue
+                if now - st.st_mtime >= settle_s:
+                    fresh.append((st.st_mtime_ns, entry.name, stamp))
+        gone = [name for name in done if name not in present]
+        for name in gone:
+            del done[name]
+        if progress is not None:
+            progress.forget(gone)
+        for _, name, stamp in sorted(fresh):
             path = directory / name
             try:
                 image = read_image(path, input_shape)
-            except (ImageError, ValueError, OSError) as exc:
-                logger.warning("skipping %s: %s", path, exc)
-                yield path, None, None
+            except ImageError as exc:
+                yield skip(path, stamp, exc)
                 continue
-            yield path, image, label_from_name(path)
+            done[name] = stamp
+            origin = progress.origin(name, stamp) if progress is not None else None
+            yield Found(path, image, label_from_name(path), origin)
             if stop.is_set():
                 return
         stop.wait(poll_s)

@@ -23,7 +23,7 @@ CONTENT_TYPE_RESULTS = "application/vnd.edgecascade.results.v1+msgpack"
 
 _MAGIC = b"EC"
 _PREAMBLE = struct.Struct(">2sBBI")  # magic, version, kind, header length
-_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS = 1, 2, 3
+_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT = 1, 2, 3, 4
 _DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
 
 
@@ -208,3 +208,27 @@ def decode_records(payload: bytes) -> List[Dict[str, Any]]:
     if not all(isinstance(r, dict) for r in records):
         raise ProtocolError("every record must be a map")
     return records
+
+
+@dataclass
+class Receipt:
+    """The collector's answer to one results batch, once it is settled for good: how many of its records
+    are in the result tables, how many were refused (kept in `rejected_records`, with the reason)."""
+
+    stored: int
+    refused: int = 0
+    reason: str = ""
+
+
+def encode_receipt(receipt: Receipt) -> bytes:
+    return _frame(
+        _KIND_RECEIPT, {"ok": receipt.stored, "no": receipt.refused, "why": receipt.reason[:500]}, b""
+    )
+
+
+def decode_receipt(payload: bytes) -> Receipt:
+    """An empty payload is a receipt of a collector that predates counts: all stored."""
+    if not payload:
+        return Receipt(stored=-1)
+    header, _ = _unframe(payload, _KIND_RECEIPT)
+    return Receipt(_get(header, "ok", int), _get(header, "no", int), _get(header, "why", str))

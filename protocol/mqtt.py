@@ -8,10 +8,12 @@ It is set in `on_connect` because every reconnect makes a new socket.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -30,6 +32,12 @@ class BrokerAddress:
     password: str
     tls_ca: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"broker port must be 1-65535, got {self.port}")
+        if self.tls_ca is not None and not os.access(self.tls_ca, os.R_OK):
+            raise ValueError(f"TLS CA certificate {self.tls_ca} does not exist or cannot be read")
+
     @classmethod
     def parse(
         cls, hostport: str, username: str, password: str, tls_ca: Optional[str] = None
@@ -38,6 +46,50 @@ class BrokerAddress:
         if not host or not port.isdigit():
             raise ValueError(f"broker address must be host:port, got {hostport!r}")
         return cls(host, int(port), username, password, tls_ca)
+
+
+class BrokerUnusable(RuntimeError):
+    """A broker that retrying cannot make usable: a TLS handshake that fails, a login it refuses for good.
+    Services exit with its message (status 2) instead of spinning on reconnects."""
+
+
+def read_secret(path: Union[str, Path], what: str = "password") -> str:
+    """The first line of a secret file (a password, a database URL), stripped; ValueError saying what is
+    wrong with the file otherwise. The one reader of secret files: CLIs and systemd credentials use it."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read the {what} file {path}: {exc.strerror or exc}") from None
+    lines = text.splitlines()
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ValueError(f"the {what} file {path} is empty: its first line must hold the {what}")
+    return secret
+
+
+# CONNACK reason codes (MQTT 5.0, 3.2.2.2) that no retry can turn into a session: the broker will give the
+# same answer until someone changes its accounts or this client's configuration. Everything else (server
+# unavailable or busy, quota or rate exceeded, an unspecified error) may heal by itself and is worth a retry
+# with backoff. Mosquitto 2.0 answers a wrong password with 0x86 or 0x87, an unknown user or a client id the
+# account is not bound to with 0x87.
+_PERMANENT_CONNACK = {
+    0x84: "the broker does not speak this MQTT version",
+    0x85: "the broker refused the client id",
+    0x86: "bad username or password",
+    0x87: "not authorized (wrong password, unknown user, or a client id this account may not use)",
+    0x8A: "this client is banned",
+    0x8C: "the broker does not support this authentication method",
+}
+
+
+def permanent_connack_refusal(reason: Any) -> Optional[str]:
+    """Why a refused CONNACK cannot heal by retrying (a one-line explanation), or None when it may heal
+    (or was no refusal at all). Takes paho's ReasonCode or a plain int. The one classification of CONNACK
+    codes: every service decides on it whether to back off and retry or to exit with a clear message."""
+    value = getattr(reason, "value", reason)
+    if not isinstance(value, int):
+        return None
+    return _PERMANENT_CONNACK.get(value)
 
 
 def set_nodelay(client: mqtt.Client) -> None:

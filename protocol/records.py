@@ -7,10 +7,12 @@ identified by (run_id, device_id, seq), a run by run_id, a window by (run_id, de
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional, Tuple
 
 from protocol.codec import ProtocolError
+from protocol.ids import InvalidId, check_device_id, check_run_id
 
 EXIT_STAGES = ("main", "extension", "cloud", "fallback")
 
@@ -84,7 +86,10 @@ RECORD_FIELDS: Dict[str, Dict[str, Tuple[type, ...]]] = {
 
 
 def validate_record(record: Any) -> Dict[str, Any]:
-    """Return `record` if it is a well-formed result record, else raise `ProtocolError`."""
+    """Return `record` if it is a well-formed result record, else raise `ProtocolError`.
+
+    Beyond the declared types: ids follow `protocol.ids`, numbers are finite (NaN and infinity would turn
+    the run summary into NaN or Infinity, or silently into NULL on SQLite), integers fit 64 bits (SQL)."""
     if not isinstance(record, dict):
         raise ProtocolError(f"record must be a map, got {type(record).__name__}")
     kind = record.get("type")
@@ -97,9 +102,32 @@ def validate_record(record: Any) -> Dict[str, Any]:
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, types):
             raise ProtocolError(f"{kind} record field {name!r} has type {type(value).__name__}")
+        if not _finite(value):
+            raise ProtocolError(f"{kind} record field {name!r} holds a non-finite or out-of-range number")
+    try:
+        check_run_id(record["run_id"])
+        check_device_id(record["device_id"])
+    except InvalidId as exc:
+        raise ProtocolError(f"{kind} record: {exc}") from None
     if kind == "inference" and record["exit_stage"] not in EXIT_STAGES:
         raise ProtocolError(f"exit_stage {record['exit_stage']!r} is not one of {EXIT_STAGES}")
     return record
+
+
+_INT64 = 2**63
+
+
+def _finite(value: Any, depth: int = 0) -> bool:
+    """No NaN, no infinity, no integer beyond 64 bits, also inside maps and lists (rails, host, params)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int):
+        return -_INT64 <= value < _INT64
+    if depth < 8 and isinstance(value, dict):
+        return all(_finite(v, depth + 1) for v in value.values())
+    if depth < 8 and isinstance(value, list):
+        return all(_finite(v, depth + 1) for v in value)
+    return True
 
 
 @dataclass

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.ids import check_device_id, check_name
+
 DEFAULT_ROOT = "edgecascade/v1"
 CLOUD_GROUP = "cloud"
-_FORBIDDEN = set("+#/\x00")
-
-
-def _check_id(value: str, what: str) -> str:
-    if not value or any(ch in _FORBIDDEN for ch in value) or value.startswith("$"):
-        raise ValueError(f"invalid {what} {value!r}: must be non-empty and contain no '+', '#', '/' or NUL")
-    return value
 
 
 @dataclass(frozen=True)
@@ -27,23 +22,23 @@ class Topics:
 
     @classmethod
     def namespaced(cls, namespace: str) -> Topics:
-        return cls(f"{_check_id(namespace, 'namespace')}/{DEFAULT_ROOT}")
+        return cls(f"{check_name(namespace, 'namespace')}/{DEFAULT_ROOT}")
 
     def offload(self, device_id: str) -> str:
-        return f"{self.root}/{_check_id(device_id, 'device id')}/offload"
+        return f"{self.root}/{check_device_id(device_id)}/offload"
 
     def reply(self, device_id: str) -> str:
-        return f"{self.root}/{_check_id(device_id, 'device id')}/reply"
+        return f"{self.root}/{check_device_id(device_id)}/reply"
 
     def results(self, device_id: str) -> str:
-        return f"{self.root}/{_check_id(device_id, 'device id')}/results"
+        return f"{self.root}/{check_device_id(device_id)}/results"
 
     def receipts(self, device_id: str) -> str:
         """The collector's receipts for result batches it has committed (end-to-end acknowledgement)."""
-        return f"{self.root}/{_check_id(device_id, 'device id')}/receipts"
+        return f"{self.root}/{check_device_id(device_id)}/receipts"
 
     def status(self, device_id: str) -> str:
-        return f"{self.root}/{_check_id(device_id, 'device id')}/status"
+        return f"{self.root}/{check_device_id(device_id)}/status"
 
     @property
     def all_offloads(self) -> str:
@@ -55,7 +50,7 @@ class Topics:
 
     def cloud_subscription(self, group: str = CLOUD_GROUP) -> str:
         """Shared subscription: the broker hands each offload to exactly one worker of the group."""
-        return f"$share/{_check_id(group, 'group')}/{self.all_offloads}"
+        return f"$share/{check_name(group, 'group')}/{self.all_offloads}"
 
     def device_of(self, topic: str) -> str:
         """The device id in a topic of this root (`<root>/<device>/<kind>`)."""
@@ -65,4 +60,4 @@ class Topics:
         parts = topic[len(prefix) :].split("/")
         if len(parts) != 2:
             raise ValueError(f"topic {topic!r} is not <root>/<device>/<kind>")
-        return parts[0]
+        return check_device_id(parts[0])

@@ -87,12 +87,14 @@ def _load_config(path: Optional[Path]) -> Dict[str, Any]:
 
 
 def _credential(name: str) -> Optional[str]:
+    """A systemd credential (`LoadCredential=`), or None when the unit passes none of that name."""
+    from protocol.mqtt import read_secret
+
     directory = os.environ.get("CREDENTIALS_DIRECTORY")
     path = Path(directory) / name if directory else None
     if path is None or not path.is_file():
         return None
-    lines = path.read_text().splitlines()
-    return lines[0].strip() if lines else None
+    return read_secret(path, name)
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -109,27 +111,29 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protocol.mqtt import BrokerAddress
+    from protocol.mqtt import BrokerAddress, BrokerUnusable, read_secret
     from protocol.topics import Topics
     from results_db.collector import CollectorConfig, run_collector
+    from results_db.database import DatabaseUnusable
 
     try:
         conf = settings(args)
     except (OSError, ValueError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2
-    if conf["password_file"] is not None:
-        try:
-            password = Path(conf["password_file"]).read_text().splitlines()[0].strip()
-        except (OSError, IndexError) as exc:
-            print(f"cannot read a password from {conf['password_file']}: {exc}", file=sys.stderr)
-            return 2
-    else:
-        found = _credential("mqtt-password")
-        if found is None:
-            print("no broker password: give --password-file (or a systemd credential)", file=sys.stderr)
-            return 2
-        password = found
+    try:
+        found = (
+            read_secret(conf["password_file"])
+            if conf["password_file"] is not None
+            else _credential("mqtt-password")
+        )
+    except ValueError as exc:
+        print(f"edgecascade collect: {exc}", file=sys.stderr)
+        return 2
+    if found is None:
+        print("no broker password: give --password-file (or a systemd credential)", file=sys.stderr)
+        return 2
+    password = found
     try:
         broker = BrokerAddress.parse(conf["broker"], conf["user"], password, conf["tls_ca"])
         topics = Topics.namespaced(conf["namespace"]) if conf["namespace"] else Topics()
@@ -151,8 +155,11 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         stats = run_collector(config, stop)
+    except (DatabaseUnusable, BrokerUnusable) as exc:
+        print(f"edgecascade collect: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
-        logger.error("%s", exc)
+        print(f"edgecascade collect: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(stats, sort_keys=True))
     return 0

@@ -3,15 +3,18 @@
 It subscribes `<root>/+/results` with QoS 1 on a persistent session (clean_start=False and a session expiry),
 so the broker queues results while the collector is away. paho runs with `manual_ack`: a PUBACK goes out only
 after the transaction holding the message's records has committed, so a crash between receipt and commit
-makes the broker re-deliver, and the unique keys make re-delivery write nothing twice. A malformed message,
-an invalid record, or a record whose device_id is not the topic's device is counted, logged with its topic and
-acknowledged: it must not block the queue. Unacknowledged messages also bound memory: the broker sends at most
-`max_inflight_messages` (1000) of them before it waits for our acks.
+makes the broker re-deliver, and the unique keys make re-delivery write nothing twice (a row of the same key
+is a duplicate only with the same content, see `ingest`). A malformed message, an invalid record (NaN, bad
+ids, ...), a record whose device_id is not the topic's device, another device's run, a row the database
+refuses: each is counted, logged with its topic and kept in `rejected_records` with the reason, in the
+transaction of its batch; then acknowledged, so that it does not block the queue. Unacknowledged messages
+also bound memory: the broker sends at most `max_inflight_messages` (1000) of them before it waits for acks.
 
 End to end: a device that asks for it (ResponseTopic = its `receipts` topic, CorrelationData = a batch
-token) gets a receipt once the batch is committed (or refused for good). The device keeps the records in its
-outbox until then, so a broker killed after its PUBACK but before delivering to us loses nothing: the device
-sends the batch again when no receipt comes.
+token) gets a receipt once the batch is committed, which says how many of its records were stored and how
+many refused (`protocol.Receipt`): a refused record is never reported as stored. The device keeps the
+records in its outbox until then, so a broker killed after its PUBACK but before delivering to us loses
+nothing: the device sends the batch again when no receipt comes.
 
 Threads: paho's network thread decodes and validates each message (and acks a refused one at once); one
 writer thread batches, writes and acks. The two overlap on two cores because sqlite3 and psycopg release the
@@ -33,12 +36,19 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from edgecascade.systemd import Watchdog
-from protocol.codec import ProtocolError, decode_records
-from protocol.mqtt import BrokerAddress, connect_properties, new_client, publish_properties
+from protocol.codec import ProtocolError, Receipt, decode_records, encode_receipt
+from protocol.mqtt import (
+    BrokerAddress,
+    BrokerUnusable,
+    connect_properties,
+    new_client,
+    permanent_connack_refusal,
+    publish_properties,
+)
 from protocol.records import validate_record
 from protocol.topics import Topics
 from results_db.database import open_database
-from results_db.ingest import RecordWriter, WriteCounts
+from results_db.ingest import RecordWriter, Rejected, WriteCounts
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +101,10 @@ class _Message:
 @dataclass
 class _Pending:
     message: _Message
-    records: List[Dict[str, Any]]
+    records: List[Dict[str, Any]]  # valid, to write
+    rejected: List[Rejected] = field(default_factory=list)  # refused already, to keep in rejected_records
+    stored: int = 0  # set once written: how many of `records` are in the result tables
+    reasons: List[str] = field(default_factory=list)  # why the database side refused some of `records`
 
 
 class Collector:
@@ -110,6 +123,7 @@ class Collector:
         self._writer_thread: Optional[threading.Thread] = None
         self._writer: Optional[RecordWriter] = None
         self.failed: Optional[BaseException] = None  # set if the writer thread died
+        self.refused: Optional[str] = None  # why the broker refuses our login for good
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> Collector:
@@ -131,7 +145,13 @@ class Collector:
         client.loop_start()
         self._writer_thread = threading.Thread(target=self._run_writer, name="collector-writer", daemon=True)
         self._writer_thread.start()
-        if not self._subscribed.wait(cfg.connect_timeout_s):
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while not self._subscribed.wait(0.05) and self.refused is None and time.monotonic() < deadline:
+            pass
+        if self.refused is not None:
+            self.stop()
+            raise BrokerUnusable(self.refused)
+        if not self._subscribed.is_set():
             self.stop()
             raise RuntimeError(
                 f"collector could not subscribe at {cfg.broker.host}:{cfg.broker.port} "
@@ -175,6 +195,10 @@ class Collector:
     # -- paho callbacks (network thread) -------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
+            why = permanent_connack_refusal(reason)
+            if why is not None:
+                broker = self.config.broker
+                self.refused = f"broker {broker.host}:{broker.port} refused {broker.username!r}: {why}"
             return
         self._generation += 1
         logger.info("collector connected (session %s)", "resumed" if flags.session_present else "new")
@@ -194,19 +218,19 @@ class Collector:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = message.properties
-        item = self._decode(
-            _Message(
-                self._generation,
-                message.mid,
-                message.qos,
-                message.topic,
-                bytes(message.payload),
-                getattr(props, "ResponseTopic", None),
-                getattr(props, "CorrelationData", None),
+        self._inbox.put(
+            self._decode(
+                _Message(
+                    self._generation,
+                    message.mid,
+                    message.qos,
+                    message.topic,
+                    bytes(message.payload),
+                    getattr(props, "ResponseTopic", None),
+                    getattr(props, "CorrelationData", None),
+                )
             )
         )
-        if item is not None:
-            self._inbox.put(item)
 
     # -- writer thread -------------------------------------------------------------------------------
     @property
@@ -246,47 +270,59 @@ class Collector:
             if stopping and item is None and not pending:
                 return
 
-    def _decode(self, message: _Message) -> Optional[_Pending]:
-        """Decode and validate; refused records are counted, logged and (if none is left) acked now."""
+    def _decode(self, message: _Message) -> _Pending:
+        """Decode and validate; what is refused is counted, logged and set aside for `rejected_records`."""
         self._count(messages=1)
         try:
-            device_id = self.config.topics.device_of(message.topic)
+            device_id: Optional[str] = self.config.topics.device_of(message.topic)
+        except ValueError as exc:
+            device_id, topic_error = None, str(exc)
+        else:
+            topic_error = ""
+        try:
+            if topic_error:
+                raise ProtocolError(topic_error)
             raw = decode_records(message.payload)
         except (ProtocolError, ValueError) as exc:
             logger.warning("rejected undecodable results message on %s: %s", message.topic, exc)
             self._count(rejected=1, rejected_messages=1)
-            self._ack([message])
-            return None
-        good: List[Dict[str, Any]] = []
-        errors: List[str] = []
+            return _Pending(
+                message, [], [Rejected(message.topic, device_id, None, str(exc), message.payload)]
+            )
+        item = _Pending(message, [])
         for record in raw:
             try:
                 validate_record(record)
+                if record["device_id"] != device_id:
+                    raise ProtocolError(f"record for device {record['device_id']!r} on {device_id!r}'s topic")
             except ProtocolError as exc:
-                errors.append(str(exc))
+                item.rejected.append(Rejected.of(message.topic, device_id, record, str(exc)))
                 continue
-            if record["device_id"] != device_id:
-                errors.append(f"record for device {record['device_id']!r} on device {device_id!r}'s topic")
-                continue
-            good.append(record)
-        self._count(received=len(raw), rejected=len(errors), rejected_messages=1 if errors else 0)
-        if errors:
+            item.records.append(record)
+        self._count(
+            received=len(raw), rejected=len(item.rejected), rejected_messages=1 if item.rejected else 0
+        )
+        if item.rejected:
             logger.warning(
-                "rejected %d of %d records on %s: %s", len(errors), len(raw), message.topic, errors[0]
+                "rejected %d of %d records on %s: %s",
+                len(item.rejected),
+                len(raw),
+                message.topic,
+                item.rejected[0].reason,
             )
-        if not good:
-            self._ack([message])
-            return None
-        return _Pending(message, good)
+        return item
 
     def _flush(self, pending: List[_Pending]) -> None:
         """Write the batch in one transaction, then ack; on a bad row, fall back to one message at a time."""
         assert self._writer is not None
         records = [r for item in pending for r in item.records]
+        owner = [item for item in pending for _ in item.records]  # which message each record came in
+        rejected = [r for item in pending for r in item.rejected]
         delay = 0.1
         while True:
             try:
-                counts = self._writer.write(records)
+                topics = [item.message.topic for item in owner]
+                counts = self._writer.write(records, rejected, topics)
                 break
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
                 # A passing fault: keep the batch and retry; never refuse (ack, receipt) records over it.
@@ -308,14 +344,45 @@ class Collector:
                 for item in pending:
                     self._flush([item])
                 return
+        for item in pending:
+            item.stored = len(item.records)
+        for refusal in counts.refused:
+            owner[refusal.index].stored -= 1
+            owner[refusal.index].reasons.append(refusal.reason)
+        if counts.refused:
+            self._count(
+                rejected=len(counts.refused),
+                rejected_messages=len({id(owner[r.index]) for r in counts.refused}),
+            )
+            logger.warning(
+                "refused %d records (kept in rejected_records): %s",
+                len(counts.refused),
+                counts.refused[0].reason,
+            )
         self._tally(counts)
-        self._ack([item.message for item in pending])
+        self._ack(pending)
 
     def _refuse(self, item: _Pending, exc: Exception) -> None:
+        """The database refused this message's rows: keep them all in rejected_records instead."""
+        assert self._writer is not None
         orig = getattr(exc, "orig", exc)
         logger.warning("database refused %d records on %s: %s", len(item.records), item.message.topic, orig)
+        device_id = item.records[0]["device_id"] if item.records else None
+        item.rejected += [
+            Rejected.of(item.message.topic, device_id, r, f"database: {orig}") for r in item.records
+        ]
         self._count(rejected=len(item.records), rejected_messages=1)
-        self._ack([item.message])
+        item.records = []
+        while True:
+            try:
+                self._writer.write([], item.rejected)
+                break
+            except SQLAlchemyError as again:
+                if not _transient(again):
+                    raise  # not even rejected_records takes it: let the service die and be restarted
+                self._count(db_retries=1)
+                time.sleep(self.config.retry_max_s)
+        self._ack([item])
 
     def _tally(self, counts: WriteCounts) -> None:
         self._count(
@@ -325,31 +392,36 @@ class Collector:
             batches=1,
         )
 
-    def _ack(self, messages: List[_Message]) -> None:
+    def _ack(self, items: List[_Pending]) -> None:
         """PUBACK settled messages, and send the receipts their devices asked for."""
         client = self._client
         if client is None:
             return
         generation = self._generation
-        for message in messages:
+        for item in items:
+            message = item.message
             # After a reconnect the broker re-sends what we had not acked; acking the old packet id could
             # acknowledge another message, so we let the re-delivered copy (a duplicate) carry the ack.
             if message.generation == generation and message.qos > 0:
                 client.ack(message.mid, message.qos)
             if message.receipt_to is not None and message.correlation is not None:
-                self._send_receipt(client, message)
+                self._send_receipt(client, item)
 
-    def _send_receipt(self, client: mqtt.Client, message: _Message) -> None:
+    def _send_receipt(self, client: mqtt.Client, item: _Pending) -> None:
+        message = item.message
         # Only to the sender's own receipts topic: a device must not make us publish anywhere else.
         try:
             own = self.config.topics.receipts(self.config.topics.device_of(message.topic))
-        except ValueError:  # a device id no topic can be built for ('$...'): it gets no receipt
+        except ValueError:  # a device id no topic can be built for: it gets no receipt
             own = None
         if own is None or message.receipt_to != own:
             logger.warning("ignored receipt topic %r on %s", message.receipt_to, message.topic)
             return
+        refused = len(item.rejected) + len(item.records) - item.stored
+        reasons = [r.reason for r in item.rejected] + item.reasons
+        receipt = Receipt(stored=item.stored, refused=refused, reason=reasons[0] if reasons else "")
         properties = publish_properties(correlation_data=message.correlation)
-        client.publish(own, b"", qos=1, properties=properties)
+        client.publish(own, encode_receipt(receipt), qos=1, properties=properties)
         self._count(receipts=1)
 
 

@@ -11,8 +11,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,11 @@ ENV_URL = "EDGECASCADE_DB_URL"
 DEFAULT_PATH = Path("results/bench.db")
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+BACKENDS = ("sqlite", "postgresql")
+
+
+class DatabaseUnusable(RuntimeError):
+    """A results database that cannot be opened or is not ours; the message says which and why (one line)."""
 
 
 def resolve_url(url_or_path: Union[str, Path, URL, None] = None) -> URL:
@@ -33,9 +39,17 @@ def resolve_url(url_or_path: Union[str, Path, URL, None] = None) -> URL:
     text = str(raw)
     if "://" not in text:
         return URL.create("sqlite", database=str(Path(text).expanduser().resolve()))
-    url = make_url(text)
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise DatabaseUnusable(f"not a database URL: {text!r} ({exc})") from None
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")
+    if url.get_backend_name() not in BACKENDS:
+        raise DatabaseUnusable(
+            f"unsupported database {url.get_backend_name()!r} in {url.render_as_string(hide_password=True)}: "
+            "use a SQLite file path or postgresql://user@host/db"
+        )
     return url
 
 
@@ -92,11 +106,39 @@ def open_database(url_or_path: Union[str, Path, URL, None] = None, **engine_kwar
     """Engine for the results database, created or migrated to the newest schema.
 
     `url_or_path`: a SQLAlchemy URL (`postgresql+psycopg://user@host/db`), a SQLite file path, or None for
-    `$EDGECASCADE_DB_URL` or `results/bench.db`.
+    `$EDGECASCADE_DB_URL` or `results/bench.db`. DatabaseUnusable, with the reason in one line, for a server
+    that does not answer, a file that is not a database (or a directory), or another application's database.
     """
-    engine = create_db_engine(url_or_path, **engine_kwargs)
-    head = head_revision()
-    if current_revision(engine) != head:
-        logger.info("migrating %s to schema %s", engine.url.render_as_string(hide_password=True), head)
-        upgrade(engine)
+    url = resolve_url(url_or_path)
+    shown = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database and Path(url.database).is_dir():
+        raise DatabaseUnusable(f"{url.database} is a directory, not a SQLite database file")
+    try:
+        engine = create_db_engine(url, **engine_kwargs)
+        current = current_revision(engine)
+        head = head_revision()
+        if current is None:
+            with engine.connect() as connection:
+                tables = set(inspect(connection).get_table_names())
+            if tables:  # a database of someone else's: never write our tables into it
+                raise DatabaseUnusable(
+                    f"{shown} holds tables of another application ({', '.join(sorted(tables)[:5])}) and no "
+                    "edgecascade schema: give an empty or an edgecascade database"
+                )
+        elif current not in _known_revisions():
+            raise DatabaseUnusable(
+                f"{shown} is at schema revision {current!r}, which this version does not know"
+            )
+        if current != head:
+            logger.info("migrating %s to schema %s", shown, head)
+            upgrade(engine)
+    except (NoSuchModuleError, ArgumentError) as exc:
+        raise DatabaseUnusable(f"cannot use {shown}: {exc}") from None
+    except SQLAlchemyError as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise DatabaseUnusable(f"cannot open the results database {shown}: {cause}") from None
     return engine
+
+
+def _known_revisions() -> set:
+    return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}

@@ -7,7 +7,13 @@ loses the rowcount, which is how we count duplicates (the drivers sum it over th
 a few rows per batch, use the dialect's own insert construct (`on_conflict_do_update`).
 
 A `run` record may arrive after the rows that reference it (or never, if the collector joined late): a bare
-`runs` row is created first and filled in when the record comes.
+`runs` row is created first and filled in when the record comes. A run belongs to the device that first
+wrote to it: records of another device for that run id are refused (a device cannot take over another's run).
+
+A row already present is a duplicate only if its content is the same: a row of the same key with another
+content is refused as a conflict, never taken as stored (an agent that once reused window numbers after a
+restart lost whole batches that way). Refused records are returned (`WriteCounts.refused`, by position in the
+input) and, with `rejected=`, kept in `rejected_records` in the same transaction.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ import json
 import operator
 import time
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from sqlalchemy import JSON, Connection, Engine, Table
+import msgpack
+from sqlalchemy import JSON, Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from results_db.models import Device, EnergyWindow, IdleBaseline, Inference, Run
+from results_db.models import Device, EnergyWindow, IdleBaseline, Inference, RejectedRecord, Run
 
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
+REJECTED: Table = RejectedRecord.__table__  # type: ignore[assignment]
 
 # record type -> (table, natural key); every column but the surrogate id comes from the record's field of
 # the same name.
@@ -75,17 +83,38 @@ _INSERTS: Dict[str, Callable[[Table], Any]] = {
 
 
 @dataclass
+class Refusal:
+    """A record that cannot be stored where it belongs (`index`: its position in what was written)."""
+
+    index: int
+    reason: str
+
+
+@dataclass
+class Rejected:
+    """A record (or an undecodable payload) for `rejected_records`."""
+
+    topic: str
+    device_id: Optional[str]
+    kind: Optional[str]
+    reason: str
+    record: Any  # a map, or the raw bytes of a message that could not be decoded
+
+    @classmethod
+    def of(cls, topic: str, device_id: Optional[str], record: Any, reason: str) -> Rejected:
+        kind = record.get("type") if isinstance(record, dict) else None
+        return cls(topic, device_id, kind if isinstance(kind, str) else None, reason, record)
+
+
+@dataclass
 class WriteCounts:
-    """What one `write` did: data rows newly inserted, data rows already present, run records applied."""
+    """What one `write` did: data rows newly inserted, identical rows already present, run records
+    applied, and the records refused (foreign run, conflicting content)."""
 
     inserted: int = 0
     duplicates: int = 0
     run_records: int = 0
-
-    def add(self, other: WriteCounts) -> None:
-        self.inserted += other.inserted
-        self.duplicates += other.duplicates
-        self.run_records += other.run_records
+    refused: List[Refusal] = field(default_factory=list)
 
 
 class RecordWriter:
@@ -99,6 +128,11 @@ class RecordWriter:
         insert = _INSERTS[dialect]
         placeholder = "?" if dialect == "sqlite" else "%s"  # sqlite3 is qmark, psycopg format style
         self._insert_sql = {kind: _insert_sql(kind, placeholder) for kind in DATA_TABLES}
+        self._select_sql = {
+            kind: f"SELECT {', '.join(_COLUMNS[kind])} FROM {DATA_TABLES[kind].name} WHERE "
+            + " AND ".join(f"{k} = {placeholder}" for k in NATURAL_KEYS[kind])
+            for kind in DATA_TABLES
+        }
         device = insert(DEVICES)
         self._device_seen = device.on_conflict_do_update(
             index_elements=["device_id"], set_={"last_seen_unix": device.excluded.last_seen_unix}
@@ -109,38 +143,88 @@ class RecordWriter:
         )
         run = insert(RUNS)
         self._run_stub = run.on_conflict_do_nothing(index_elements=["run_id"])
+        # A resumed run announces itself again: the latest announcement wins; it started when it first did.
         self._run_full = run.on_conflict_do_update(
-            index_elements=["run_id"], set_={f: run.excluded[f] for f in RUN_FIELDS}
+            index_elements=["run_id"],
+            set_={
+                **{f: run.excluded[f] for f in RUN_FIELDS},
+                "started_unix": func.coalesce(RUNS.c.started_unix, run.excluded.started_unix),
+            },
         )
         self._run_end = run.on_conflict_do_update(
             index_elements=["run_id"],
             set_={"ended_unix": run.excluded.ended_unix, "samples": run.excluded.samples},
         )
 
-    def write(self, records: Sequence[Dict[str, Any]]) -> WriteCounts:
-        """Write `records` in one transaction (committed on return)."""
+    def write(
+        self,
+        records: Sequence[Dict[str, Any]],
+        rejected: Sequence[Rejected] = (),
+        topics: Optional[Sequence[str]] = None,
+    ) -> WriteCounts:
+        """Write `records` in one transaction (committed on return); `rejected`, and the records this write
+        refuses (with their `topics`, when given), are kept in `rejected_records` in the same transaction."""
         with self.engine.begin() as connection:
-            return self.write_in(connection, records)
+            counts = self.write_in(connection, records)
+            own = [
+                Rejected.of(
+                    topics[r.index] if topics else "",
+                    records[r.index]["device_id"],
+                    records[r.index],
+                    r.reason,
+                )
+                for r in counts.refused
+            ]
+            self.reject_in(connection, [*rejected, *own])
+            return counts
 
-    def write_in(self, connection: Connection, records: Iterable[Dict[str, Any]]) -> WriteCounts:
+    def reject_in(self, connection: Connection, rejected: Sequence[Rejected]) -> None:
+        """Keep refused records in `rejected_records`, inside the caller's transaction."""
+        if not rejected:
+            return
+        now = time.time()
+        rows = []
+        for r in rejected:
+            body = r.record if isinstance(r.record, bytes) else msgpack.packb(r.record, use_bin_type=True)
+            rows.append(
+                {
+                    "received_unix": now,
+                    "topic": r.topic,
+                    "device_id": r.device_id,
+                    "kind": r.kind,
+                    "reason": r.reason[:2000],
+                    "record": body,
+                }
+            )
+        connection.execute(REJECTED.insert(), rows)
+
+    def write_in(self, connection: Connection, records: Sequence[Dict[str, Any]]) -> WriteCounts:
         """Write `records` inside the caller's transaction."""
         now = time.time()
-        by_kind: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-        run_devices: Dict[str, str] = {}  # run -> the first device seen with it
-        devices = set()
-        for record in records:
-            by_kind[record["type"]].append(record)
-            run_devices.setdefault(record["run_id"], record["device_id"])
-            devices.add(record["device_id"])
-        if not run_devices:
-            return WriteCounts()
         counts = WriteCounts()
-
+        if not records:
+            return counts
+        devices = sorted({r["device_id"] for r in records})
         connection.execute(
             self._device_seen,
-            [{"device_id": d, "first_seen_unix": now, "last_seen_unix": now} for d in sorted(devices)],
+            [{"device_id": d, "first_seen_unix": now, "last_seen_unix": now} for d in devices],
         )
-        runs = by_kind.get("run", [])
+        first_device: Dict[str, str] = {}  # run -> the first device seen with it in this batch
+        for record in records:
+            first_device.setdefault(record["run_id"], record["device_id"])
+        connection.execute(
+            self._run_stub, [{"run_id": run_id, "device_id": dev} for run_id, dev in first_device.items()]
+        )
+        owners = self._owners(connection, list(first_device))
+        by_kind: Dict[str, List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
+        for i, record in enumerate(records):
+            owner = owners.get(record["run_id"])
+            if owner != record["device_id"]:
+                counts.refused.append(Refusal(i, f"run {record['run_id']!r} belongs to device {owner!r}"))
+            else:
+                by_kind[record["type"]].append((i, record))
+
+        runs = [r for _, r in by_kind.get("run", [])]
         if runs:
             connection.execute(
                 self._device_profile,
@@ -158,10 +242,7 @@ class RecordWriter:
             connection.execute(
                 self._run_full, [{"run_id": r["run_id"], **{f: r[f] for f in RUN_FIELDS}} for r in runs]
             )
-        connection.execute(
-            self._run_stub, [{"run_id": run_id, "device_id": dev} for run_id, dev in run_devices.items()]
-        )
-        ends = by_kind.get("run_end", [])
+        ends = [r for _, r in by_kind.get("run_end", [])]
         if ends:
             connection.execute(
                 self._run_end,
@@ -180,18 +261,58 @@ class RecordWriter:
         for kind in DATA_TABLES:
             rows = by_kind.get(kind)
             if rows:
-                inserted = self._insert(connection, kind, rows)
+                inserted = self._insert(connection, kind, [r for _, r in rows])
                 counts.inserted += inserted
-                counts.duplicates += len(rows) - inserted
+                if inserted < len(rows):  # some were there already: the same, or not?
+                    conflicts = self._conflicts(connection, kind, rows)
+                    counts.refused += conflicts
+                    counts.duplicates += len(rows) - inserted - len(conflicts)
         return counts
+
+    def _owners(self, connection: Connection, run_ids: List[str]) -> Dict[str, str]:
+        owners: Dict[str, str] = {}
+        for start in range(0, len(run_ids), 500):
+            chunk = run_ids[start : start + 500]
+            result = connection.execute(
+                select(RUNS.c.run_id, RUNS.c.device_id).where(RUNS.c.run_id.in_(chunk))
+            )
+            owners.update({str(run): str(dev) for run, dev in result})
+        return owners
 
     def _insert(self, connection: Connection, kind: str, rows: List[Dict[str, Any]]) -> int:
         """Insert the rows that are new; return how many were."""
+        result = connection.exec_driver_sql(self._insert_sql[kind], self._tuples(kind, rows))  # type: ignore[arg-type]
+        return max(result.rowcount, 0)
+
+    def _tuples(self, kind: str, rows: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
         columns = _COLUMNS[kind]
         json_columns = _JSON_COLUMNS[kind]
         if json_columns:
-            tuples = [tuple(json.dumps(r[c]) if c in json_columns else r[c] for c in columns) for r in rows]
-        else:
-            tuples = list(map(_GETTERS[kind], rows))
-        result = connection.exec_driver_sql(self._insert_sql[kind], tuples)  # type: ignore[arg-type]
-        return max(result.rowcount, 0)
+            return [tuple(json.dumps(r[c]) if c in json_columns else r[c] for c in columns) for r in rows]
+        return list(map(_GETTERS[kind], rows))
+
+    def _conflicts(
+        self, connection: Connection, kind: str, rows: List[Tuple[int, Dict[str, Any]]]
+    ) -> List[Refusal]:
+        """The rows whose key is stored with another content (re-delivery is only ever the same content)."""
+        columns = _COLUMNS[kind]
+        json_columns = _JSON_COLUMNS[kind]
+        keys = NATURAL_KEYS[kind]
+        refused = []
+        for index, record in rows:
+            stored = connection.exec_driver_sql(
+                self._select_sql[kind], tuple(record[k] for k in keys)
+            ).fetchone()
+            if stored is None:  # cannot be: it was refused as present
+                refused.append(Refusal(index, f"{kind} row neither inserted nor found"))
+                continue
+            for column, value in zip(columns, stored):
+                if column in json_columns and isinstance(value, str):
+                    value = json.loads(value)
+                if value != record[column]:
+                    key = ", ".join(f"{k}={record[k]!r}" for k in keys)
+                    refused.append(
+                        Refusal(index, f"conflicts with the stored {kind} row ({key}): {column} differs")
+                    )
+                    break
+        return refused

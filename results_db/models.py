@@ -20,8 +20,10 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -164,3 +166,19 @@ class IdleBaseline(Base):
     duration_s: Mapped[float]
     idle_w: Mapped[float]
     measured_unix: Mapped[float]
+
+
+class RejectedRecord(Base):
+    """A record the collector could not store where it belongs, kept with the reason instead of dropped:
+    malformed (NaN, bad ids, missing fields), for another device's run, or conflicting with a stored row of
+    the same key. `record` is the record as it came (msgpack; an undecodable message's whole payload)."""
+
+    __tablename__ = "rejected_records"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    received_unix: Mapped[float]
+    topic: Mapped[str] = mapped_column(Text)  # unbounded: whatever arrived must fit
+    device_id: Mapped[Optional[str]] = mapped_column(Text, index=True)  # the topic's device, when it has one
+    kind: Mapped[Optional[str]] = mapped_column(Text)  # the record's type, when it has one
+    reason: Mapped[str] = mapped_column(Text)
+    record: Mapped[bytes] = mapped_column(LargeBinary)

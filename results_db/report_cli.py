@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
     from sqlalchemy.exc import SQLAlchemyError
 
-    from results_db.database import open_database, resolve_url
+    from results_db.database import DatabaseUnusable, open_database, resolve_url
     from results_db.queries import QUERIES, run_query
     from results_db.report import build_report
 
@@ -67,7 +67,11 @@ def run(args: argparse.Namespace) -> int:
             console.print(query.sql.strip(), markup=False, highlight=False)
             console.print()
         return 0
-    url = resolve_url(args.db)
+    try:
+        url = resolve_url(args.db)
+    except DatabaseUnusable as exc:
+        print(f"edgecascade report: {exc}", file=sys.stderr)
+        return 2
     if url.get_backend_name() == "sqlite" and not Path(url.database or "").exists():
         print(
             f"no database at {url.database}: run a benchmark or `edgecascade collect` first", file=sys.stderr
@@ -97,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(table)
             return 0
         result = build_report(engine, args.out, args.run_id, console=console)
-    except (LookupError, ValueError) as exc:
-        print(str(exc), file=sys.stderr)
+    except (LookupError, ValueError, DatabaseUnusable) as exc:
+        print(f"edgecascade report: {exc}", file=sys.stderr)
         return 2
     except SQLAlchemyError as exc:
         print(f"database error: {exc}", file=sys.stderr)

@@ -349,7 +349,7 @@ def test_broker_killed_and_restarted_mid_stream(tiny_models, tmp_path) -> None:
     assert sorted(copies) == list(range(n))
     assert {r["exit_stage"] for rs in copies.values() for r in rs} <= {"cloud", "fallback"}
     box = Outbox(config.state_dir / f"outbox-{config.device_id}.sqlite")
-    assert all(box.is_done(f"inference/{agent.run_id}/{config.device_id}/{i}") for i in range(n))
+    assert box.counts() == {"record": 0, "offload": 0}
     tap.close()
     worker.stop()
     own.close()
@@ -453,12 +453,12 @@ def test_watch_mode_runs_files_dropped_into_a_directory(broker, cloud, shared_to
             (inbox / f"frame{i}_label{i}.pgm").write_bytes(b"P5 28 28 255\n" + image.tobytes())
         (inbox / "junk.png").write_bytes(b"not a png")
         deadline = time.monotonic() + 10
-        while agent.stats["records"] < 3 and time.monotonic() < deadline:
+        while agent.settlement.records < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         stop.set()
         runner.join(10)
     summary = result["s"]
-    assert summary.samples == 3 and summary.labelled == 3 and agent.stats["bad_inputs"] == 1
+    assert summary.samples == 3 and summary.labelled == 3 and summary.skipped_files == 1
     decisions = EdgeCascade(tiny_models).decide(images)
     assert sum(1 for d in decisions if d.complex) == summary.exits.get("cloud", 0)
 
@@ -476,9 +476,9 @@ def test_run_dataset_counts_bad_samples_and_raises_what_its_source_raises(
 
     with DeviceAgent(config) as agent:
         summary = agent.run_dataset(mixed)
-        assert (summary.samples, summary.failed, agent.stats["bad_inputs"]) == (5, 1, 1)
+        assert (summary.samples, summary.rejected_inputs, agent.stats["bad_inputs"]) == (5, 1, 1)
         with pytest.raises(OSError, match="camera unplugged"):
             agent.run_dataset(broken())
         after = agent.run_dataset(good)  # and it goes on
     assert after.samples == 5 and after.labelled == 5
-    assert agent.stats["records"] == 11  # 5 + the one before the source broke + 5
+    assert agent.settlement.records == 11  # 5 + the one before the source broke + 5

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from broker.launcher import BrokerProcess
-from protocol.codec import encode_records
+from protocol.codec import Receipt, decode_receipt, encode_records
 from protocol.mqtt import new_client, publish_properties
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig
@@ -161,14 +161,17 @@ def test_malformed_input_is_counted_logged_and_does_not_block(
     assert stats["rejected"] == 3 and stats["rejected_messages"] == 3
     assert stats["received"] == 33  # the undecodable message holds no records
     assert count_rows(db) == 31
+    assert count_rows(db, "rejected_records") == 3  # kept with the reason, not dropped
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3 and all(topic in w for w in warnings)
     assert any("exit_stage" in w for w in warnings) and any("some-other-device" in w for w in warnings)
 
 
 def test_a_row_the_database_refuses_costs_only_its_own_message(
-    broker, topics, device_id, device, tmp_path, caplog
+    broker, topics, device_id, device, tmp_path, caplog, monkeypatch
 ) -> None:
+    # validation refuses such a record now; skip it to reach the database's own refusal
+    monkeypatch.setattr("results_db.collector.validate_record", lambda record: record)
     db = tmp_path / "results.db"
     before, after = (
         inference_records("run-6", device_id, 50),
@@ -184,6 +187,71 @@ def test_a_row_the_database_refuses_costs_only_its_own_message(
         stats = c.stats
     assert stats["rejected_messages"] == 1 and count_rows(db) == 100
     assert any("database refused" in r.getMessage() for r in caplog.records)
+    with sqlite3.connect(db) as raw:
+        [(reason,)] = raw.execute("SELECT reason FROM rejected_records").fetchall()
+    assert reason.startswith("database:")
+
+
+def _receipts_of(device: mqtt.Client, topics: Topics, device_id: str) -> List[Receipt]:
+    receipts: List[Receipt] = []
+    subscribed = threading.Event()
+    device.on_subscribe = lambda *a: subscribed.set()
+    device.message_callback_add(
+        topics.receipts(device_id), lambda c, u, m: receipts.append(decode_receipt(m.payload))
+    )
+    device.subscribe(topics.receipts(device_id), qos=1)
+    assert subscribed.wait(5)
+    return receipts
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_numbers_are_refused_kept_and_reported_in_the_receipt(
+    broker, topics, device_id, device, tmp_path, value
+) -> None:
+    """NaN energy made PostgreSQL's run summary NaN (and SQLite stored NULL): refused, kept, receipted."""
+    db = tmp_path / "results.db"
+    receipts = _receipts_of(device, topics, device_id)
+    records = inference_records("run-nan", device_id, 5)
+    records[1] = dict(records[1], device_j_gross=value)
+    records[3] = dict(records[3], edge_ms=value)
+    asked = publish_properties(response_topic=topics.receipts(device_id), correlation_data=b"b1")
+    with Collector(config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", flush_ms=20)) as c:
+        device.publish(topics.results(device_id), encode_records(records), qos=1, properties=asked)
+        wait_for(lambda: len(receipts) == 1, what="the receipt")
+        stats = c.stats
+    assert receipts == [Receipt(stored=3, refused=2, reason=receipts[0].reason)]
+    assert "non-finite" in receipts[0].reason
+    assert stats["inserted"] == 3 and stats["rejected"] == 2
+    assert count_rows(db) == 3 and count_rows(db, "rejected_records") == 2
+
+
+def test_a_device_cannot_hijack_another_devices_run(broker, topics, device_id, device, tmp_path) -> None:
+    """Run records and rows for a run id are tied to the device that owns the run, as rows are to topics."""
+    from results_db.synthetic import run_end_record, run_record
+
+    db = tmp_path / "results.db"
+    victim = f"victim-{uuid.uuid4().hex[:6]}"
+    victim_client = new_client(broker.credentials(victim), victim)
+    victim_client.connect(broker.host, broker.port)
+    victim_client.loop_start()
+    receipts = _receipts_of(device, topics, device_id)
+    asked = publish_properties(response_topic=topics.receipts(device_id), correlation_data=b"forged")
+    with Collector(config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", flush_ms=20)) as c:
+        publish(victim_client, topics.results(victim), encode_records(full_run("their-run", victim, 10)))
+        wait_for(lambda: c.stats["inserted"] >= 10, what="the victim's run")
+        forged = [
+            run_record("their-run", device_id, policy="forged"),
+            run_end_record("their-run", device_id, 1, 1.0),
+        ]
+        device.publish(topics.results(device_id), encode_records(forged), qos=1, properties=asked)
+        wait_for(lambda: len(receipts) == 1, what="the receipt")
+    victim_client.disconnect()
+    victim_client.loop_stop()
+    assert receipts[0].stored == 0 and receipts[0].refused == 2 and "belongs to device" in receipts[0].reason
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT device_id, policy, samples FROM runs").fetchall() == [
+            (victim, "meanet", 10)
+        ]
 
 
 def test_a_passing_database_fault_is_retried_never_refused(
@@ -202,10 +270,10 @@ def test_a_passing_database_fault_is_retried_never_refused(
     ]
     real_write = RecordWriter.write
 
-    def flaky_write(self, records):
+    def flaky_write(self, records, *args):
         if faults:
             raise faults.pop(0)
-        return real_write(self, records)
+        return real_write(self, records, *args)
 
     monkeypatch.setattr(RecordWriter, "write", flaky_write)
     db = tmp_path / "results.db"

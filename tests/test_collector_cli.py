@@ -52,3 +52,47 @@ def test_help_has_an_example(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["collect", "--help"])
     assert "edgecascade collect --broker" in capsys.readouterr().out
+
+
+def _db_cases(tmp_path):
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a SQLite file at all" * 100)
+    other = tmp_path / "other-app.db"
+    import sqlite3
+
+    with sqlite3.connect(other) as raw:
+        raw.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    return [
+        (
+            "postgresql://postgres@127.0.0.1:1/nothing",
+            "cannot open the results database postgresql+psycopg://",
+        ),
+        ("mysql://user@db.lan/results", "unsupported database 'mysql'"),
+        ("nosuchdb://x/y", "unsupported database 'nosuchdb'"),
+        (str(corrupt), "file is not a database"),
+        (str(tmp_path), "is a directory, not a SQLite database file"),
+        (str(other), "holds tables of another application (invoices)"),
+    ]
+
+
+def test_an_unusable_database_gets_one_clear_line_and_exit_2(tmp_path, capsys) -> None:
+    """Before: raw tracebacks for each of these (and the other application's database got our tables)."""
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    for url, message in _db_cases(tmp_path):
+        assert main(["collect", "--password-file", str(pw), "--broker", "127.0.0.1:1", "--db", url]) == 2, url
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "other-app.db") as raw:  # left as it was
+        assert [r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")] == [
+            "invoices"
+        ]
+
+
+def test_report_refuses_an_unusable_database_the_same_way(tmp_path, capsys) -> None:
+    for url, message in _db_cases(tmp_path)[1:]:
+        assert main(["report", "--db", url, "--out", str(tmp_path / "r")]) == 2, url
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

@@ -1,4 +1,4 @@
-"""The on-disk outbox: idempotent keys, acknowledgement, bounds and backpressure, survival of a restart."""
+"""The on-disk outbox: keys, acknowledgement, bounds and backpressure, survival of a restart."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.outbox import NewEntry, Outbox, OutboxFull
+from device_agent.outbox import NewEntry, Outbox, OutboxConflict, OutboxFull
 
 
-def test_entries_leave_only_when_acknowledged_and_keys_are_never_reused(tmp_path: Path) -> None:
+def test_entries_leave_only_when_acknowledged_and_a_pending_key_is_not_taken_twice(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.sqlite")
     ids = [box.put(f"inference/r/d/{i}", "record", "t/results", b"x" * 10) for i in range(5)]
     assert all(isinstance(i, int) for i in ids)
@@ -23,29 +23,39 @@ def test_entries_leave_only_when_acknowledged_and_keys_are_never_reused(tmp_path
     assert [e.key for e in box.take("record", 10)] == ["inference/r/d/2"]
     assert box.ack([e.id for e in taken]) == 3
     assert box.counts() == {"record": 2, "offload": 0}
-    # the same key again, pending or acknowledged: refused, so a sample is never recorded twice
-    assert box.put("inference/r/d/0", "record", "t/results", b"again") is None
-    assert box.put("inference/r/d/4", "record", "t/results", b"again") is None
-    assert box.refused_duplicates == 2 and box.is_done("inference/r/d/0")
+    # a pending key with the same payload: a harmless duplicate, refused and counted
+    assert box.put("inference/r/d/4", "record", "t/results", b"x" * 10) is None
+    assert box.refused_duplicates == 1 and box.usage() == (2, 20)
+    # ... with another payload: two different things under one name, never silently dropped
+    with pytest.raises(OutboxConflict, match="inference/r/d/3"):
+        box.put("inference/r/d/3", "record", "t/results", b"something else")
     assert box.usage() == (2, 20)
+    # nothing is kept of what left: its writer never reuses a key (device_agent.durable), so none is refused
+    assert isinstance(box.put("inference/r/d/0", "record", "t/results", b"new"), int)
 
 
-def test_an_offload_becomes_its_record_in_one_transaction(tmp_path: Path) -> None:
+def test_an_offload_becomes_its_record_in_one_transaction_with_the_writers_own_statements(
+    tmp_path: Path,
+) -> None:
     box = Outbox(tmp_path / "o.sqlite", max_entries=1)
-    oid = box.put("offload/r/d/7", "offload", "t/offload", b"image", meta={"seq": 7}, deadline_unix=1.0)
+    oid = box.put("offload/r/d/7", "offload", "t/offload", b"", meta={"seq": 7}, deadline_unix=1.0)
     assert oid is not None
     [entry] = box.all_of("offload")
     assert entry.meta == {"seq": 7} and entry.deadline_unix == 1.0
+    mark = lambda cur: cur.execute("INSERT INTO state (name, value) VALUES ('marked', '7')")  # noqa: E731
     # full (1 entry), yet the record goes in without waiting: it takes the offload's place
-    assert box.commit([oid], [NewEntry("inference/r/d/7", "record", "t/results", b"rec")], timeout=0) == 1
-    assert box.counts() == {"record": 1, "offload": 0}
-    assert box.is_done("offload/r/d/7")
-    # a failure inside the transaction (after the removal) leaves both as they were
+    added = box.commit(
+        [oid], [NewEntry("inference/r/d/7", "record", "t/results", b"rec")], timeout=0, also=mark
+    )
+    assert added == (1, 1)
+    assert box.counts() == {"record": 1, "offload": 0} and box.get_state("marked") == "7"
+    # a failure inside the transaction (after the removal) leaves everything as it was, `also` included
     unbindable = NewEntry("x", "record", "t", [1, 2, 3])  # type: ignore[arg-type]
+    mark8 = lambda cur: cur.execute("UPDATE state SET value = '8' WHERE name = 'marked'")  # noqa: E731
     with pytest.raises(sqlite3.Error):
-        box.commit([box.take("record", 1)[0].id], [unbindable], timeout=0)
+        box.commit([box.take("record", 1)[0].id], [unbindable], timeout=0, also=mark8)
     assert box.counts() == {"record": 1, "offload": 0} and box.usage() == (1, 3)
-    assert not box.is_done("inference/r/d/7")
+    assert box.get_state("marked") == "7"
 
 
 def test_batch_entries_count_their_records(tmp_path: Path) -> None:
@@ -57,12 +67,6 @@ def test_batch_entries_count_their_records(tmp_path: Path) -> None:
     assert [e.items for e in box.take("record", 100)] == [30, 30]  # a third would pass 100 records
     assert [e.items for e in box.take("record", 10)] == [50]  # at least one entry, however big
     assert [e.key for e in box.take("record", 100)] == ["batch/3"]
-    # a batch that names its records tombstones each of them once acknowledged
-    box.put("batch/x", "record", "t", b"rr", meta={"keys": ["inference/r/d/1", "inference/r/d/2"]})
-    [entry] = box.take("record", 100)
-    assert not box.is_done("inference/r/d/1")
-    box.ack([entry.id])
-    assert box.is_done("batch/x") and box.is_done("inference/r/d/1") and box.is_done("inference/r/d/2")
 
 
 def test_a_full_outbox_refuses_after_its_timeout_and_waits_for_room(tmp_path: Path) -> None:
@@ -112,7 +116,6 @@ def test_everything_survives_a_restart_and_unacknowledged_sends_go_again(tmp_pat
     assert again.usage() == (4, 6)
     assert [e.key for e in again.take("record", 10)] == ["k1", "k2", "k3"]
     assert again.get_state("seq/run") == "1024" and again.get_state("nothing") is None
-    assert again.put("k0", "record", "t", b"dup") is None  # the tombstone survived too
     mode = sqlite3.connect(str(path)).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 

@@ -28,7 +28,7 @@ from results_db.synthetic import full_run, inference_records, run_end_record, ru
 
 pytest_plugins = ("results_db.testing",)  # fixtures: db_url (SQLite and PostgreSQL), pg_database
 
-TABLES = {"runs", "devices", "inferences", "energy_windows", "idle_baselines"}
+TABLES = {"runs", "devices", "inferences", "energy_windows", "idle_baselines", "rejected_records"}
 VIEWS = {"inference_facts", "run_summary", "class_accuracy", "pareto_points"}
 
 
@@ -118,10 +118,49 @@ def test_writer_is_idempotent(db_url: str) -> None:
     before = _counts(engine)
     assert before == {"runs": 1, "devices": 1, "inferences": 100, "energy_windows": 4, "idle_baselines": 1}
     second = writer.write(records)
-    assert (second.inserted, second.duplicates) == (0, 105)
-    overlap = writer.write(inference_records("run-a", "dev-a", 20, start_seq=90))
-    assert (overlap.inserted, overlap.duplicates) == (10, 10)
+    assert (second.inserted, second.duplicates, second.refused) == (0, 105, [])
+    stored = [r for r in records if r["type"] == "inference"][90:]
+    fresh = [r for r in inference_records("run-a", "dev-a", 20, start_seq=90) if r["seq"] >= 100]
+    overlap = writer.write(stored + fresh)
+    assert (overlap.inserted, overlap.duplicates, overlap.refused) == (10, 10, [])
     assert _counts(engine)["inferences"] == 110
+    engine.dispose()
+
+
+def test_a_stored_key_with_other_content_is_refused_not_taken_for_a_duplicate(db_url: str) -> None:
+    engine = open_database(db_url)
+    writer = RecordWriter(engine)
+    records = full_run("run-c", "dev-c", 10)
+    writer.write(records)
+    window = next(r for r in records if r["type"] == "energy_window")
+    changed = [{**r, "prediction": (r["prediction"] + 1) % 10} for r in records if r["type"] == "inference"][
+        :3
+    ]
+    other_window = {**window, "gross_j": window["gross_j"] + 1.0, "rails": {"cpu": 1.5}}
+    counts = writer.write([*changed, other_window, window])
+    assert (counts.inserted, counts.duplicates) == (0, 1)
+    assert [r.index for r in counts.refused] == [0, 1, 2, 3]
+    assert "conflicts with the stored inference row" in counts.refused[0].reason
+    assert "prediction differs" in counts.refused[0].reason
+    assert "energy_window" in counts.refused[3].reason
+    engine.dispose()
+
+
+def test_a_device_cannot_write_into_another_devices_run(db_url: str) -> None:
+    engine = open_database(db_url)
+    writer = RecordWriter(engine)
+    writer.write(full_run("victim-run", "victim", 5))
+    forged = [
+        run_record("victim-run", "attacker", policy="forged"),
+        run_end_record("victim-run", "attacker", 999, 1.0),
+        *inference_records("victim-run", "attacker", 3, start_seq=100),
+    ]
+    counts = writer.write(forged, rejected=[])
+    assert counts.inserted == 0 and counts.run_records == 0 and len(counts.refused) == 5
+    assert all("belongs to device 'victim'" in r.reason for r in counts.refused)
+    with Session(engine) as session:
+        run = session.get(Run, "victim-run")
+        assert run is not None and run.device_id == "victim" and run.policy != "forged" and run.samples == 5
     engine.dispose()
 
 

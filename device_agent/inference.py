@@ -1,0 +1,187 @@
+"""The inference thread: samples off one queue, batch 1, in order, through the edge cascade and the policy.
+
+For each sample: run what the policy needs of the edge cascade, ask the policy, then exit at the edge or
+offload. Inferences are grouped in meter windows whose joules are split over them by compute time; a window
+closes after `window_size` inferences, after `window_max_s` seconds, or when the queue runs dry, and hands
+its members to `Settlement`. Items on the queue are single samples (`submit`) or a whole `Stream`
+(`run_dataset`), which this thread pulls itself: a thread hand-off per sample costs as much as a small model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+
+from device_agent.durable import Counter, Origin, mark_done
+from device_agent.energy import OpenWindow
+from device_agent.policies import Action, PolicyError
+from device_agent.runs import Stream
+from device_agent.samples import Sample, edge_view, extend_view, record_map
+from device_agent.settlement import READY_BACKLOG
+from protocol import InferenceRecord, OffloadRequest, encode_offload
+
+logger = logging.getLogger(__name__)
+
+STOP = object()  # put on the queue to end the loop
+Item = Tuple[np.ndarray, Optional[int], Optional[Future], Optional[Origin]]
+
+
+class InferenceLoop:
+    """Runs on its own thread (`run`); `agent` gives it the parts (cascade, policy, energy, offloads...)."""
+
+    def __init__(self, agent: Any, samples: Counter, windows: Counter) -> None:
+        self.agent = agent
+        self.config = agent.config
+        self.queue: queue.Queue = queue.Queue(maxsize=max(4 * self.config.window_size, 64))
+        self.samples = samples
+        self.windows = windows
+
+    def check(self, arr: np.ndarray) -> Optional[str]:
+        """Why `arr` cannot be a sample (counted and logged), or None."""
+        shape = self.agent.input_shape
+        if arr.dtype == np.uint8 and tuple(arr.shape) == shape:
+            return None
+        self.agent.stats["bad_inputs"] += 1
+        logger.warning("rejected input of dtype %s shape %s (want uint8 %s)", arr.dtype, arr.shape, shape)
+        return f"image must be uint8 {shape}, got {arr.dtype} {arr.shape}"
+
+    # -- the thread -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        window: Optional[OpenWindow] = None
+        members: List[Sample] = []
+        watchdog = self.agent.watchdog
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                watchdog.beat()
+                continue
+            if item is STOP:
+                break
+            if isinstance(item, Stream):
+                if window is not None:
+                    self._close(window, members)
+                    window = None
+                self._pull(item)
+                continue
+            if window is None:
+                window, members = self.agent.energy.open_window(), []
+            image, label, future, origin = item
+            sample = self._process(image, label, future, None, origin)
+            if sample is not None:
+                window.add(sample.compute_s)
+                members.append(sample)
+            if self._due(window) or self.queue.empty():
+                self._close(window, members)
+                window = None
+                if self.queue.empty():
+                    self.agent.link.wake()  # idle: flush now, so that waiting callers hear back soon
+            watchdog.beat()
+        if window is not None:
+            self._close(window, members)
+
+    def _due(self, window: OpenWindow) -> bool:
+        cfg = self.config
+        return window.count >= cfg.window_size or time.monotonic() - window.opened >= cfg.window_max_s
+
+    def _pull(self, stream: Stream) -> None:
+        """Run a `run_dataset` stream on this thread, skipping the items a resumed pass has done."""
+        window: Optional[OpenWindow] = None
+        members: List[Sample] = []
+        count = 0
+        started = time.monotonic()
+        try:
+            for index, (image, label) in enumerate(stream.samples):
+                if stream.done_before(index):
+                    continue  # a resumed pass: this item's record is already on disk
+                origin = stream.origin(index)
+                arr = np.asarray(image)
+                if self.check(arr) is not None:
+                    stream.rejected()
+                    continue
+                stream.started()
+                if window is None:
+                    window, members = self.agent.energy.open_window(), []
+                sample = self._process(np.ascontiguousarray(arr), label, None, stream.finished, origin)
+                if sample is not None:
+                    window.add(sample.compute_s)
+                    members.append(sample)
+                if self._due(window):
+                    self._close(window, members)
+                    window = None
+                self.agent.watchdog.beat()
+                count += 1
+                if stream.progress and count % 1000 == 0:
+                    rate = count / (time.monotonic() - started)
+                    print(f"{count} samples, {rate:.0f}/s", file=sys.stderr, flush=True)
+        except Exception as exc:  # the caller's iterable failed: its run_dataset raises it
+            logger.exception("sample source failed")
+            stream.error = exc
+        finally:
+            if window is not None:
+                self._close(window, members)
+            stream.exhaust()
+            self.agent.link.wake()
+
+    def _process(
+        self,
+        image: np.ndarray,
+        label: Optional[int],
+        future: Optional[Future],
+        sink: Optional[Callable[[Optional[InferenceRecord]], None]],
+        origin: Optional[Origin],
+    ) -> Optional[Sample]:
+        agent = self.agent
+        try:
+            seq = self.samples.take()
+            sample = Sample(seq, image, label, future, time.time())
+            sample.sink, sample.origin = sink, origin
+            started = time.perf_counter()
+            policy = agent.policy
+            view, blocks, features = edge_view(agent.cascade, policy.edge, image, seq)
+            decision = policy.decide(view)
+            if decision.action is Action.EXTEND:
+                if features is None:
+                    raise PolicyError(f"policy {policy.name} asked for the extension after it ran")
+                view = extend_view(agent.cascade, image, features, view)
+                blocks.append("extension")
+                decision = policy.decide(view)
+                if decision.action is Action.EXTEND:
+                    raise PolicyError(f"policy {policy.name} asked for the extension twice")
+            sample.view, sample.decision, sample.blocks = view, decision, blocks
+            sample.edge_ms = (time.perf_counter() - started) * 1000.0
+            if decision.action is Action.OFFLOAD:
+                request = OffloadRequest(agent.run_id, agent.device_id, seq, image, time.time_ns())
+                payload = encode_offload(request)
+                sample.bytes_up = len(payload)
+                sample.compute_s = time.perf_counter() - started
+                partial = record_map(agent.settlement.record(sample, "fallback"))
+                agent.offloads.offload(sample, seq, payload, partial, also=mark_done([origin]))
+            else:
+                sample.compute_s = time.perf_counter() - started
+                agent.settlement.edge_exit(sample)
+            return sample
+        except Exception as exc:  # one bad sample must not stop the agent
+            agent.stats["failed"] += 1
+            logger.exception("sample failed")
+            if future is not None and not future.done():
+                future.set_exception(exc)
+            if sink is not None:
+                sink(None)
+            return None
+
+    def _close(self, window: OpenWindow, members: List[Sample]) -> None:
+        energy = window.close()
+        self.agent.stats["windows"] += 1
+        self.agent.settlement.window_closed(energy.record, self.windows.take(), members, energy.per_inference)
+        # Records reach the outbox from the link thread's housekeeping (every tick): a SQLite commit costs
+        # ~1 ms here, which this thread should spend on inferences. Only a backlog (a full outbox) makes
+        # this thread write, and wait for room: backpressure instead of unbounded memory.
+        if self.agent.settlement.backlog >= READY_BACKLOG:
+            self.agent.settlement.flush(block=True)

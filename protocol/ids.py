@@ -1,0 +1,75 @@
+"""Identifiers: one rule for device ids, run ids and the other names that reach topics, files and SQL.
+
+A device id is an MQTT username, client id and topic level, part of the outbox's file name and a key column
+in SQL; a run id is a key column and part of outbox keys. Every place that takes one checks it here, once, at
+the edge (CLI, config, broker users, decoded records), so that an id which one of those places would refuse
+(PostgreSQL's 128-character column, a 255-byte file name, '+', '#' or '/' in a topic) never gets in.
+
+The rule: ASCII letters, digits, '.', '_' and '-', starting with a letter or a digit; at most 64 characters
+for a device id (a generated run id adds 23 to it), 128 for a run id. The service accounts (`cloud`,
+`collector` and their `cloud-*` / `collector-*` instances) are not device ids, and neither is anything
+starting with `edgecascade` (the broker's admin account, the collector's client id `edgecascade-collector`):
+the broker binds a device's client id to its username, so a device named like a service's client id could
+otherwise take that session over.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+DEVICE_ID_MAX = 64
+RUN_ID_MAX = 128
+NAME_MAX = 64  # namespaces, worker ids, group names
+SERVICE_ROLES = ("cloud", "collector")
+RESERVED_PREFIX = "edgecascade"  # infrastructure names: the broker admin, service client ids
+
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+class InvalidId(ValueError):
+    """An identifier that breaks the rule above; the message says which part."""
+
+
+def check_name(value: object, what: str, max_len: int = NAME_MAX) -> str:
+    """`value` if it follows the identifier rule within `max_len` characters, else InvalidId."""
+    if not isinstance(value, str):
+        raise InvalidId(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidId(f"{what} must not be empty")
+    if len(value) > max_len:
+        raise InvalidId(f"{what} {value[:24]!r}... is {len(value)} characters long, at most {max_len}")
+    if not _ID.match(value):
+        raise InvalidId(
+            f"{what} {value!r} may hold only ASCII letters, digits, '.', '_' and '-', "
+            "and must start with a letter or digit"
+        )
+    return value
+
+
+def service_role(username: str) -> Optional[str]:
+    """'cloud' or 'collector' for a service account (`cloud`, `cloud-2`, ...), else None."""
+    for role in SERVICE_ROLES:
+        if username == role or username.startswith(role + "-"):
+            return role
+    return None
+
+
+def check_device_id(value: object) -> str:
+    device_id = check_name(value, "device id", DEVICE_ID_MAX)
+    if service_role(device_id) is not None:
+        raise InvalidId(f"device id {device_id!r} is reserved for the {service_role(device_id)} service")
+    if device_id.lower().startswith(RESERVED_PREFIX):
+        raise InvalidId(f"device id {device_id!r}: names starting with {RESERVED_PREFIX!r} are reserved")
+    return device_id
+
+
+def check_username(value: object) -> str:
+    """A broker account name: a service account (`cloud`, `collector-2`, ...) or a device id."""
+    if isinstance(value, str) and service_role(value) is not None:
+        return check_name(value, "service account", DEVICE_ID_MAX)
+    return check_device_id(value)
+
+
+def check_run_id(value: object) -> str:
+    return check_name(value, "run id", RUN_ID_MAX)
