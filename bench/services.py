@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -41,20 +42,21 @@ class ServiceGroup:
 
     def start_collector(self, address: BrokerAddress, db: Path) -> subprocess.Popen:
         """`edgecascade collect` into `db`, as user `address.username`."""
-        return self.start("collector", ["collect", *self._login(address), "--db", str(db)])
+        return self.start("collector", ["collect", *self.login(address), "--db", str(db)])
 
     def start_cloud(
         self, name: str, address: BrokerAddress, models: Path, worker_id: str, extra: Sequence[str] = ()
     ) -> subprocess.Popen:
         """`edgecascade cloud` serving `models`, with further `extra` flags."""
-        args = ["cloud", *self._login(address), "--models", str(models), "--worker-id", worker_id, *extra]
+        args = ["cloud", *self.login(address), "--models", str(models), "--worker-id", worker_id, *extra]
         return self.start(name, args)
 
-    def _login(self, address: BrokerAddress) -> List[str]:
+    def login(self, address: BrokerAddress, user_flag: str = "--user") -> List[str]:
+        """The flags that log a child in as `address.username` (an agent's is `--device-id`)."""
         return [
             "--broker",
             f"{address.host}:{address.port}",
-            "--user",
+            user_flag,
             address.username,
             "--password-file",
             str(self.password_file(address)),
@@ -65,7 +67,7 @@ class ServiceGroup:
     ) -> subprocess.Popen:
         """Start `python -m MODULE ARGS` and wait for its READY=1."""
         env = {**os.environ, "NOTIFY_SOCKET": str(self._sock_path), "PYTHONUNBUFFERED": "1"}
-        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (closed with the process)
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env
         )
@@ -90,6 +92,21 @@ class ServiceGroup:
             # Children start one at a time, so the READY=1 that arrives belongs to the one awaited.
             if b"READY=1" in data:
                 self._ready[proc.pid] = True
+
+    def wait(self, name: str, timeout_s: float) -> int:
+        """Wait for a child to exit on its own; its exit status."""
+        proc = self.procs.pop(name)
+        return proc.wait(timeout_s)
+
+    def signal(self, name: str, signum: int, timeout_s: float = 60.0) -> int:
+        """Send `signum` and wait for the child to exit; its exit status (negative: killed by a signal)."""
+        proc = self.procs.pop(name)
+        proc.send_signal(signum)
+        return proc.wait(timeout_s)
+
+    def kill(self, name: str) -> int:
+        """SIGKILL: no goodbye, what a crash or a power cut does."""
+        return self.signal(name, signal.SIGKILL)
 
     def stop(self, name: str, timeout_s: float = 20.0) -> Optional[int]:
         proc = self.procs.pop(name, None)
