@@ -223,9 +223,11 @@ class Settlement:
                 logger.error("dropping unreadable leftover offload %s", entry.key)
                 self.outbox.ack([entry.id])
                 continue
-            topic = entry.topic.rsplit("/", 1)[0] + "/results"
             batch = NewEntry(
-                f"batch/{self.batches.take()}", "record", topic, msgpack.packb([record], use_bin_type=True)
+                f"batch/{self.batches.take()}",
+                "record",
+                self.results_topic,  # an outbox belongs to one device: its results go where ours go
+                msgpack.packb([record], use_bin_type=True),
             )
             count = bump_count(f"records/{record['run_id']}", 1)
             self.outbox.commit([entry.id], [batch], also=count)

@@ -297,3 +297,54 @@ def test_the_collector_exits_2_on_a_refused_login(broker: BrokerProcess, tmp_pat
     assert code == 2
     err = capsys.readouterr().err
     assert "refused 'collector'" in err and "Traceback" not in err
+
+
+def test_records_the_collector_refused_are_reported_never_taken_for_stored(
+    broker: BrokerProcess, tiny_models: Path, tmp_path: Path
+) -> None:
+    """A collector that keeps a batch in rejected_records says so in its receipt: the agent counts every such
+    record and logs it, instead of reporting the run as stored (before: 200/200 rows lost, exit 0)."""
+    from tinymodels import tiny_images
+
+    from device_agent import AgentConfig, DeviceAgent
+    from protocol import Receipt, decode_records, encode_receipt
+    from protocol.mqtt import new_client, publish_properties
+
+    topics = Topics.namespaced(f"rf{uuid.uuid4().hex[:8]}")
+    device = f"cam-{uuid.uuid4().hex[:6]}"
+    refusing = new_client(broker.credentials("collector"), f"refusing-{uuid.uuid4().hex[:6]}")
+
+    def refuse(client: Any, userdata: Any, message: Any) -> None:
+        n = len(decode_records(message.payload))
+        props = publish_properties(correlation_data=message.properties.CorrelationData)
+        client.publish(
+            message.properties.ResponseTopic,
+            encode_receipt(Receipt(0, n, "test: refused")),
+            1,
+            properties=props,
+        )
+
+    refusing.on_message = refuse
+    refusing.connect(broker.host, broker.port)
+    refusing.subscribe(topics.results(device), qos=1)
+    refusing.loop_start()
+    try:
+        config = AgentConfig(
+            device_id=device,
+            broker=broker.credentials(device),
+            topics=topics,
+            model_dir=tiny_models,
+            state_dir=tmp_path,
+            policy={"name": "edge-only"},
+            meters=["estimate"],
+            idle_seconds=0.0,
+            flush_s=0.05,
+        )
+        with DeviceAgent(config) as agent:
+            agent.run_dataset([(image, 1) for image in tiny_images(20)])
+        final = agent.close()
+    finally:
+        refusing.loop_stop()
+        refusing.disconnect()
+    assert final.outbox_left == {"record": 0, "offload": 0}
+    assert final.refused_records == 23  # 20 inferences, their energy window, run and run_end: all refused
