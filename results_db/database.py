@@ -119,7 +119,7 @@ def open_database(url_or_path: Union[str, Path, URL, None] = None, **engine_kwar
         head = head_revision()
         if current is None:
             with engine.connect() as connection:
-                tables = set(inspect(connection).get_table_names())
+                tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
             if tables:  # a database of someone else's: never write our tables into it
                 raise DatabaseUnusable(
                     f"{shown} holds tables of another application ({', '.join(sorted(tables)[:5])}) and no "

@@ -1,28 +1,135 @@
-"""Scratch databases for tests and benchmarks: a throw-away PostgreSQL database with one schema per test.
+"""Scratch databases for tests and benchmarks: a private PostgreSQL server, one schema per test.
 
-PostgreSQL comes from `$EDGECASCADE_TEST_PG_URL` (default: the local trust-auth server,
-`postgresql+psycopg://postgres@127.0.0.1:5432/test`). A scratch database is created next to that one and
-dropped (WITH (FORCE)) afterwards; each test gets a fresh schema in it, selected through libpq's
-`options=-csearch_path=...`, so that Alembic, the views and the queries all run unqualified, as in production.
+The test session starts its own PostgreSQL (`PrivatePostgres`: initdb into a temporary directory, a free
+port on 127.0.0.1, trust authentication, fsync off) with the server binaries `make setup` installs, so no
+test depends on a server that happens to be running. `$EDGECASCADE_TEST_PG_URL` points the tests at
+another server instead. A scratch database is created there and dropped (WITH (FORCE)) afterwards; each
+test gets a fresh schema in it, selected through libpq's `options=-csearch_path=...`, so that Alembic, the
+views and the queries all run unqualified, as in production.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, List, Optional
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 PG_URL_ENV = "EDGECASCADE_TEST_PG_URL"
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+class PostgresUnavailable(RuntimeError):
+    """No PostgreSQL server could be started (or reached): the message says why."""
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of our own in a temporary directory, for one test session or benchmark."""
+
+    def __init__(self) -> None:
+        self.bindir = _pg_bindir()
+        self.port = _free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="edgecascade-pg-"))
+        self.data = self.root / "data"
+        # initdb and postgres refuse to run as root: then the Debian package's `postgres` account runs them
+        self._as: List[str] = []
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise PostgresUnavailable(
+                    "running as root and no `postgres` account to run the server"
+                ) from None
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+
+    @property
+    def url(self) -> URL:
+        return make_url(f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres")
+
+    def _run(self, *args: str) -> None:
+        result = subprocess.run([*self._as, *args], capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise PostgresUnavailable(
+                f"{Path(args[0]).name} failed: {(result.stderr or result.stdout).strip()[-800:]}"
+            )
+
+    def start(self) -> PrivatePostgres:
+        self._run(
+            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
+            "-E", "UTF8", "--locale", "C",
+        )  # fmt: skip
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        )
+        log = str(self.root / "log")
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            log,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
+        return self
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_bindir() -> Path:
+    found = shutil.which("pg_config")
+    if found:
+        out = subprocess.run([found, "--bindir"], capture_output=True, text=True, check=False).stdout.strip()
+        if out and (Path(out) / "initdb").exists():
+            return Path(out)
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not candidates:
+        raise PostgresUnavailable("no PostgreSQL server binaries (initdb): `make setup` installs postgresql")
+    return Path(candidates[-1]).parent
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_SESSION_SERVER: Optional[PrivatePostgres] = None
 
 
 def pg_test_url() -> URL:
-    return make_url(os.environ.get(PG_URL_ENV, DEFAULT_PG_URL))
+    """`$EDGECASCADE_TEST_PG_URL`, else this process's private server (started on first use)."""
+    global _SESSION_SERVER
+    if os.environ.get(PG_URL_ENV):
+        return make_url(os.environ[PG_URL_ENV])
+    if _SESSION_SERVER is None:
+        _SESSION_SERVER = PrivatePostgres().start()
+    return _SESSION_SERVER.url
+
+
+def stop_session_server() -> None:
+    global _SESSION_SERVER
+    if _SESSION_SERVER is not None:
+        _SESSION_SERVER.stop()
+        _SESSION_SERVER = None
 
 
 def postgres_unavailable_reason(url: Optional[URL] = None) -> Optional[str]:
@@ -74,13 +181,24 @@ except ModuleNotFoundError:  # pragma: no cover - production installs have no py
 
 if pytest is not None:
 
-    @pytest.fixture(scope="module")
-    def pg_database() -> Iterator[URL]:
-        """A scratch PostgreSQL database for the module; skips with the reason when none is reachable."""
-        reason = postgres_unavailable_reason()
+    @pytest.fixture(scope="session")
+    def pg_server() -> Iterator[URL]:
+        """The session's PostgreSQL (private unless $EDGECASCADE_TEST_PG_URL): a missing server is a
+        failure, never a skip (the suite must not turn green with half of it not run)."""
+        try:
+            url = pg_test_url()
+        except PostgresUnavailable as exc:
+            pytest.fail(f"PostgreSQL for the tests: {exc}")
+        reason = postgres_unavailable_reason(url)
         if reason:
-            pytest.skip(reason)
-        with scratch_postgres_database() as url:
+            pytest.fail(reason)
+        yield url
+        stop_session_server()
+
+    @pytest.fixture(scope="module")
+    def pg_database(pg_server: URL) -> Iterator[URL]:
+        """A scratch PostgreSQL database for the module."""
+        with scratch_postgres_database(pg_server) as url:
             yield url
 
     @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])

@@ -1,7 +1,12 @@
-"""Shared fixtures: a private Mosquitto from the project's broker/ config, and a topic namespace per test."""
+"""Shared fixtures: a private Mosquitto from the project's broker/ config, a private PostgreSQL
+(`results_db.testing`: `db_url`, `pg_database`, ...), and a topic namespace per test.
+
+Under CI (`CI` set, as `.ci/run` does), a skipped test fails: the suite must not turn green with part of it
+not run because something it needs is missing from the machine."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +17,17 @@ from broker.launcher import BrokerProcess
 from protocol.topics import Topics
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ("results_db.testing",)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped under CI, which must run every test: {reason}"
 
 
 @pytest.fixture(scope="session")

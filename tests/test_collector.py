@@ -13,10 +13,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import paho.mqtt.client as mqtt
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import ProgrammingError
 
 from broker.launcher import BrokerProcess
 from protocol.codec import Receipt, decode_receipt, encode_records
@@ -63,24 +65,39 @@ def config(broker: BrokerProcess, topics: Topics, db: Path, client_id: str, **kw
     return CollectorConfig(broker.credentials("collector"), topics, db, client_id=client_id, **kw)
 
 
-def count_rows(db: Path, table: str = "inferences") -> int:
-    if not db.exists():
-        return 0
+def query(db: Any, sql: str) -> List[Any]:
+    """Rows of `sql` on a SQLite file or a database URL (PostgreSQL); [] before the schema exists."""
+    if "://" in str(db):
+        engine = create_engine(str(db))
+        try:
+            with engine.connect() as connection:
+                return list(connection.execute(text(sql)).fetchall())
+        except ProgrammingError:  # not migrated yet
+            return []
+        finally:
+            engine.dispose()
+    if not Path(db).exists():
+        return []
     with sqlite3.connect(db, timeout=10) as raw:
         try:
-            return raw.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+            return raw.execute(sql).fetchall()
         except sqlite3.OperationalError:  # not migrated yet
-            return 0
+            return []
+
+
+def count_rows(db: Any, table: str = "inferences") -> int:
+    found = query(db, f"SELECT COUNT(*) FROM {table}")
+    return int(found[0][0]) if found else 0
 
 
 def test_records_land_once_and_systemd_hears_ready(
-    broker, topics, device_id, device, tmp_path, monkeypatch
+    broker, topics, device_id, device, tmp_path, monkeypatch, db_url
 ) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
-    db = tmp_path / "results.db"
+    db = db_url  # a SQLite file, then a PostgreSQL schema
     records = full_run("run-1", device_id, 250)  # run, idle baseline, 250 inferences, 8 windows, run_end
     with Collector(config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", batch_size=100, flush_ms=50)) as c:
         assert notify.recv(4096).startswith(b"READY=1")
@@ -94,8 +111,7 @@ def test_records_land_once_and_systemd_hears_ready(
     assert stats["rejected"] == 0 and stats["received"] == len(records) + 60
     assert stats["messages"] == 6 and stats["inserted"] == 250 + 8 + 1
     assert count_rows(db) == 250 and count_rows(db, "energy_windows") == 8
-    with sqlite3.connect(db) as raw:
-        policy, ended, samples = raw.execute("SELECT policy, ended_unix, samples FROM runs").fetchone()
+    [(policy, ended, samples)] = query(db, "SELECT policy, ended_unix, samples FROM runs")
     assert (policy, samples) == ("meanet", 250) and ended is not None
 
 
@@ -325,9 +341,12 @@ def test_unacknowledged_messages_come_back_and_write_nothing_twice(
 
 
 @pytest.mark.slow
-def test_collector_killed_mid_stream_loses_nothing(broker, topics, device_id, device, tmp_path) -> None:
-    """SIGKILL the `edgecascade collect` process while results stream in; a new one takes over the session."""
-    db = tmp_path / "results.db"
+def test_collector_killed_mid_stream_loses_nothing(
+    broker, topics, device_id, device, tmp_path, db_url
+) -> None:
+    """SIGKILL the `edgecascade collect` process while results stream in; a new one takes over the session.
+    On SQLite and on PostgreSQL."""
+    db = db_url
     cid = f"c-{uuid.uuid4().hex[:8]}"
     password = tmp_path / "collector.pw"
     password.write_text(broker.credentials("collector").password + "\n")

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Set
+from typing import Any, Dict, Set
 
 import pytest
 
@@ -30,7 +30,6 @@ from broker.launcher import BrokerProcess
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 LIBSECCOMP = ctypes.util.find_library("seccomp")
-PG_URL = os.environ.get("EDGECASCADE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 pytestmark = [
     pytest.mark.integration,
@@ -152,7 +151,7 @@ print(json.dumps({"decisions": len(decisions), "cloud_probs": list(probs.shape),
 
 
 def test_services_libraries_run_under_the_units_syscall_filter_and_mdwe(
-    tiny_models: Path, broker: BrokerProcess, tmp_path: Path
+    tiny_models: Path, broker: BrokerProcess, tmp_path: Path, pg_database: Any
 ) -> None:
     allow = unit_allow_list()
     assert "chroot" not in allow and "mmap" in allow  # the controls below rely on this
@@ -170,7 +169,7 @@ def test_services_libraries_run_under_the_units_syscall_filter_and_mdwe(
         },
         "topic": "edgecascade/v1/sandbox-dev/status",
         "state_dir": str(tmp_path),
-        "pg": PG_URL,
+        "pg": pg_database.render_as_string(hide_password=False),
     }
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(cfg)],

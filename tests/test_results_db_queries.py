@@ -14,8 +14,6 @@ from results_db.ingest import RecordWriter
 from results_db.queries import QUERIES, run_query
 from results_db.synthetic import inference_records, run_record
 
-pytest_plugins = ("results_db.testing",)  # fixtures: db_url (SQLite and PostgreSQL)
-
 START = 1_700_000_000.0  # 22:13:20 UTC: runs cross into the next hour
 
 # run_id -> (device, policy, model sha, samples, offload, fallback, device J, seed)

@@ -26,8 +26,6 @@ from results_db.ingest import RecordWriter
 from results_db.models import Base, Device, EnergyWindow, IdleBaseline, Inference, Run
 from results_db.synthetic import full_run, inference_records, run_end_record, run_record
 
-pytest_plugins = ("results_db.testing",)  # fixtures: db_url (SQLite and PostgreSQL), pg_database
-
 TABLES = {"runs", "devices", "inferences", "energy_windows", "idle_baselines", "rejected_records"}
 VIEWS = {"inference_facts", "run_summary", "class_accuracy", "pareto_points"}
 

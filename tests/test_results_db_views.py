@@ -14,8 +14,6 @@ from results_db.database import open_database
 from results_db.ingest import RecordWriter
 from results_db.synthetic import full_run, run_record
 
-pytest_plugins = ("results_db.testing",)  # fixtures: db_url (SQLite and PostgreSQL), pg_url_factory
-
 
 def latency(r: Dict[str, Any]) -> float:
     return r["edge_ms"] + (r["network_ms"] or 0) + (r["cloud_ms"] or 0)
