@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     ("bench", "bench.cli"),
     ("report", "results_db.report_cli"),
     ("broker", "broker.cli"),
+    ("video", "video.cli"),
 ]
 
 EPILOG = """examples:
