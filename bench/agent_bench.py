@@ -61,7 +61,7 @@ def bare_loop(model_dir: Path, images: np.ndarray, providers: List[str], threads
     """Samples/s of main (+ extension for hard classes) on plain onnxruntime sessions, batch 1."""
     import onnxruntime as ort
 
-    from device_agent.cascade import load_card
+    from device_agent.card import load_card
 
     card = load_card(model_dir)
     opts = ort.SessionOptions()
@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from broker.launcher import BrokerProcess
     from device_agent import AgentConfig, DeviceAgent, apply_profile, load_profile
-    from device_agent.cascade import load_card
+    from device_agent.card import load_card
     from protocol.topics import Topics
 
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as tmp:

@@ -27,7 +27,8 @@ from bench.http_baseline import run_http_peer
 from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess, find_free_port
 from device_agent import AgentConfig, DeviceAgent
-from device_agent.cascade import EdgeCascade, sha256_file
+from device_agent.card import sha256_file
+from device_agent.cascade import EdgeCascade
 from device_agent.config import apply_profile, load_profile
 from device_agent.sources import load_idx_dataset
 from protocol.codec import CONTENT_TYPE_RESULTS, encode_records
@@ -275,7 +276,7 @@ def publish_records(
     address: BrokerAddress, topics: Topics, device_id: str, records: List[Dict[str, Any]], batch: int = 500
 ) -> None:
     """Publish result records at QoS 1 and return once the broker has acknowledged every batch."""
-    client = new_client(address, f"{device_id}-records")
+    client = new_client(address, device_id)  # the broker binds a device account to client id = device id
     client.connect(address.host, address.port)
     client.loop_start()
     try:

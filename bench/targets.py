@@ -10,7 +10,7 @@ from rich.table import Table
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from device_agent.cascade import load_card
+from device_agent.card import load_card
 from metering.analytic import AnalyticModel
 
 COLUMNS = [

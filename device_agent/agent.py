@@ -21,10 +21,11 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from device_agent.cascade import EdgeCascade, load_card
+from device_agent.card import load_card
+from device_agent.cascade import EdgeCascade
 from device_agent.config import AgentConfig
 from device_agent.durable import Counter, Origin, SourceProgress, read_count
-from device_agent.energy import DeviceEnergy
+from device_agent.energy import DeviceEnergy, baseline_record
 from device_agent.inference import STOP, InferenceLoop
 from device_agent.link import BrokerUnusable, Link
 from device_agent.offloads import OffloadTracker
@@ -34,6 +35,7 @@ from device_agent.runs import RunSummary, Stream, plain, run_record
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
+from protocol.records import RunEndRecord
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ class DeviceAgent:
             self, Counter(self.outbox, self.run_id), Counter(self.outbox, f"window/{self.run_id}")
         )
         self._summary.recovered_offloads = self.settlement.recover()
-        self._emit_once("run", run_record(self))
+        self._emit_once("run", run_record(self).to_map())
         self.link.hooks.append(self._housekeeping)
         self.link.start()
         if not self.link.wait_connected(cfg.connect_timeout_s) and self.link.refused is not None:
@@ -127,10 +129,7 @@ class DeviceAgent:
             )
         idle = self.energy.measure_idle(cfg.idle_seconds)
         if idle is not None:
-            self._emit_once(
-                "idle_baseline",
-                {"type": "idle_baseline", "run_id": self.run_id, "device_id": self.device_id, **idle},
-            )
+            self._emit_once("idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map())
         self._started_mono = time.monotonic()
         self._thread = threading.Thread(target=self.loop.run, name=f"agent-{self.device_id}", daemon=True)
         self._thread.start()
@@ -158,19 +157,11 @@ class DeviceAgent:
         self._summary.seconds = time.monotonic() - self._started_mono
         self._summary.late_replies = self.offloads.stats["late_replies"]
         self._summary.policy_report = self.policy.report()
-        self._emit_once(
-            "run_end",
-            {
-                "type": "run_end",
-                "run_id": self.run_id,
-                "device_id": self.device_id,
-                "ended_unix": time.time(),
-                # The run's records on disk over every process that took part in it (a resumed run).
-                "samples": read_count(self.outbox, self.settlement.count_name),
-                # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
-                "policy_report": plain(self._summary.policy_report),
-            },
-        )
+        # `samples`: the run's records on disk over every process that took part in it (a resumed run).
+        count = read_count(self.outbox, self.settlement.count_name)
+        end = RunEndRecord(self.run_id, self.device_id, time.time(), count)
+        # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
+        self._emit_once("run_end", {**end.to_map(), "policy_report": plain(self._summary.policy_report)})
         drained = self.link.drain(cfg.close_timeout_s)
         left = self._summary.outbox_left = self.outbox.counts()
         self._summary.refused_records = self.link.stats["refused_records"]

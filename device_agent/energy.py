@@ -14,15 +14,48 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from protocol.records import EnergyWindowRecord, IdleBaselineRecord
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class WindowEnergy:
-    """What one closed window gives the agent: its record and each inference's (gross_j, net_j)."""
+    """What one closed window gives the agent: the meter's figure and each inference's (gross_j, net_j)."""
 
-    record: Optional[Dict[str, Any]]  # fields of an `energy_window` record, less run/device/window_seq
+    window: Any  # metering.EnergyWindow, or None (no meter, or the meter failed in the window)
     per_inference: List[Tuple[Optional[float], Optional[float]]]
+
+
+def window_record(window: Any, run_id: str, device_id: str, window_seq: int) -> EnergyWindowRecord:
+    """The `energy_window` record of a meter window (rate = meter_samples / (end - start))."""
+    return EnergyWindowRecord(
+        run_id=run_id,
+        device_id=device_id,
+        window_seq=window_seq,
+        source=window.source,
+        rails=dict(window.rails),
+        start_unix=window.start_unix,
+        end_unix=window.end_unix,
+        samples=window.samples,
+        meter_samples=window.meter_samples,
+        idle_w=window.idle_w,
+        gross_j=window.gross_j,
+        net_j=window.net_j,
+    )
+
+
+def baseline_record(idle: Any, run_id: str, device_id: str) -> IdleBaselineRecord:
+    """The `idle_baseline` record of a measured baseline (metering.IdleBaseline)."""
+    return IdleBaselineRecord(
+        run_id=run_id,
+        device_id=device_id,
+        source=idle.source,
+        rails=dict(idle.rails),
+        duration_s=idle.duration_s,
+        idle_w=idle.idle_w,
+        measured_unix=idle.measured_unix,
+    )
 
 
 class OpenWindow:
@@ -46,14 +79,11 @@ class OpenWindow:
         result = self._handle.result
         if result is None:  # the meter failed inside the window (it logged why): no figure, not a guess
             return WindowEnergy(None, [(None, None)] * self.count)
-        record = result.to_record("", "", 0)
-        for name in ("type", "run_id", "device_id", "window_seq"):
-            record.pop(name)
         shares = [(_f(g), _f(n)) for g, n in result.per_inference()]
         if len(shares) != self.count:  # a meter that saw fewer adds than we made: do not misattribute
             logger.warning("meter split %d inferences, the agent counted %d", len(shares), self.count)
             shares = [(None, None)] * self.count
-        return WindowEnergy(record, shares)
+        return WindowEnergy(result, shares)
 
 
 def _f(value: Any) -> Optional[float]:
@@ -87,15 +117,12 @@ class DeviceEnergy:
             self._analytic = _analytic_blocks(card_raw)
         self._analytic_sums: Dict[Tuple[str, ...], Optional[float]] = {}  # per sample: a handful of keys
 
-    def measure_idle(self, seconds: float) -> Optional[Dict[str, Any]]:
-        """Measure the idle baseline (skipped for 0 s or no meter): an `idle_baseline` record's fields."""
+    def measure_idle(self, seconds: float) -> Any:
+        """Measure the idle baseline (metering.IdleBaseline; None for 0 s or without a meter)."""
         if self.meter is None or seconds <= 0:
             return None
         self.idle = self.meter.measure_idle(seconds=seconds)
-        record = self.idle.to_record("", "")
-        for name in ("type", "run_id", "device_id"):
-            record.pop(name)
-        return record
+        return self.idle
 
     def open_window(self) -> OpenWindow:
         return OpenWindow(self.meter, self.idle)

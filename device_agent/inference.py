@@ -20,9 +20,9 @@ import numpy as np
 
 from device_agent.durable import Counter, Origin, mark_done
 from device_agent.energy import OpenWindow
-from device_agent.policies import Action, PolicyError
+from device_agent.policies import Action
 from device_agent.runs import Stream
-from device_agent.samples import Sample, edge_view, extend_view, record_map
+from device_agent.samples import Sample, edge_view
 from device_agent.settlement import READY_BACKLOG
 from protocol import InferenceRecord, OffloadRequest, encode_offload
 
@@ -144,16 +144,8 @@ class InferenceLoop:
             sample.sink, sample.origin = sink, origin
             started = time.perf_counter()
             policy = agent.policy
-            view, blocks, features = edge_view(agent.cascade, policy.edge, image, seq)
+            view, blocks = edge_view(agent.cascade, policy.edge, image, seq)
             decision = policy.decide(view)
-            if decision.action is Action.EXTEND:
-                if features is None:
-                    raise PolicyError(f"policy {policy.name} asked for the extension after it ran")
-                view = extend_view(agent.cascade, image, features, view)
-                blocks.append("extension")
-                decision = policy.decide(view)
-                if decision.action is Action.EXTEND:
-                    raise PolicyError(f"policy {policy.name} asked for the extension twice")
             sample.view, sample.decision, sample.blocks = view, decision, blocks
             sample.edge_ms = (time.perf_counter() - started) * 1000.0
             if decision.action is Action.OFFLOAD:
@@ -161,7 +153,7 @@ class InferenceLoop:
                 payload = encode_offload(request)
                 sample.bytes_up = len(payload)
                 sample.compute_s = time.perf_counter() - started
-                partial = record_map(agent.settlement.record(sample, "fallback"))
+                partial = agent.settlement.record(sample, "fallback").to_map()
                 agent.offloads.offload(sample, seq, payload, partial, also=mark_done([origin]))
             else:
                 sample.compute_s = time.perf_counter() - started
@@ -179,7 +171,7 @@ class InferenceLoop:
     def _close(self, window: OpenWindow, members: List[Sample]) -> None:
         energy = window.close()
         self.agent.stats["windows"] += 1
-        self.agent.settlement.window_closed(energy.record, self.windows.take(), members, energy.per_inference)
+        self.agent.settlement.window_closed(energy, self.windows.take(), members)
         # Records reach the outbox from the link thread's housekeeping (every tick): a SQLite commit costs
         # ~1 ms here, which this thread should spend on inferences. Only a backlog (a full outbox) makes
         # this thread write, and wait for room: backpressure instead of unbounded memory.

@@ -1,14 +1,15 @@
 """Offload policies: what to do with one sample once the edge has looked at it.
 
 A policy sees an `EdgeView` (the edge outputs of one sample) and returns a `Decision`: exit here with the edge
-answer, run the extension block, or offload to the cloud. Policies are chosen by name from configuration,
+answer, or offload to the cloud. Policies are chosen by name from configuration,
 `{"name": "hi-threshold", "params": {"theta": 0.9}}`, through a registry that refuses duplicate names and
 unknown parameters (unlike Sedna's, which silently overwrites). Thresholds default to the model card's values,
 calibrated on a validation split.
 
 `edge` says which edge outputs a policy needs, so the agent computes no more than that:
 `none` (nothing runs on the device), `main` (the main block only) or `cascade` (the full MEANet edge rule,
-`EdgeCascade.decide`). A policy that returns EXTEND on a main-block view is asked again after the extension.
+`EdgeCascade.decide`, whose verdict is `EdgeView.complex`). Softmax, entropy and the MEANet rule are
+`device_agent.rule`'s; policies only decide on what it computed.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type, TypeVar
 
@@ -33,7 +33,6 @@ class PolicyError(ValueError):
 
 class Action(enum.Enum):
     EXIT = "exit"
-    EXTEND = "extend"
     OFFLOAD = "offload"
 
 
@@ -41,7 +40,7 @@ class Action(enum.Enum):
 class EdgeView:
     """The edge's outputs for one sample, as far as the edge went.
 
-    `stage` is where the view comes from: `none` (the device computed nothing), `main`, `extension`, or
+    `stage` is where the view comes from: `none` (the device computed nothing), `main` (the main block), or
     `cascade` (the full edge rule; then `exit_stage` says whether main or extension gave the answer and
     `complex` is the cascade's offload verdict).
     """
@@ -76,16 +75,6 @@ class Outcome:
     decision: Decision
     cloud_prediction: Optional[int] = None  # None: not offloaded, or no reply before the deadline
     label: Optional[int] = None  # ground truth when the source knows it (datasets); only for scoring
-
-
-def normalised_entropy(probs: np.ndarray) -> float:
-    """η = −Σ p log p / log C (0: certain, 1: uniform)."""
-    p = np.asarray(probs, dtype=np.float64)
-    classes = p.size
-    if classes < 2:
-        return 0.0
-    nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum() / math.log(classes))
 
 
 def _threshold(card: Any, key: str) -> Optional[float]:
@@ -216,7 +205,7 @@ class Meanet(Policy):
     edge = "cascade"
 
     def __init__(self, card: Any = None) -> None:
-        self._tau = _threshold(card, "entropy_tau")
+        self._card = card
 
     def decide(self, view: EdgeView) -> Decision:
         if view.complex is None:
@@ -224,7 +213,7 @@ class Meanet(Policy):
         return Decision(Action.OFFLOAD if view.complex else Action.EXIT)
 
     def params(self) -> Dict[str, Any]:
-        return {"entropy_tau": self._tau}
+        return {"entropy_tau": _threshold(self._card, "entropy_tau")}  # the card's, which EdgeCascade applies
 
 
 def _required(value: Optional[float], what: str, card_key: str) -> float:
@@ -261,9 +250,7 @@ class EntropyFilter(Policy):
         self.edge = _edge_param(edge, ("main", "cascade"))
 
     def decide(self, view: EdgeView) -> Decision:
-        entropy = view.entropy
-        if entropy is None:
-            entropy = normalised_entropy(view.probs) if view.probs is not None else 1.0
+        entropy = view.entropy if view.entropy is not None else 1.0  # no edge answer: nothing to trust
         return Decision(Action.OFFLOAD if entropy > self.tau else Action.EXIT)
 
     def params(self) -> Dict[str, Any]:
@@ -281,7 +268,6 @@ __all__ = [
     "Policy",
     "PolicyError",
     "make_policy",
-    "normalised_entropy",
     "policy_names",
     "register_policy",
 ]

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import socket
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
 import numpy as np
 
-from device_agent.cascade import sha256_file
+from device_agent.card import sha256_file
 from device_agent.durable import Origin, SourceProgress
-from protocol import InferenceRecord
+from protocol.records import InferenceRecord, RunRecord
 
 
 @dataclass
@@ -128,22 +131,21 @@ class Stream:
                 self.done.set()
 
 
-def run_record(agent: Any) -> Dict[str, Any]:
-    """The `run` record that opens a run."""
+def run_record(agent: Any) -> RunRecord:
+    """The `run` record that opens a run (or announces its resumption)."""
     import onnxruntime
 
-    return {
-        "type": "run",
-        "run_id": agent.run_id,
-        "device_id": agent.device_id,
-        "policy": agent.policy.name,
-        "policy_params": plain(agent.policy.params()),
-        "profile": agent.config.profile,
-        "dataset": agent.config.dataset,
-        "split": agent.config.split,
-        "model_sha256": sha256_file(agent.config.model_dir / "card.json"),
-        "code_revision": code_revision(),
-        "host": {
+    return RunRecord(
+        run_id=agent.run_id,
+        device_id=agent.device_id,
+        policy=agent.policy.name,
+        policy_params=plain(agent.policy.params()),
+        profile=agent.config.profile,
+        dataset=agent.config.dataset,
+        split=agent.config.split,
+        model_sha256=sha256_file(agent.config.model_dir / "card.json"),
+        code_revision=code_revision(),
+        host={
             "hostname": socket.gethostname(),
             "machine": platform.machine(),
             "python": platform.python_version(),
@@ -151,8 +153,8 @@ def run_record(agent: Any) -> Dict[str, Any]:
             "providers": list(agent.config.providers),
             "meter": agent.energy.source,
         },
-        "started_unix": time.time(),
-    }
+        started_unix=time.time(),
+    )
 
 
 def plain(value: Any) -> Any:
@@ -168,7 +170,28 @@ def plain(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def code_revision() -> str:
+    """The package version and, when the code runs from a checkout, the git commit (`0.1.0+g1a2b3c4`, then
+    `.dirty` with local changes): what a result row was made with, beyond a version bumped once a year."""
     from edgecascade import __version__
 
-    return __version__
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if sha.returncode != 0:
+            return __version__
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):  # no git on the device: the version is what we know
+        return __version__
+    return f"{__version__}+g{sha.stdout.strip()}{'.dirty' if dirty else ''}"

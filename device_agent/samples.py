@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
-from device_agent.cascade import EdgeCascade, normalised_entropy
+from device_agent.cascade import EdgeCascade
 from device_agent.durable import Origin
 from device_agent.policies import Decision, EdgeView, PolicyError
 from protocol import InferenceRecord, OffloadReply
@@ -49,66 +49,30 @@ class Sample:
         self.origin: Optional[Origin] = None  # the source item it came from, marked done with its record
 
 
-def edge_view(
-    cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int
-) -> Tuple[EdgeView, List[str], Optional[np.ndarray]]:
-    """Run what a policy needing `edge` must see: (view, blocks run, main features for an extension)."""
-    batch = image[None]
+def edge_view(cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int) -> Tuple[EdgeView, List[str]]:
+    """Run what a policy needing `edge` must see: (view, blocks run)."""
     if edge == "none":
-        return EdgeView(stage="none", seq=seq), [], None
+        return EdgeView(stage="none", seq=seq), []
     if edge == "main":
-        out = cascade.run_main(batch)
-        probs = out.probs[0]
-        prediction = int(probs.argmax())
-        view = EdgeView(
-            stage="main",
-            probs=probs,
-            prediction=prediction,
-            exit_stage="main",
-            p_main=float(probs[prediction]),
-            entropy=float(normalised_entropy(probs)),
-            seq=seq,
-        )
-        return view, ["main"], out.features
-    if edge == "cascade":
-        d = cascade.decide(batch)[0]
-        view = EdgeView(
-            stage="cascade",
-            probs=d.probs,
-            prediction=d.prediction,
-            exit_stage=d.exit_stage,
-            p_main=d.p_main,
-            p_ext=d.p_ext,
-            entropy=d.entropy,
-            complex=d.complex,
-            seq=seq,
-        )
-        return view, ["main", "extension"] if d.exit_stage == "extension" else ["main"], None
-    raise PolicyError(f"unknown edge need {edge!r}")
-
-
-def extend_view(cascade: EdgeCascade, image: np.ndarray, features: np.ndarray, main: EdgeView) -> EdgeView:
-    """The view after the extension block, combined as the cascade does: its answer (over the hard classes)
-    replaces the main one where it is strictly more confident."""
-    q = cascade.run_extension(image[None], features)[0]
-    if main.probs is None:
-        raise PolicyError("the extension needs the main block's answer")
-    p_ext = float(q.max())
-    probs = main.probs
-    if main.probs is None or main.p_main is None or p_ext > main.p_main:
-        probs = np.zeros_like(main.probs)
-        probs[cascade.hard_classes] = q
-    prediction = int(probs.argmax())
-    return EdgeView(
-        stage="extension",
-        probs=probs,
-        prediction=prediction,
-        exit_stage="extension",
-        p_main=main.p_main,
-        p_ext=p_ext,
-        entropy=float(normalised_entropy(probs)),
-        seq=main.seq,
+        d = cascade.main_only(image)
+        blocks = ["main"]
+    elif edge == "cascade":
+        d = cascade.decide(image)[0]
+        blocks = ["main", "extension"] if d.exit_stage == "extension" else ["main"]
+    else:
+        raise PolicyError(f"unknown edge need {edge!r}")
+    view = EdgeView(
+        stage=edge,
+        probs=d.probs,
+        prediction=d.prediction,
+        exit_stage=d.exit_stage,
+        p_main=d.p_main,
+        p_ext=d.p_ext,
+        entropy=d.entropy,
+        complex=d.complex if edge == "cascade" else None,
+        seq=seq,
     )
+    return view, blocks
 
 
 def record_of(
@@ -153,12 +117,3 @@ def record_of(
         energy_source=energy_source,
         ts_unix=sample.ts_unix,
     )
-
-
-def record_map(record: InferenceRecord) -> Dict[str, Any]:
-    """The record as the map that travels. `InferenceRecord.to_record` (dataclasses.asdict + validation) costs
-    ~90 us, a fifth of a small model's inference; the fields here are built by `record_of` with the right
-    types, and the collector validates every record it receives anyway."""
-    out: Dict[str, Any] = {"type": "inference"}
-    out.update(vars(record))
-    return out

@@ -22,11 +22,12 @@ from typing import Any, Dict, List, Optional
 import msgpack
 
 from device_agent.durable import Counter, bump_count, chain, mark_done
+from device_agent.energy import WindowEnergy, window_record
 from device_agent.offloads import Settled
 from device_agent.outbox import NewEntry, Outbox, OutboxFull
 from device_agent.policies import Outcome, Policy
 from device_agent.runs import RunSummary
-from device_agent.samples import Sample, record_map, record_of
+from device_agent.samples import Sample, record_of
 from protocol import InferenceRecord, validate_record
 
 logger = logging.getLogger(__name__)
@@ -95,21 +96,14 @@ class Settlement:
             sample.network_ms = max(0.0, settled.round_trip_ms - reply.cloud_ms)
         self._settle(sample, "cloud")
 
-    def window_closed(self, record: Optional[Dict[str, Any]], window_seq: int, members: List[Sample],
-                      shares: List[Any]) -> None:  # fmt: skip
-        """A closed energy window: its record (None without a meter) and each member's joules."""
-        if record is not None:
-            full = {
-                "type": "energy_window",
-                "run_id": self.run_id,
-                "device_id": self.device_id,
-                "window_seq": window_seq,
-                **record,
-            }
+    def window_closed(self, energy: WindowEnergy, window_seq: int, members: List[Sample]) -> None:
+        """A closed energy window: its record (none without a meter figure) and each member's joules."""
+        if energy.window is not None:
+            record = window_record(energy.window, self.run_id, self.device_id, window_seq).to_map()
             key = f"energy_window/{self.run_id}/{self.device_id}/{window_seq}"
             with self._lock:
-                self._ready.append(_Ready(key, validate_record(full)))
-        for sample, (gross_j, net_j) in zip(members, shares):
+                self._ready.append(_Ready(key, validate_record(record)))
+        for sample, (gross_j, net_j) in zip(members, energy.per_inference):
             with self._lock:
                 sample.device_j_gross, sample.device_j_net, sample.energy_done = gross_j, net_j, True
             self._maybe_finish(sample)
@@ -145,7 +139,7 @@ class Settlement:
         key = f"inference/{self.run_id}/{self.device_id}/{sample.seq}"
         sample.image = None  # the record is all we keep
         with self._lock:
-            self._ready.append(_Ready(key, record_map(result), sample.offload_outbox_id, sample, result))
+            self._ready.append(_Ready(key, result.to_map(), sample.offload_outbox_id, sample, result))
 
     @property
     def backlog(self) -> int:

@@ -18,7 +18,8 @@ from tinymodels import tiny_images
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
 from device_agent import AgentConfig, DeviceAgent
-from device_agent.cascade import CloudModel, EdgeCascade, load_card
+from device_agent.card import load_card
+from device_agent.cascade import CloudModel, EdgeCascade
 from device_agent.outbox import Outbox
 from device_agent.policies import Action, Decision, EdgeView, Policy, register_policy
 from protocol import (
@@ -196,24 +197,24 @@ def test_every_policy_end_to_end(policy, broker, cloud, shared_topics, tiny_mode
     tap.close()
 
 
-_EXTEND_POLICY = "test-extend-when-hard"
+_CUSTOM_POLICY = "test-always-exit-after-the-cascade"
 
 
-@register_policy(_EXTEND_POLICY)
-class ExtendWhenHard(Policy):
-    """A policy outside the built-ins: runs the extension for hard classes, then exits."""
+@register_policy(_CUSTOM_POLICY)
+class AlwaysExitAfterTheCascade(Policy):
+    """A policy outside the built-ins: the full edge cascade, then never offload."""
+
+    edge = "cascade"
 
     def __init__(self, card: Any = None) -> None:
-        self.hard = set(card.hard_classes)
+        self.card = card
 
     def decide(self, view: EdgeView) -> Decision:
-        if view.stage == "main" and view.prediction in self.hard:
-            return Decision(Action.EXTEND)
         return Decision(Action.EXIT)
 
 
-def test_a_policy_can_ask_for_the_extension(broker, cloud, shared_topics, tiny_models, tmp_path) -> None:
-    config = make_config(broker, shared_topics, tiny_models, tmp_path, policy={"name": _EXTEND_POLICY})
+def test_a_registered_policy_runs_on_the_cascade(broker, cloud, shared_topics, tiny_models, tmp_path) -> None:
+    config = make_config(broker, shared_topics, tiny_models, tmp_path, policy={"name": _CUSTOM_POLICY})
     data = samples(24, seed=2)
     with DeviceAgent(config) as agent:
         records = [agent.submit(image, label).result(10) for image, label in data]

@@ -11,14 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.cascade import (
-    CloudModel,
-    EdgeCascade,
-    ModelCardError,
-    load_card,
-    normalised_entropy,
-    sha256_file,
-)
+from device_agent.card import ModelCardError, load_card, sha256_file
+from device_agent.cascade import CloudModel, EdgeCascade
+from device_agent.rule import entropy_row, normalised_entropy, softmax, softmax_row
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models" / "fashion-mnist"
@@ -202,3 +197,13 @@ def test_broken_model_directories_are_refused(tmp_path: Path) -> None:
 def test_normalised_entropy_is_zero_for_one_hot_and_one_for_uniform() -> None:
     probs = np.array([[0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]], dtype=np.float32)
     assert normalised_entropy(probs).tolist() == pytest.approx([0.0, 1.0, 0.5])
+
+
+def test_the_batch_1_forms_equal_the_definitions() -> None:
+    rng = np.random.default_rng(3)
+    logits = (rng.normal(size=(500, 10)) * rng.uniform(0.1, 20, size=(500, 1))).astype(np.float32)
+    probs = softmax(logits)
+    assert all(np.array_equal(softmax_row(row), p) for row, p in zip(logits, probs))  # bit for bit
+    eta = normalised_entropy(probs)
+    assert max(abs(entropy_row(p) - e) for p, e in zip(probs, eta)) < 1e-12
+    assert entropy_row(np.array([1.0, 0.0], dtype=np.float32)) == 0.0 and entropy_row(np.array([1.0])) == 0.0

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from device_agent.cascade import load_card
+from device_agent.card import load_card
 from device_agent.policies import (
     Action,
     Decision,
@@ -18,10 +18,10 @@ from device_agent.policies import (
     Policy,
     PolicyError,
     make_policy,
-    normalised_entropy,
     policy_names,
     register_policy,
 )
+from device_agent.rule import entropy_row
 
 CARD = {"thresholds": {"entropy_tau": 0.4, "hi_theta": 0.8}}
 
@@ -33,7 +33,7 @@ def view(probs, **kw) -> EdgeView:
         prediction=int(p.argmax()),
         exit_stage="main",
         p_main=float(p.max()),
-        entropy=normalised_entropy(p),
+        entropy=entropy_row(p),
     )
     defaults.update(kw)
     return EdgeView(probs=p, **defaults)
@@ -114,15 +114,8 @@ def test_entropy_filter_offloads_above_tau() -> None:
     policy = make_policy({"name": "entropy", "params": {"tau": 0.5}})
     assert policy.decide(view([0.97, 0.01, 0.01, 0.01])).action is Action.EXIT
     assert policy.decide(view([0.25, 0.25, 0.25, 0.25])).action is Action.OFFLOAD
-    # computed from probs when the view carries no entropy
-    assert policy.decide(view([0.25, 0.25, 0.25, 0.25], entropy=None)).action is Action.OFFLOAD
-
-
-def test_normalised_entropy_is_zero_for_one_hot_and_one_for_uniform() -> None:
-    assert normalised_entropy(np.array([1.0, 0.0, 0.0])) == 0.0
-    assert normalised_entropy(np.full(10, 0.1)) == pytest.approx(1.0)
-    p = np.array([0.7, 0.2, 0.1])
-    assert normalised_entropy(p) == pytest.approx(-(p * np.log(p)).sum() / np.log(3))
+    # no entropy: no edge answer to trust
+    assert policy.decide(view([0.97, 0.01, 0.01, 0.01], entropy=None)).action is Action.OFFLOAD
 
 
 def test_meanet_follows_the_cascade_verdict_and_needs_it() -> None:

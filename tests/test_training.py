@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from device_agent.cascade import EdgeCascade, load_card, sha256_file
+from device_agent.card import load_card, sha256_file
+from device_agent.cascade import EdgeCascade
 from edgecascade.cli import main as cli_main
 from training.datasets import DatasetError, TensorSplit, carve_validation, read_idx
 from training.engine import augment

@@ -36,7 +36,8 @@ class ReusedCloud:
 
     @classmethod
     def open(cls, model_dir: Path, bundle: DatasetBundle) -> ReusedCloud:
-        from device_agent.cascade import CloudModel, load_card, sha256_file
+        from device_agent.card import load_card, sha256_file
+        from device_agent.cascade import CloudModel
 
         card = load_card(model_dir)  # ModelCardError (a ValueError) on a missing or broken card
         if (card.dataset, card.num_classes, card.input_shape) != (
@@ -89,7 +90,7 @@ def publish(
 
     With `reused`, the cloud block comes from another model directory (trained.cloud is not used).
     """
-    from device_agent.cascade import sha256_file  # numpy-only helper, shared with the device
+    from device_agent.card import sha256_file  # shared with the device
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for m in (trained.main, trained.extension, trained.cloud):
