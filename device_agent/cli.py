@@ -87,6 +87,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="forget result records once the broker has them, not once the collector has stored them "
         "(for setups without a collector; a broker crash can then lose records)",
     )
+    parser.add_argument(
+        "--loop",
+        action="store_true",
+        help="dataset source: start the next pass when one ends, until SIGTERM (a camera that never stops)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.set_defaults(func=run)
 
@@ -177,19 +182,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if kind == "dataset":
-            samples = zip(images, (int(y) for y in labels))
             progress = agent.source_progress(args.source)
-            summary = agent.run_dataset(
-                _until(samples, stop, args.rate), progress=not args.no_progress, source=args.source
-            )
-            if not stop.is_set():
-                progress.finish_pass()  # every item is recorded: the next start with this run id runs anew
+            while True:
+                samples = zip(images, (int(y) for y in labels))
+                summary = agent.run_dataset(
+                    _until(samples, stop, args.rate), progress=not args.no_progress, source=args.source
+                )
+                if stop.is_set():
+                    break
+                progress.finish_pass()  # every item is recorded: the next pass (or start) runs anew
+                if not args.loop:
+                    break
         else:
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             summary = agent.watch(source["path"], stop)
     finally:
         final = agent.close()
-    out = summary.as_dict()
+    out = (final if args.loop else summary).as_dict()
     out["outbox_left"] = final.outbox_left
     out["refused_records"] = final.refused_records
     out["offload_stats"] = dict(agent.offloads.stats)
