@@ -18,6 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
+from results_db.stats import nearest_rank
 from training.reference import calibrate_offload
 
 TARGET_DEFICIT = 0.003  # the issue: cascade ≥ cloud-only − 0.3 pp ...
@@ -79,9 +80,9 @@ def check(pool: Dict[str, torch.Tensor], repeats: int, calib_size: int, seed: in
             {
                 "rule": label,
                 "offload_mean": f.mean(),
-                "offload_p95": np.percentile(f, 95),
+                "offload_p95": nearest_rank(f.tolist(), 95),
                 "deficit_mean": d.mean(),
-                "deficit_p05": np.percentile(d, 5),
+                "deficit_p05": nearest_rank(d.tolist(), 5),
                 "miss_rate": miss.mean(),
                 "miss_accuracy": miss_acc.mean(),
                 "miss_offload": miss_off.mean(),

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess
+from results_db.stats import nearest_rank
 
 logger = logging.getLogger(__name__)
 
@@ -78,19 +79,15 @@ def _latencies(db: Path, fleet_id: str) -> List[Dict[str, Any]]:
     by_device: Dict[str, List[float]] = {}
     for device, ms in rows:
         by_device.setdefault(device, []).append(ms)
-    out = []
-    for device, values in sorted(by_device.items()):
-        values.sort()
-        n = len(values)
-        out.append(
-            {
-                "device_id": device,
-                "offloads": n,
-                "p50_ms": values[-(-50 * n // 100) - 1],
-                "p99_ms": values[-(-99 * n // 100) - 1],
-            }
-        )
-    return out
+    return [
+        {
+            "device_id": device,
+            "offloads": len(values),
+            "p50_ms": nearest_rank(values, 50),
+            "p99_ms": nearest_rank(values, 99),
+        }
+        for device, values in sorted(by_device.items())
+    ]
 
 
 def run_fleet(

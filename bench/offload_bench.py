@@ -36,6 +36,7 @@ from broker.launcher import BrokerProcess
 from cloud_worker.model import CloudSession
 from cloud_worker.probe import Answer, OffloadProbe
 from protocol.topics import Topics
+from results_db.stats import percentiles
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_MODEL_DIR = REPO / "models" / "fashion-mnist"
@@ -131,16 +132,6 @@ def spawn_floor(broker: BrokerProcess, topics: Topics) -> subprocess.Popen:
 def sample_images(model: Path, n: int, seed: int = 0) -> np.ndarray:
     shape = CloudSession(model).input_shape
     return np.random.default_rng(seed).integers(0, 256, size=(n, *shape), dtype=np.uint8)
-
-
-def percentiles(values: Sequence[float]) -> Dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p90": float(np.percentile(arr, 90)),
-        "p99": float(np.percentile(arr, 99)),
-        "max": float(arr.max()),
-    }
 
 
 def run_paced(probe: OffloadProbe, images: np.ndarray, rate: float) -> Tuple[List[Future], List[float]]:

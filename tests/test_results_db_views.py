@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from typing import Any, Dict, List
 
@@ -12,16 +11,12 @@ from sqlalchemy import text
 from protocol.records import InferenceRecord
 from results_db.database import open_database
 from results_db.ingest import RecordWriter
+from results_db.stats import nearest_rank
 from results_db.synthetic import full_run, run_record
 
 
 def latency(r: Dict[str, Any]) -> float:
     return r["edge_ms"] + (r["network_ms"] or 0) + (r["cloud_ms"] or 0)
-
-
-def nearest_rank(values: List[float], p: int) -> float:
-    ordered = sorted(values)
-    return ordered[math.ceil(p / 100 * len(ordered)) - 1]
 
 
 def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
