@@ -32,11 +32,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import SQLAlchemyError
 
 from edgecascade.systemd import Watchdog
-from protocol.codec import ProtocolError, Receipt, decode_records, encode_receipt
+from protocol.codec import encode_receipt
 from protocol.mqtt import (
     BrokerAddress,
     BrokerUnusable,
@@ -45,10 +44,10 @@ from protocol.mqtt import (
     permanent_connack_refusal,
     publish_properties,
 )
-from protocol.records import validate_record
 from protocol.topics import Topics
-from results_db.database import open_database
+from results_db.database import is_transient, open_database
 from results_db.ingest import RecordWriter, Rejected, WriteCounts
+from results_db.messages import Inbound, Message, decode_message
 
 logger = logging.getLogger(__name__)
 
@@ -87,26 +86,6 @@ class CollectorConfig:
             raise ValueError(f"flush_ms must be > 0, got {self.flush_ms}")
 
 
-@dataclass
-class _Message:
-    generation: int  # which connection delivered it; acks for an older one are dropped
-    mid: int
-    qos: int
-    topic: str
-    payload: bytes
-    receipt_to: Optional[str] = None  # the device's receipts topic, when it asked for a receipt
-    correlation: Optional[bytes] = None
-
-
-@dataclass
-class _Pending:
-    message: _Message
-    records: List[Dict[str, Any]]  # valid, to write
-    rejected: List[Rejected] = field(default_factory=list)  # refused already, to keep in rejected_records
-    stored: int = 0  # set once written: how many of `records` are in the result tables
-    reasons: List[str] = field(default_factory=list)  # why the database side refused some of `records`
-
-
 class Collector:
     """MQTT → SQL for result records. `start()`, then `stats`, then `stop()`."""
 
@@ -115,7 +94,7 @@ class Collector:
         self.watchdog = Watchdog(healthy=lambda: self.healthy)
         self._stats = dict.fromkeys(STAT_KEYS, 0)
         self._stats_lock = threading.Lock()
-        self._inbox: queue.Queue[_Pending] = queue.Queue()
+        self._inbox: queue.Queue[Inbound] = queue.Queue()
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._generation = 0
@@ -220,7 +199,7 @@ class Collector:
         props = message.properties
         self._inbox.put(
             self._decode(
-                _Message(
+                Message(
                     self._generation,
                     message.mid,
                     message.qos,
@@ -246,7 +225,7 @@ class Collector:
             logger.exception("collector writer thread died; unacknowledged results stay on the broker")
 
     def _write_loop(self) -> None:
-        pending: List[_Pending] = []
+        pending: List[Inbound] = []
         rows = 0
         oldest = 0.0
         flush_s = self.config.flush_ms / 1000.0
@@ -255,7 +234,7 @@ class Collector:
             stopping = self._stop.is_set()
             timeout = max(0.0, oldest + flush_s - time.monotonic()) if pending else 0.1
             try:
-                item: Optional[_Pending] = self._inbox.get(timeout=0 if stopping else timeout)
+                item: Optional[Inbound] = self._inbox.get(timeout=0 if stopping else timeout)
             except queue.Empty:
                 item = None
             if item is not None:
@@ -270,49 +249,26 @@ class Collector:
             if stopping and item is None and not pending:
                 return
 
-    def _decode(self, message: _Message) -> _Pending:
+    def _decode(self, message: Message) -> Inbound:
         """Decode and validate; what is refused is counted, logged and set aside for `rejected_records`."""
-        self._count(messages=1)
-        try:
-            device_id: Optional[str] = self.config.topics.device_of(message.topic)
-        except ValueError as exc:
-            device_id, topic_error = None, str(exc)
-        else:
-            topic_error = ""
-        try:
-            if topic_error:
-                raise ProtocolError(topic_error)
-            raw = decode_records(message.payload)
-        except (ProtocolError, ValueError) as exc:
-            logger.warning("rejected undecodable results message on %s: %s", message.topic, exc)
-            self._count(rejected=1, rejected_messages=1)
-            return _Pending(
-                message, [], [Rejected(message.topic, device_id, None, str(exc), message.payload)]
-            )
-        item = _Pending(message, [])
-        for record in raw:
-            try:
-                validate_record(record)
-                if record["device_id"] != device_id:
-                    raise ProtocolError(f"record for device {record['device_id']!r} on {device_id!r}'s topic")
-            except ProtocolError as exc:
-                item.rejected.append(Rejected.of(message.topic, device_id, record, str(exc)))
-                continue
-            item.records.append(record)
+        item = decode_message(message, self.config.topics)
         self._count(
-            received=len(raw), rejected=len(item.rejected), rejected_messages=1 if item.rejected else 0
+            messages=1,
+            received=item.received,
+            rejected=len(item.rejected),
+            rejected_messages=1 if item.rejected else 0,
         )
         if item.rejected:
             logger.warning(
                 "rejected %d of %d records on %s: %s",
                 len(item.rejected),
-                len(raw),
+                max(item.received, 1),
                 message.topic,
                 item.rejected[0].reason,
             )
         return item
 
-    def _flush(self, pending: List[_Pending]) -> None:
+    def _flush(self, pending: List[Inbound]) -> None:
         """Write the batch in one transaction, then ack; on a bad row, fall back to one message at a time."""
         assert self._writer is not None
         records = [r for item in pending for r in item.records]
@@ -326,7 +282,7 @@ class Collector:
                 break
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
                 # A passing fault: keep the batch and retry; never refuse (ack, receipt) records over it.
-                if _transient(exc):
+                if is_transient(exc):
                     self._count(db_retries=1)
                     logger.warning(
                         "database unavailable (%s); retrying in %.1fs", getattr(exc, "orig", exc), delay
@@ -362,7 +318,7 @@ class Collector:
         self._tally(counts)
         self._ack(pending)
 
-    def _refuse(self, item: _Pending, exc: Exception) -> None:
+    def _refuse(self, item: Inbound, exc: Exception) -> None:
         """The database refused this message's rows: keep them all in rejected_records instead."""
         assert self._writer is not None
         orig = getattr(exc, "orig", exc)
@@ -378,7 +334,7 @@ class Collector:
                 self._writer.write([], item.rejected)
                 break
             except SQLAlchemyError as again:
-                if not _transient(again):
+                if not is_transient(again):
                     raise  # not even rejected_records takes it: let the service die and be restarted
                 self._count(db_retries=1)
                 time.sleep(self.config.retry_max_s)
@@ -392,7 +348,7 @@ class Collector:
             batches=1,
         )
 
-    def _ack(self, items: List[_Pending]) -> None:
+    def _ack(self, items: List[Inbound]) -> None:
         """PUBACK settled messages, and send the receipts their devices asked for."""
         client = self._client
         if client is None:
@@ -407,7 +363,7 @@ class Collector:
             if message.receipt_to is not None and message.correlation is not None:
                 self._send_receipt(client, item)
 
-    def _send_receipt(self, client: mqtt.Client, item: _Pending) -> None:
+    def _send_receipt(self, client: mqtt.Client, item: Inbound) -> None:
         message = item.message
         # Only to the sender's own receipts topic: a device must not make us publish anywhere else.
         try:
@@ -417,19 +373,9 @@ class Collector:
         if own is None or message.receipt_to != own:
             logger.warning("ignored receipt topic %r on %s", message.receipt_to, message.topic)
             return
-        refused = len(item.rejected) + len(item.records) - item.stored
-        reasons = [r.reason for r in item.rejected] + item.reasons
-        receipt = Receipt(stored=item.stored, refused=refused, reason=reasons[0] if reasons else "")
         properties = publish_properties(correlation_data=message.correlation)
-        client.publish(own, encode_receipt(receipt), qos=1, properties=properties)
+        client.publish(own, encode_receipt(item.receipt()), qos=1, properties=properties)
         self._count(receipts=1)
-
-
-def _transient(exc: BaseException) -> bool:
-    """Database unavailable or locked, connection lost, pool exhausted: a fault that passes."""
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:

@@ -41,7 +41,8 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0, what: str =
 
 @pytest.fixture
 def device(broker: BrokerProcess, device_id: str) -> Iterator[mqtt.Client]:
-    client = new_client(broker.credentials(device_id), f"{device_id}-pub")
+    # Client id = device id: the broker binds device accounts to it.
+    client = new_client(broker.credentials(device_id), device_id)
     connected = threading.Event()
     client.on_connect = lambda *a: connected.set()  # new_client wraps this after TCP_NODELAY
     client.connect(broker.host, broker.port)
@@ -187,7 +188,7 @@ def test_a_row_the_database_refuses_costs_only_its_own_message(
     broker, topics, device_id, device, tmp_path, caplog, monkeypatch
 ) -> None:
     # validation refuses such a record now; skip it to reach the database's own refusal
-    monkeypatch.setattr("results_db.collector.validate_record", lambda record: record)
+    monkeypatch.setattr("results_db.messages.validate_record", lambda record: record)
     db = tmp_path / "results.db"
     before, after = (
         inference_records("run-6", device_id, 50),
