@@ -34,19 +34,6 @@ class IdleBaseline:
     measured_unix: float = 0.0
     meter_samples: int = 0
 
-    def to_record(self, run_id: str, device_id: str) -> Dict[str, Any]:
-        """The `idle_baseline` result record (protocol/records.py)."""
-        return {
-            "type": "idle_baseline",
-            "run_id": run_id,
-            "device_id": device_id,
-            "source": self.source,
-            "rails": dict(self.rails),
-            "duration_s": self.duration_s,
-            "idle_w": self.idle_w,
-            "measured_unix": self.measured_unix,
-        }
-
 
 @dataclass
 class EnergyWindow:
@@ -82,24 +69,6 @@ class EnergyWindow:
         shares = [c / total_s for c in self.compute_s] if total_s > 0 else [1.0 / n] * n
         net = self.net_j
         return [(self.gross_j * s, None if net is None else net * s) for s in shares]
-
-    def to_record(self, run_id: str, device_id: str, window_seq: int) -> Dict[str, Any]:
-        """The `energy_window` result record (protocol/records.py); rate = meter_samples / (end - start)."""
-        return {
-            "type": "energy_window",
-            "run_id": run_id,
-            "device_id": device_id,
-            "window_seq": window_seq,
-            "source": self.source,
-            "rails": dict(self.rails),
-            "start_unix": self.start_unix,
-            "end_unix": self.end_unix,
-            "samples": self.samples,
-            "meter_samples": self.meter_samples,
-            "idle_w": self.idle_w,
-            "gross_j": self.gross_j,
-            "net_j": self.net_j,
-        }
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)

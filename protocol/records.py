@@ -1,87 +1,160 @@
 """Result records: what devices publish on `results` and the collector writes to SQL.
 
-A record is a plain map with a `type`. The types and their fields are declared once here; `validate_record`
-checks a decoded map against its declaration and raises `ProtocolError`. Keys are idempotent: an inference is
-identified by (run_id, device_id, seq), a run by run_id, a window by (run_id, device_id, window_seq).
+Each record kind is declared once, as a dataclass below (`RECORD_TYPES`); everything else is derived from
+those declarations: the accepted types per field (`RECORD_FIELDS`, which `validate_record` checks a decoded
+map against), the map that travels (`Record.to_record`), and — tested in tests/test_results_db_schema.py —
+the columns of the result tables (the ORM models and the migrations). A record is a plain map with a `type`.
+Keys are idempotent: an inference is identified by (run_id, device_id, seq), a run by run_id, a window by
+(run_id, device_id, window_seq), a baseline by (run_id, device_id, source, measured_unix).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
 
 from protocol.codec import ProtocolError
 from protocol.ids import InvalidId, check_device_id, check_run_id
 
 EXIT_STAGES = ("main", "extension", "cloud", "fallback")
+R = TypeVar("R", bound="Record")
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-_OPT_INT = (int, type(None))
-_OPT_STR = (str, type(None))
 
-# type -> {field: accepted python types}; every field listed is required (None allowed where typed so).
+class Record:
+    """Base of the record kinds: `kind` names the `type` the map carries."""
+
+    kind: ClassVar[str] = ""
+
+    def to_record(self) -> Dict[str, Any]:
+        """The validated map that travels."""
+        return validate_record(self.to_map())
+
+    def to_map(self) -> Dict[str, Any]:
+        """The map that travels, unchecked (the hot path: the collector validates every record anyway)."""
+        out: Dict[str, Any] = {"type": self.kind}
+        out.update(vars(self))
+        return out
+
+    @classmethod
+    def from_record(cls: Type[R], record: Dict[str, Any]) -> R:
+        validate_record(record)
+        return cls(**{f.name: record[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+@dataclass
+class RunRecord(Record):
+    """Opens a run (again, when a run is resumed: the latest announcement wins, the first start stays)."""
+
+    kind: ClassVar[str] = "run"
+    run_id: str
+    device_id: str
+    policy: str
+    policy_params: Dict[str, Any]
+    profile: str
+    dataset: str
+    split: str
+    model_sha256: str
+    code_revision: str
+    host: Dict[str, Any]
+    started_unix: float
+
+
+@dataclass
+class RunEndRecord(Record):
+    """Closes a process's part of a run; `samples` counts the run's records over all its processes."""
+
+    kind: ClassVar[str] = "run_end"
+    run_id: str
+    device_id: str
+    ended_unix: float
+    samples: int
+
+
+@dataclass
+class InferenceRecord(Record):
+    """One sample's outcome, as the device agent reports it."""
+
+    kind: ClassVar[str] = "inference"
+    run_id: str
+    device_id: str
+    seq: int
+    prediction: int
+    exit_stage: str
+    edge_ms: float
+    label: Optional[int] = None
+    p_main: Optional[float] = None
+    p_ext: Optional[float] = None
+    p_cloud: Optional[float] = None
+    network_ms: Optional[float] = None
+    cloud_ms: Optional[float] = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    device_j_gross: Optional[float] = None
+    device_j_net: Optional[float] = None
+    device_j_analytic: Optional[float] = None
+    cloud_j: Optional[float] = None
+    energy_source: str = "none"
+    ts_unix: float = 0.0
+
+
+@dataclass
+class EnergyWindowRecord(Record):
+    """A meter window as the device measured it: joules per rail, duration, sample counts."""
+
+    kind: ClassVar[str] = "energy_window"
+    run_id: str
+    device_id: str
+    window_seq: int
+    source: str
+    rails: Dict[str, Any]
+    start_unix: float
+    end_unix: float
+    samples: int
+    meter_samples: int
+    idle_w: Optional[float]
+    gross_j: float
+    net_j: Optional[float]
+
+
+@dataclass
+class IdleBaselineRecord(Record):
+    """The idle power a device measured before a run (per rail, watts)."""
+
+    kind: ClassVar[str] = "idle_baseline"
+    run_id: str
+    device_id: str
+    source: str
+    rails: Dict[str, Any]
+    duration_s: float
+    idle_w: float
+    measured_unix: float
+
+
+RECORD_TYPES: Dict[str, Type[Record]] = {
+    cls.kind: cls
+    for cls in (RunRecord, RunEndRecord, InferenceRecord, EnergyWindowRecord, IdleBaselineRecord)
+}
+
+
+def _accepted(annotation: Any) -> Tuple[type, ...]:
+    """The Python types a decoded map may hold for a field of this annotation (an int is a valid float)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+        return tuple(t for a in args for t in _accepted(a))
+    if annotation is type(None):
+        return (type(None),)
+    if annotation is float:
+        return (int, float)
+    origin = typing.get_origin(annotation)
+    return ((origin or annotation),)
+
+
+# kind -> {field: accepted python types}; every field is required in the map (None allowed where typed so).
 RECORD_FIELDS: Dict[str, Dict[str, Tuple[type, ...]]] = {
-    "run": {
-        "run_id": (str,),
-        "device_id": (str,),
-        "policy": (str,),
-        "policy_params": (dict,),
-        "profile": (str,),
-        "dataset": (str,),
-        "split": (str,),
-        "model_sha256": (str,),
-        "code_revision": (str,),
-        "host": (dict,),
-        "started_unix": _NUM,
-    },
-    "run_end": {"run_id": (str,), "device_id": (str,), "ended_unix": _NUM, "samples": (int,)},
-    "inference": {
-        "run_id": (str,),
-        "device_id": (str,),
-        "seq": (int,),
-        "label": _OPT_INT,
-        "prediction": (int,),
-        "exit_stage": (str,),
-        "p_main": _OPT_NUM,
-        "p_ext": _OPT_NUM,
-        "p_cloud": _OPT_NUM,
-        "edge_ms": _NUM,
-        "network_ms": _OPT_NUM,
-        "cloud_ms": _OPT_NUM,
-        "bytes_up": (int,),
-        "bytes_down": (int,),
-        "device_j_gross": _OPT_NUM,
-        "device_j_net": _OPT_NUM,
-        "device_j_analytic": _OPT_NUM,
-        "cloud_j": _OPT_NUM,
-        "energy_source": (str,),
-        "ts_unix": _NUM,
-    },
-    "energy_window": {
-        "run_id": (str,),
-        "device_id": (str,),
-        "window_seq": (int,),
-        "source": (str,),
-        "rails": (dict,),
-        "start_unix": _NUM,
-        "end_unix": _NUM,
-        "samples": (int,),
-        "meter_samples": (int,),
-        "idle_w": _OPT_NUM,
-        "gross_j": _NUM,
-        "net_j": _OPT_NUM,
-    },
-    "idle_baseline": {
-        "run_id": (str,),
-        "device_id": (str,),
-        "source": (str,),
-        "rails": (dict,),
-        "duration_s": _NUM,
-        "idle_w": _NUM,
-        "measured_unix": _NUM,
-    },
+    kind: {name: _accepted(hint) for name, hint in typing.get_type_hints(cls).items() if name != "kind"}
+    for kind, cls in RECORD_TYPES.items()
 }
 
 
@@ -128,37 +201,3 @@ def _finite(value: Any, depth: int = 0) -> bool:
     if depth < 8 and isinstance(value, list):
         return all(_finite(v, depth + 1) for v in value)
     return True
-
-
-@dataclass
-class InferenceRecord:
-    """One sample's outcome, as the device agent reports it."""
-
-    run_id: str
-    device_id: str
-    seq: int
-    prediction: int
-    exit_stage: str
-    edge_ms: float
-    label: Optional[int] = None
-    p_main: Optional[float] = None
-    p_ext: Optional[float] = None
-    p_cloud: Optional[float] = None
-    network_ms: Optional[float] = None
-    cloud_ms: Optional[float] = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    device_j_gross: Optional[float] = None
-    device_j_net: Optional[float] = None
-    device_j_analytic: Optional[float] = None
-    cloud_j: Optional[float] = None
-    energy_source: str = "none"
-    ts_unix: float = 0.0
-
-    def to_record(self) -> Dict[str, Any]:
-        return validate_record({"type": "inference", **asdict(self)})
-
-    @classmethod
-    def from_record(cls, record: Dict[str, Any]) -> InferenceRecord:
-        validate_record(record)
-        return cls(**{f.name: record[f.name] for f in fields(cls)})

@@ -15,6 +15,7 @@ from typing import Dict, List
 import pytest
 
 import metering.select
+from device_agent.energy import baseline_record, window_record
 from metering import (
     AnalyticModel,
     CounterMeter,
@@ -25,7 +26,6 @@ from metering import (
     open_meter,
 )
 from metering.estimate import EstimateMeter, watts_per_core
-from protocol.records import validate_record
 
 
 class FakeClock:
@@ -162,9 +162,9 @@ def test_records_are_valid_protocol_records(clock: FakeClock) -> None:
         clock.t += 1.0
         meter.joules["package-0"] += 3.0
     assert w.result is not None
-    record = validate_record(w.result.to_record("run-1", "dev-1", 7))
+    record = window_record(w.result, "run-1", "dev-1", 7).to_record()  # validated
     assert record["source"] == "rapl" and record["window_seq"] == 7 and record["net_j"] == pytest.approx(2.0)
-    assert validate_record(idle.to_record("run-1", "dev-1"))["idle_w"] == pytest.approx(1.0)
+    assert baseline_record(idle, "run-1", "dev-1").to_record()["idle_w"] == pytest.approx(1.0)
 
 
 # --- selection ----------------------------------------------------------------------------------------------

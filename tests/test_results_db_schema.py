@@ -219,3 +219,19 @@ def test_exit_stage_is_checked_by_the_database(db_url: str) -> None:
             )
         )
     engine.dispose()
+
+
+def test_every_record_field_has_its_column_and_every_column_its_field() -> None:
+    """protocol/records.py declares each record kind once; the result tables must hold exactly those fields
+    (and the migrations match the models: test_empty_database_migrates_to_head_matching_the_models)."""
+    from protocol.records import RECORD_FIELDS
+    from results_db.ingest import DATA_TABLES, RUN_FIELDS
+
+    for kind, table in DATA_TABLES.items():
+        columns = [c.name for c in table.columns if c.name != "id"]
+        assert sorted(columns) == sorted(RECORD_FIELDS[kind]), kind
+        nullable = {c.name for c in table.columns if c.nullable}
+        assert nullable == {f for f, types in RECORD_FIELDS[kind].items() if type(None) in types}, kind
+    run_columns = {c.name for c in Run.__table__.columns}
+    assert set(RECORD_FIELDS["run"]) - {"run_id"} == set(RUN_FIELDS) and set(RUN_FIELDS) <= run_columns
+    assert set(RECORD_FIELDS["run_end"]) <= run_columns | {"ended_unix", "samples"}
