@@ -7,8 +7,7 @@ sample is then accounted for in the results database.
 
 Each scenario gets its own broker, collector, two cloud workers and results database, and runs the real
 `edgecascade agent` CLI (policy meanet, so that samples exit at the edge and in the cloud) with one run id.
-A sample is identified in the database by its label and its main block's confidence (`p_main`, which the
-edge computes the same way every time): a dataset item missing from the rows is lost, one found twice is a
+Every dataset item is accounted for in the database (`bench.accounting`): missing is lost, twice is a
 duplicate. The agent's run must also end (its `run_end` record says how many samples the run has).
 
 Scenarios (the event fires `--at` seconds after the agent is ready):
@@ -24,7 +23,6 @@ Scenarios (the event fires `--at` seconds after the agent is ready):
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import logging
@@ -34,11 +32,12 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Counter, List, Optional, Tuple
+from typing import Counter, List, Optional
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.accounting import Identity, compare, identities
 from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess
 
@@ -73,21 +72,6 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return self.lost == 0 and self.duplicates == 0 and self.run_end_samples == self.samples
-
-
-def identities(models: Path, samples: int) -> Counter[Tuple[int, float]]:
-    """(label, p_main) of each dataset item, as the agent will record it."""
-    from device_agent.cascade import EdgeCascade
-    from device_agent.sources import load_idx_dataset
-
-    images, labels = load_idx_dataset("fashion-mnist", "test", samples)
-    cascade = EdgeCascade(models)
-    probs = cascade.run_main(images).probs
-    return collections.Counter((int(y), _key(float(p.max()))) for y, p in zip(labels, probs))
-
-
-def _key(p: float) -> float:
-    return round(p, 5)  # float32 through one session or another: equal to far more digits than this
 
 
 def run_scenario(
@@ -166,7 +150,7 @@ def _strike(
     raise ValueError(f"unknown scenario {scenario!r}; known: {', '.join(SCENARIOS)}")
 
 
-def _account(db: Path, run_id: str, expected: Counter[Tuple[int, float]], result: ChaosResult) -> None:
+def _account(db: Path, run_id: str, expected: Counter[Identity], result: ChaosResult) -> None:
     """Wait (bounded) for the run's rows and its end, then compare them with the dataset."""
     deadline = time.monotonic() + 120
     while True:
@@ -179,10 +163,8 @@ def _account(db: Path, run_id: str, expected: Counter[Tuple[int, float]], result
         if (len(rows) >= result.samples and ended and ended[0] is not None) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    stored = collections.Counter((int(label), _key(p)) for label, p, _ in rows)
     result.rows = len(rows)
-    result.lost = sum((expected - stored).values())
-    result.duplicates = sum((stored - expected).values())
+    result.lost, result.duplicates = compare(expected, [(label, p) for label, p, _ in rows])
     result.fallbacks = sum(1 for *_, stage in rows if stage == "fallback")
     result.rejected = int(rejected)
     result.run_end_samples = None if not ended else ended[0]

@@ -7,7 +7,8 @@ restarted.
     python -m bench.fleet_sim --agents 20 --compare-workers     # throughput with 1 worker, then 2
 
 Every agent is the real `edgecascade agent` CLI; every result goes through the collector into the results
-database (`results/fleet.db`), where loss is counted: a sample without its row, or with two, is a loss.
+database (`results/fleet.db`), where every device's dataset items are accounted for (`bench.accounting`):
+an item without its row is lost, one with two is a duplicate.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Counter, Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
 
+from bench.accounting import Identity, compare, identities
 from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess
 from results_db.stats import nearest_rank
@@ -41,7 +43,8 @@ class FleetResult:
     samples_per_agent: int
     seconds: float = 0.0
     rows: int = 0
-    duplicates: int = 0
+    lost: int = 0  # dataset items without a row (bench.accounting)
+    duplicates: int = 0  # dataset items with more than one
     fallbacks: int = 0
     cloud_answers: int = 0
     agent_failures: int = 0
@@ -51,10 +54,6 @@ class FleetResult:
     @property
     def expected(self) -> int:
         return self.agents * self.samples_per_agent
-
-    @property
-    def lost(self) -> int:
-        return self.expected - self.rows
 
     @property
     def throughput(self) -> float:
@@ -188,7 +187,8 @@ def run_fleet(
             result.agent_failures += proc.returncode != 0
         result.seconds = time.monotonic() - started
         chaos.join(1)
-        _wait_rows(db, fleet_id, result, timeout_s=120)
+        expected = identities(models, samples, with_confidence=policy != "cloud-only")
+        _wait_rows(db, fleet_id, devices, expected, result, timeout_s=120)
         services.stop("collector")
     result.per_device = _latencies(db, fleet_id)
     return result
@@ -224,22 +224,38 @@ def _chaos(
         console.print(f"[yellow]{result.events[-1]}[/]")
 
 
-def _wait_rows(db: Path, fleet_id: str, result: FleetResult, timeout_s: float) -> None:
+def _wait_rows(
+    db: Path,
+    fleet_id: str,
+    devices: List[str],
+    expected: Counter[Identity],
+    result: FleetResult,
+    timeout_s: float,
+) -> None:
+    """Wait (bounded) until every device's run has its rows, then account for each device's dataset items."""
     import sqlite3
 
     deadline = time.monotonic() + timeout_s
     while True:
         with sqlite3.connect(db) as conn:
-            rows, distinct, fallbacks, cloud = conn.execute(
-                "SELECT COUNT(*), COUNT(DISTINCT run_id || '/' || seq), "
-                "SUM(exit_stage = 'fallback'), SUM(exit_stage = 'cloud') FROM inferences WHERE run_id LIKE ?",
+            rows = conn.execute(
+                "SELECT run_id, label, p_main, exit_stage FROM inferences WHERE run_id LIKE ?",
                 (f"{fleet_id}-%",),
-            ).fetchone()
-        result.rows, result.duplicates, result.fallbacks = distinct, rows - distinct, fallbacks or 0
-        result.cloud_answers = cloud or 0
-        if distinct >= result.expected or time.monotonic() > deadline:
-            return
+            ).fetchall()
+        if len(rows) >= result.expected or time.monotonic() > deadline:
+            break
         time.sleep(0.5)
+    by_run: Dict[str, List[Tuple[int, Optional[float]]]] = {f"{fleet_id}-{d}": [] for d in devices}
+    for run_id, label, p_main, _ in rows:
+        by_run.setdefault(run_id, []).append((label, p_main))
+    result.rows = len(rows)
+    result.lost = result.duplicates = 0
+    for items in by_run.values():
+        lost, dupes = compare(expected, items)
+        result.lost += lost
+        result.duplicates += dupes
+    result.fallbacks = sum(1 for *_, stage in rows if stage == "fallback")
+    result.cloud_answers = sum(1 for *_, stage in rows if stage == "cloud")
 
 
 def summary_table(results: List[FleetResult]) -> Table:
@@ -331,10 +347,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                [
-                    {**r.__dict__, "lost": r.lost, "throughput": r.throughput, "cloud_rate": r.cloud_rate}
-                    for r in results
-                ],
+                [{**r.__dict__, "throughput": r.throughput, "cloud_rate": r.cloud_rate} for r in results],
                 indent=2,
             )
         )
