@@ -1,4 +1,4 @@
-"""Tiny but real ONNX models that follow the model-directory contract (see notes CONTRACTS.md), built with
+"""Tiny but real ONNX models that follow the model-directory contract (`device_agent.card`), built with
 `onnx.helper` only (no torch), so tests of the agent, the cloud worker and the metering can run the whole
 cascade in milliseconds.
 

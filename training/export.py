@@ -39,7 +39,8 @@ def export_block(
     path: Path,
     example_features: torch.Tensor | None = None,
 ) -> Path:
-    """Write one block (`main`, `extension` or `cloud`) with the I/O names of CONTRACTS.md, batch-dynamic."""
+    """Write one block (`main`, `extension` or `cloud`), batch-dynamic, with the I/O names the device reads:
+    input `image` (uint8), and `features` for the extension; outputs `logits`, and `features` for the main."""
     module = module.eval().cpu()
     batch = {0: "batch"}
     if kind == "main":
