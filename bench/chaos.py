@@ -23,7 +23,6 @@ Scenarios (the event fires `--at` seconds after the agent is ready):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import signal
@@ -38,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
-from bench.services import ServiceGroup
+from bench.services import ServiceGroup, cloud_site
 from broker.launcher import BrokerProcess
 
 logger = logging.getLogger(__name__)
@@ -80,16 +79,7 @@ def run_scenario(
     result = ChaosResult(scenario, samples)
     db = workdir / "results.db"
     run_id = f"chaos-{scenario}"
-    with contextlib.ExitStack() as stack:
-        broker = BrokerProcess(workdir / "broker").start()
-        stack.callback(broker.close)
-        services = ServiceGroup(workdir / "logs")
-        stack.callback(services.close)
-        services.start_collector(broker.credentials("collector"), db)
-        for w in range(2):
-            services.start_cloud(
-                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1"]
-            )
+    with cloud_site(workdir, db, models, workers=2) as (broker, services):
         agent_args = [
             "agent",
             *services.login(broker.credentials(DEVICE), user_flag="--device-id"),

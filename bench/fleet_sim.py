@@ -14,10 +14,8 @@ an item without its row is lost, one with two is a duplicate.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import subprocess
 import sys
 import threading
 import time
@@ -29,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
-from bench.services import ServiceGroup
+from bench.services import ServiceGroup, cloud_site
 from broker.launcher import BrokerProcess
 from results_db.stats import nearest_rank
 
@@ -109,63 +107,28 @@ def run_fleet(
     db = results / "fleet.db"
     devices = [f"sim-{i:03d}" for i in range(agents)]
     workdir = results / "fleet" / fleet_id
-    with contextlib.ExitStack() as stack:
-        broker = BrokerProcess(workdir / "broker").start()
-        stack.callback(broker.close)
+    with cloud_site(workdir, db, models, workers) as (broker, services):
         broker.add_users(devices)  # each agent its own password; the ACL fences it to its own topics
-        services = ServiceGroup(workdir / "logs")
-        stack.callback(services.close)
-        hostport = f"{broker.host}:{broker.port}"
-        services.start_collector(broker.credentials("collector"), db)
-        for w in range(workers):
-            services.start_cloud(
-                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1"]
-            )
         console.print(
             f"[bold]{fleet_id}[/]: {agents} agents x {samples} samples ({policy}), {workers} worker(s)"
         )
-        procs = []
         started = time.monotonic()
         for device in devices:
-            log = open(workdir / "logs" / f"{device}.log", "w")  # noqa: SIM115 (closed below)
-            procs.append(
-                (
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "edgecascade",
-                            "agent",
-                            "--broker",
-                            hostport,
-                            "--device-id",
-                            device,
-                            "--password-file",
-                            str(services.password_file(broker.credentials(device))),
-                            "--models",
-                            str(models),
-                            "--policy",
-                            policy,
-                            "--source",
-                            f"dataset:fashion-mnist:test:{samples}",
-                            "--state-dir",
-                            str(workdir / "state" / device),
-                            "--run-id",
-                            f"{fleet_id}-{device}",
-                            "--idle-seconds",
-                            "0",
-                            # after a broker crash, batches wait up to the receipt timeout (30 s) to be resent
-                            "--close-timeout",
-                            "180",
-                            "--no-progress",
-                            *(["--rate", str(rate)] if rate else []),
-                        ],
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    ),
-                    log,
-                )
-            )
+            agent_args = [
+                "agent",
+                *services.login(broker.credentials(device), user_flag="--device-id"),
+                "--models", str(models),
+                "--policy", policy,
+                "--source", f"dataset:fashion-mnist:test:{samples}",
+                "--state-dir", str(workdir / "state" / device),
+                "--run-id", f"{fleet_id}-{device}",
+                "--idle-seconds", "0",
+                # after a broker crash, batches wait up to the receipt timeout (30 s) to be resent
+                "--close-timeout", "180",
+                "--no-progress",
+                *(["--rate", str(rate)] if rate else []),
+            ]  # fmt: skip
+            services.start(device, agent_args, wait_ready=False)
         chaos = threading.Thread(
             target=_chaos,
             args=(
@@ -181,10 +144,8 @@ def run_fleet(
             daemon=True,
         )
         chaos.start()
-        for proc, log in procs:
-            proc.wait()
-            log.close()
-            result.agent_failures += proc.returncode != 0
+        for device in devices:
+            result.agent_failures += services.wait(device, timeout_s=900) != 0
         result.seconds = time.monotonic() - started
         chaos.join(1)
         expected = identities(models, samples, with_confidence=policy != "cloud-only")

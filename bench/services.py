@@ -6,6 +6,7 @@ to a datagram socket we own (the same message systemd waits for), so nothing her
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from protocol.mqtt import BrokerAddress
 
@@ -63,16 +64,25 @@ class ServiceGroup:
         ]
 
     def start(
-        self, name: str, args: List[str], module: str = "edgecascade", timeout_s: float = 60.0
+        self,
+        name: str,
+        args: List[str],
+        module: str = "edgecascade",
+        timeout_s: float = 60.0,
+        wait_ready: bool = True,
     ) -> subprocess.Popen:
-        """Start `python -m MODULE ARGS` and wait for its READY=1."""
-        env = {**os.environ, "NOTIFY_SOCKET": str(self._sock_path), "PYTHONUNBUFFERED": "1"}
-        log = open(self.workdir / f"{name}.log", "a")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        """Start `python -m MODULE ARGS` and wait for its READY=1 (`wait_ready=False`: many at once, e.g. a
+        fleet's agents; they then get no notify socket, whose datagrams do not say who sent them)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if wait_ready:
+            env["NOTIFY_SOCKET"] = str(self._sock_path)
+        with open(self.workdir / f"{name}.log", "a") as log:  # the child keeps its own copy of the fd
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         self.procs[name] = proc
-        self._wait_ready(proc, name, timeout_s)
+        if wait_ready:
+            self._wait_ready(proc, name, timeout_s)
         return proc
 
     def _wait_ready(self, proc: subprocess.Popen, name: str, timeout_s: float) -> None:
@@ -126,3 +136,22 @@ class ServiceGroup:
             self.stop(name)
         self._sock.close()
         self._sock_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def cloud_site(workdir: Path, db: Path, models: Path, workers: int = 1) -> Iterator[Tuple[Any, ServiceGroup]]:
+    """A broker (in this process), a collector into `db` and `workers` cloud workers (one intra-op thread
+    each, as on a shared box): the cloud side every benchmark with agents needs; all stopped on exit."""
+    from broker.launcher import BrokerProcess
+
+    with contextlib.ExitStack() as stack:
+        broker = BrokerProcess(workdir / "broker").start()
+        stack.callback(broker.close)
+        services = ServiceGroup(workdir / "logs")
+        stack.callback(services.close)
+        services.start_collector(broker.credentials("collector"), db)
+        for w in range(workers):
+            services.start_cloud(
+                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1"]
+            )
+        yield broker, services

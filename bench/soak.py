@@ -14,7 +14,6 @@ within ±5 % (resident memory, outbox size; open descriptors must not grow at al
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -25,8 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench.services import ServiceGroup
-from broker.launcher import BrokerProcess
+from bench.services import cloud_site
 
 logger = logging.getLogger(__name__)
 DEVICE = "soak-cam"
@@ -67,13 +65,7 @@ def soak(
 ) -> List[Reading]:
     readings: List[Reading] = []
     db, state = workdir / "results.db", workdir / "state"
-    with contextlib.ExitStack() as stack:
-        broker = BrokerProcess(workdir / "broker").start()
-        stack.callback(broker.close)
-        services = ServiceGroup(workdir / "logs")
-        stack.callback(services.close)
-        services.start_collector(broker.credentials("collector"), db)
-        services.start_cloud("cloud-0", broker.credentials("cloud"), models, "w0", ["--threads", "1"])
+    with cloud_site(workdir, db, models) as (broker, services):
         agent = services.start(
             "agent",
             [
