@@ -65,7 +65,9 @@ class FrameBank:
         self.height, self.width = self.frames.shape[1:]
         logger.info("%s: %d frames, %d boxes", root, len(self.frames), sum(len(b) for b in self.boxes))
 
-    def batch(self, rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]:
+    def batch(
+        self, rng: np.random.Generator, size: int
+    ) -> Tuple[np.ndarray, List[np.ndarray], List[np.ndarray]]:
         """A random batch, each frame flipped left-right with probability 1/2."""
         idx = rng.integers(len(self.frames), size=size)
         flips = rng.uniform(size=size) < 0.5
@@ -103,7 +105,9 @@ def train(cfg: TrainConfig, bank: FrameBank, checkpoint: Path, log_every: int = 
     model.train()
     for step in range(cfg.steps):
         images, boxes, labels = bank.batch(rng, cfg.batch)
-        targets = {k: v.to(device) for k, v in make_targets(boxes, labels, bank.height, bank.width, stride).items()}
+        targets = {
+            k: v.to(device) for k, v in make_targets(boxes, labels, bank.height, bank.width, stride).items()
+        }
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         heat, box = model(normalise(torch.from_numpy(images).to(device)))

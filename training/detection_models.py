@@ -1,11 +1,11 @@
 """The two video detectors (edge, cloud), their CenterNet/TTFNet-style targets and losses.
 
 Anchor-free, single stride: a class heatmap (one peak per object centre) and, per cell, the distances from the
-cell centre to the box's four sides. The edge model is a plain 4-conv CNN at stride 8 (16x16 cells on a 128x128
-frame, ~15 M MACs); the cloud model is a small ResNet-ish encoder with a top-down FPN to stride 4 (~20x the
-MACs), so it sees small items the edge model misses. Inside the exported graph: uint8 input, normalisation,
-sigmoid, the 3x3 max-pool peak test and the box decoding, so the device's numpy decoder only thresholds,
-picks the top-k and runs NMS.
+cell centre to the box's four sides. The edge model is a plain 4-conv CNN at stride 8 (16x16 cells on a
+128x128 frame, ~15 M MACs); the cloud model is a small ResNet-ish encoder with a top-down FPN to stride 4
+(~24x the MACs), so it sees small items the edge model misses. Inside the exported graph: uint8 input,
+normalisation, sigmoid, the 3x3 max-pool peak test and the box decoding, so the device's numpy decoder only
+thresholds, picks the top-k and runs NMS.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ class _Head(nn.Module):
         self.body = _conv(cin, width)
         self.heat = nn.Conv2d(width, num_classes, 1)
         self.box = nn.Conv2d(width, 4, 1)
-        nn.init.constant_(self.heat.bias, -math.log((1 - HEAT_PRIOR) / HEAT_PRIOR))
-        nn.init.constant_(self.box.bias, 1.0)
+        nn.init.constant_(self.heat.bias, -math.log((1 - HEAT_PRIOR) / HEAT_PRIOR))  # type: ignore[arg-type]
+        nn.init.constant_(self.box.bias, 1.0)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         y = self.body(x)
@@ -81,7 +81,9 @@ class _Stage(nn.Module):
 class CloudDetector(nn.Module):
     stride = 4
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 96, 128), fpn: int = 64, num_classes: int = NUM_CLASSES):
+    def __init__(
+        self, widths: Sequence[int] = (32, 64, 96, 128), fpn: int = 64, num_classes: int = NUM_CLASSES
+    ):
         super().__init__()
         w = list(widths)
         self.stem = _conv(1, 16)
@@ -128,7 +130,7 @@ def decode_boxes(box_raw: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 class ExportWrapper(nn.Module):
-    """uint8 [B,1,H,W] -> peaks [B,C,h,w] (sigmoid score where a 3x3 local maximum, else 0), boxes [B,4,h,w]."""
+    """uint8 [B,1,H,W] -> peaks [B,C,h,w] (sigmoid score at 3x3 local maxima, else 0), boxes [B,4,h,w]."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -148,7 +150,11 @@ REG_MIN_WEIGHT = 0.3  # cells where the object's Gaussian is at least this regre
 
 
 def make_targets(
-    boxes_per_image: List[np.ndarray], labels_per_image: List[np.ndarray], height: int, width: int, stride: int
+    boxes_per_image: List[np.ndarray],
+    labels_per_image: List[np.ndarray],
+    height: int,
+    width: int,
+    stride: int,
 ) -> Dict[str, torch.Tensor]:
     """Heatmaps [B,C,h,w], regression boxes [B,4,h,w] and weights [B,h,w] (numpy, one pass per object)."""
     h, w = height // stride, width // stride
@@ -160,7 +166,7 @@ def make_targets(
     xs = np.arange(w, dtype=np.float32)[None, :]
     for i, (boxes, labels) in enumerate(zip(boxes_per_image, labels_per_image)):
         # larger boxes first, so a small object's cells win where their Gaussians overlap
-        order = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) if len(boxes) else []
+        order: np.ndarray = np.argsort(-(boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
         for j in order:
             x1, y1, x2, y2 = boxes[j]
             cx, cy = (x1 + x2) / 2 / stride - 0.5, (y1 + y2) / 2 / stride - 0.5
@@ -178,7 +184,7 @@ def make_targets(
 
 
 def focal_heat_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss (torchvision's sigmoid_focal_loss has no Gaussian-target term)."""
+    """CenterNet's penalty-reduced focal loss (torchvision's sigmoid_focal_loss has no Gaussian targets)."""
     pos = target.eq(1.0).float()
     log_p = F.logsigmoid(logits)
     log_not_p = F.logsigmoid(-logits)

@@ -19,7 +19,8 @@ EPILOG = """examples:
   edgecascade video make --split test --sequences 2 --frames 30 --size 160 --out /tmp/tiny
 
 Train sequences take sprites only from the Fashion-MNIST train split, test sequences only from the test split;
-the same --seed gives the same bytes. Layout: see video/dataset.py (one npz per sequence, COCO annotations.json).
+the same --seed gives the same bytes. Layout: see video/dataset.py (one npz per sequence, COCO
+annotations.json).
 """
 
 
@@ -38,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    make.add_argument("--split", choices=["train", "test"], required=True, help="Fashion-MNIST split to draw from")
+    make.add_argument(
+        "--split", choices=["train", "test"], required=True, help="Fashion-MNIST split to draw from"
+    )
     make.add_argument("--sequences", type=int, default=20, help="number of sequences")
     make.add_argument("--frames", type=int, default=150, help="frames per sequence")
     make.add_argument("--size", type=int, default=128, help="frame width and height in pixels")
@@ -70,7 +73,9 @@ def run_make(args: argparse.Namespace) -> int:
         bar = tqdm(total=args.sequences, desc=f"video {args.split}", unit="seq")
         progress = bar.update
     try:
-        manifest = write_split(args.out, args.split, args.sequences, config, args.seed, images, labels, progress)
+        manifest = write_split(
+            args.out, args.split, args.sequences, config, args.seed, images, labels, progress
+        )
     finally:
         if bar is not None:
             bar.close()

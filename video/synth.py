@@ -1,4 +1,4 @@
-"""The synthetic video benchmark: Fashion-MNIST items moving over textured, noisy backgrounds, COCO ground truth.
+"""The synthetic video benchmark: Fashion-MNIST items moving over textured noisy backgrounds, COCO truth.
 
 Why synthetic: no video data set or pretrained detector can be downloaded here, and a seeded generator gives a
 benchmark anyone can rebuild byte for byte. What makes it non-trivial: 3-7 objects per frame at 16-64 px that
@@ -109,7 +109,7 @@ class Sequence:
 
 
 def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize (pixel centres aligned) in numpy: the same bytes on any machine, unlike cv2's SIMD paths."""
+    """Bilinear resize (pixel centres aligned) in numpy: the same bytes on any machine (cv2: SIMD paths)."""
     src_h, src_w = image.shape
     ys = np.clip((np.arange(height, dtype=np.float64) + 0.5) * src_h / height - 0.5, 0, src_h - 1)
     xs = np.clip((np.arange(width, dtype=np.float64) + 0.5) * src_w / width - 0.5, 0, src_w - 1)
@@ -218,7 +218,10 @@ class _SequenceMaker:
     def _gone(self, obj: _Object) -> bool:
         half = obj.size_px / 2 + 1
         return (
-            obj.cx + half < 0 or obj.cy + half < 0 or obj.cx - half > self.c.width or obj.cy - half > self.c.height
+            obj.cx + half < 0
+            or obj.cy + half < 0
+            or obj.cx - half > self.c.width
+            or obj.cy - half > self.c.height
         )
 
     def _render(self, bg: np.ndarray, illumination: float, noise_sigma: float):  # type: ignore[no-untyped-def]
@@ -304,7 +307,9 @@ def sequence_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator of sequence `index` of `split`: independent streams, one per (seed, split, index)."""
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
-    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(SPLIT_CODES[split], int(index))))
+    return np.random.default_rng(
+        np.random.SeedSequence(int(seed), spawn_key=(SPLIT_CODES[split], int(index)))
+    )
 
 
 def make_sequence(
