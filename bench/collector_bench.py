@@ -48,7 +48,7 @@ def _publish_all(broker: BrokerProcess, topics: Topics, payloads: Dict[str, List
     """One MQTT client per device, publishing concurrently with QoS 1; returns when all are PUBACKed."""
 
     def one(dev: str) -> None:
-        client = new_client(broker.credentials(dev), f"{dev}-{uuid.uuid4().hex[:6]}")
+        client = new_client(broker.credentials(dev), dev)  # client id = device id: the broker binds it
         client.connect(broker.host, broker.port)
         client.loop_start()
         infos = [client.publish(topics.results(dev), p, qos=1) for p in payloads[dev]]

@@ -1,25 +1,40 @@
 """Start a private Mosquitto with the project's config on a free port, with generated credentials.
 
-Used by the test fixture, `make bench` and the fleet simulation, so that all of them exercise the same
-`edgecascade.conf` and `edgecascade.acl` a broker host runs.
+Used by the test fixture, `make bench`, the fleet simulation and `edgecascade broker`, so that all of them
+exercise the same `edgecascade.conf`, `edgecascade.acl` and dynamic-security roles (`edgecascade-roles.json`,
+see dynsec.py) a broker host runs.
+
+Everything lives in the work directory: the generated mosquitto.conf, the plugin's account file, Mosquitto's
+persistence, and `credentials.json` (0600: each account's password, the ports), which a later
+`BrokerProcess` on the same directory reads back, so that a restarted broker keeps every password and port
+and its clients simply reconnect.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import json
 import logging
 import os
 import pwd
+import queue
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from protocol.mqtt import BrokerAddress
+from broker import dynsec
+from protocol.ids import check_username, service_role
+from protocol.mqtt import BrokerAddress, new_client
 
 Credentials = BrokerAddress
 
@@ -60,11 +75,70 @@ def make_test_certs(directory: Path) -> Path:
     return directory
 
 
+def role_of(username: str) -> str:
+    """The dynamic-security role of an account: `cloud`, `collector` (or their `-<x>` instances), `device`."""
+    return service_role(username) or dynsec.DEVICE_ROLE
+
+
+# Looked up here, not in the child: between fork and exec the child must not take the dynamic loader's locks.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: SIGTERM it when the process that started it dies, even by
+    SIGKILL, so that no Mosquitto outlives its launcher (holding its port and persistence file)."""
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+class _Spawner:
+    """Starts children from one thread that lives as long as the process.
+
+    Linux sends the parent-death signal when the *thread* that forked the child exits, not the process: a
+    broker started from a short-lived thread (a timer, a test helper) would be killed the moment that thread
+    returned. Forking from this thread ties the child to the process instead."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: queue.Queue[Tuple[List[str], Dict[str, Any], Future]] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def popen(self, args: List[str], **kwargs: Any) -> subprocess.Popen:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="broker-spawner", daemon=True)
+                self._thread.start()
+        done: Future = Future()
+        self._requests.put((args, kwargs, done))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            args, kwargs, done = self._requests.get()
+            try:
+                done.set_result(
+                    subprocess.Popen(
+                        args, preexec_fn=functools.partial(_die_with_parent, os.getpid()), **kwargs
+                    )
+                )
+            except BaseException as exc:  # handed to the caller, whatever it is
+                done.set_exception(exc)
+
+
+_SPAWNER = _Spawner()
+
+
 class BrokerProcess:
-    """A Mosquitto child process with its own config, password file, ACL and persistence directory.
+    """A Mosquitto child process with its own config, accounts, ACL and persistence directory.
 
     >>> with BrokerProcess() as broker:
     ...     creds = broker.credentials("cloud")
+
+    `credentials(name)` creates the account on first use: `cloud`, `collector`, `cloud-<x>`, `collector-<x>`
+    get that service's role; any other name must be a valid device id (protocol/ids.py) and becomes a device
+    bound to client id = its name. Mosquitto gets SIGTERM when this process dies, however it dies.
     """
 
     def __init__(
@@ -74,55 +148,129 @@ class BrokerProcess:
         host: str = "127.0.0.1",
         port: Optional[int] = None,
         tls_dir: Optional[Path] = None,
+        tls_port: Optional[int] = None,
+        plain_host: Optional[str] = None,
         extra_config: str = "",
     ) -> None:
         self._owns_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="edgecascade-broker-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.credentials_file = self.workdir / "credentials.json"
+        self.dynsec_file = self.workdir / "dynamic-security.json"
+        self.config_file = self.workdir / "mosquitto.conf"
+        self.log_file = self.workdir / "mosquitto.log"
+        state = self._load_state()
         self.host = host
-        self.port = port or find_free_port(host)
+        # The plaintext listener: on `host` too unless told otherwise (TLS outside, plaintext on loopback).
+        self.plain_host = plain_host or host
+        # A restart on the same workdir keeps the ports its clients know, unless told otherwise.
+        self.port = (
+            port
+            or (state.get("port") if state.get("host") == host else None)
+            or find_free_port(self.plain_host)
+        )
         self.tls_dir = Path(tls_dir) if tls_dir else None
         if self.tls_dir is not None and not (self.tls_dir / "server.crt").exists():
             make_test_certs(self.tls_dir)  # tests and bench: a fresh test CA unless one is given
-        self.tls_port = find_free_port(host) if tls_dir else None
+        self.tls_port: Optional[int] = None
+        if self.tls_dir is not None:
+            previous = state.get("tls_port") if state.get("host") == host else None
+            self.tls_port = tls_port or previous or find_free_port(host)
         self.extra_config = extra_config
-        self._passwords: Dict[str, str] = {}
+        self._passwords: Dict[str, str] = dict(state.get("passwords", {}))
+        self._lock = threading.Lock()
         self._proc: Optional[subprocess.Popen] = None
-        self.password_file = self.workdir / "passwd"
-        self.config_file = self.workdir / "mosquitto.conf"
-        self.log_file = self.workdir / "mosquitto.log"
-        for user in SERVICE_USERS:
-            self._passwords[user] = secrets.token_urlsafe(12)
-        self._write_passwords()
+        for user in (dynsec.ADMIN_USER, *SERVICE_USERS):
+            self._passwords.setdefault(user, secrets.token_urlsafe(12))
+        self._save_state()
         self._write_config()
 
     # -- credentials -------------------------------------------------------------------------------
-    def _write_passwords(self) -> None:
-        passwd = _require("mosquitto_passwd")
-        self.password_file.write_text("")
-        self.password_file.chmod(0o600)
-        for user, password in self._passwords.items():
-            subprocess.run(
-                [passwd, "-b", str(self.password_file), user, password], check=True, capture_output=True
-            )
+    def _load_state(self) -> Dict[str, Any]:
+        if not self.credentials_file.exists():
+            return {}
+        try:
+            state = json.loads(self.credentials_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"cannot read {self.credentials_file}: {exc}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("passwords", {}), dict):
+            raise RuntimeError(f"{self.credentials_file} is not a broker credentials file")
+        return state
 
-    def add_users(self, usernames: List[str]) -> None:
-        """Create (or keep) users; a running broker reloads its password file on SIGHUP."""
-        new = [u for u in usernames if u not in self._passwords]
-        if not new:
-            return
-        passwd = _require("mosquitto_passwd")
-        for user in new:
-            self._passwords[user] = secrets.token_urlsafe(12)
-            subprocess.run(
-                [passwd, "-b", str(self.password_file), user, self._passwords[user]],
-                check=True,
-                capture_output=True,
-            )
-        if self.running:
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGHUP)
-            time.sleep(0.2)  # mosquitto reloads asynchronously in its main loop
+    def _save_state(self) -> None:
+        state = {
+            "host": self.host,
+            "port": self.port,
+            "tls_port": self.tls_port,
+            "passwords": self._passwords,
+        }
+        dynsec.write_private(self.credentials_file, json.dumps(state, indent=2) + "\n")
+
+    def _write_accounts(self) -> None:
+        """The plugin's account file, from credentials.json (only while the broker is stopped: a running
+        plugin owns the file and rewrites it on every change)."""
+        entries = [dynsec.client_entry(u, pw, self._role(u)) for u, pw in sorted(self._passwords.items())]
+        dynsec.write_private(self.dynsec_file, json.dumps(dynsec.document(entries), indent=2) + "\n")
+
+    @staticmethod
+    def _role(username: str) -> str:
+        return dynsec.ADMIN_USER if username == dynsec.ADMIN_USER else role_of(username)
+
+    @property
+    def users(self) -> List[str]:
+        """Every account but the launcher's own admin."""
+        return sorted(u for u in self._passwords if u != dynsec.ADMIN_USER)
+
+    def add_users(self, usernames: Iterable[str]) -> None:
+        """Create (or keep) accounts; on a running broker they exist when this returns.
+
+        InvalidId (a ValueError) for a name that is neither a service account nor a valid device id."""
+        with self._lock:
+            new = [check_username(u) for u in dict.fromkeys(usernames) if u not in self._passwords]
+            if not new:
+                return
+            passwords = {u: secrets.token_urlsafe(12) for u in new}
+            if self.running:
+                self._control(
+                    [dynsec.create_client_command(u, pw, role_of(u)) for u, pw in passwords.items()]
+                )
+            self._passwords.update(passwords)
+            self._save_state()
+
+    def _control(self, commands: List[Dict[str, Any]], timeout_s: float = 10.0) -> None:
+        """Send dynamic-security commands as the admin account and wait for the plugin's answer."""
+        admin = BrokerAddress(
+            self.plain_host, self.port, dynsec.ADMIN_USER, self._passwords[dynsec.ADMIN_USER]
+        )
+        answered = threading.Event()
+        subscribed = threading.Event()
+        response: Dict[str, Any] = {}
+
+        def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+            if not reason.is_failure:
+                c.subscribe(dynsec.CONTROL_RESPONSE_TOPIC, qos=1)
+
+        def on_message(c: Any, userdata: Any, message: Any) -> None:
+            response.update(json.loads(message.payload))
+            answered.set()
+
+        client = new_client(admin, f"{dynsec.ADMIN_USER}-{uuid.uuid4().hex[:8]}", on_connect=on_connect)
+        client.on_subscribe = lambda *a: subscribed.set()
+        client.on_message = on_message
+        client.connect(admin.host, admin.port)
+        client.loop_start()
+        try:
+            if not subscribed.wait(timeout_s):
+                raise RuntimeError(f"cannot log in to the broker on {admin.host}:{admin.port} as its admin")
+            client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
+            if not answered.wait(timeout_s):
+                raise RuntimeError("the broker's dynamic-security plugin did not answer")
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        errors = dynsec.control_errors(response)
+        if errors:
+            raise RuntimeError(f"the broker refused account changes: {'; '.join(errors)}")
 
     def credentials(self, username: str, *, tls: bool = False) -> Credentials:
         if username not in self._passwords:
@@ -133,7 +281,7 @@ class BrokerProcess:
             return Credentials(
                 self.host, self.tls_port, username, self._passwords[username], str(self.tls_dir / "ca.crt")
             )
-        return Credentials(self.host, self.port, username, self._passwords[username])
+        return Credentials(self.plain_host, self.port, username, self._passwords[username])
 
     # -- process -----------------------------------------------------------------------------------
     def _write_config(self) -> None:
@@ -146,14 +294,16 @@ class BrokerProcess:
             # `mosquitto`, which cannot read this private workdir.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"persistence_location {persistence}/",
-            f"password_file {self.password_file}",
+            # Accounts, client-id binding and the roles (see dynsec.py), then the devices' %u patterns.
+            f"plugin {dynsec.find_plugin()}",
+            f"plugin_opt_config_file {self.dynsec_file}",
             f"acl_file {ACL_FILE}",
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",
             "log_type notice",
             "connection_messages true",
-            f"listener {self.port} {self.host}",
+            f"listener {self.port} {self.plain_host}",
         ]
         if self.tls_dir is not None:
             lines += [
@@ -170,10 +320,16 @@ class BrokerProcess:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> Optional[int]:
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self, timeout_s: float = 10.0) -> BrokerProcess:
         if self.running:
             return self
-        self._proc = subprocess.Popen(
+        with self._lock:
+            self._write_accounts()
+        self._proc = _SPAWNER.popen(
             [_require("mosquitto"), "-c", str(self.config_file)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -185,17 +341,21 @@ class BrokerProcess:
                 log = self.log_file.read_text() if self.log_file.exists() else ""
                 raise RuntimeError(f"mosquitto exited with {self._proc.returncode}: {err}{log}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
+                with socket.create_connection((self.plain_host, self.port), timeout=0.2):
                     pass
                 if self.tls_port is not None:
                     with socket.create_connection((self.host, self.tls_port), timeout=0.2):
                         pass
-                logger.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
+                logger.info(
+                    "mosquitto listening on %s:%d (pid %d)", self.plain_host, self.port, self._proc.pid
+                )
                 return self
             except OSError:
                 time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"mosquitto did not accept connections on {self.host}:{self.port} in {timeout_s}s")
+        raise RuntimeError(
+            f"mosquitto did not accept connections on {self.plain_host}:{self.port} in {timeout_s}s"
+        )
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Graceful stop: SIGTERM lets mosquitto write its persistence file."""

@@ -61,7 +61,9 @@ class OffloadProbe:
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self._broker = broker
-        self.client = new_client(broker, f"probe-{device_id}-{self.run_id}", on_connect=self._on_connect)
+        # Client id = device id: the broker binds a device account to it (a probe and an agent of one device
+        # therefore take turns, like two agents would).
+        self.client = new_client(broker, device_id, on_connect=self._on_connect)
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda c, u, mid, reasons, props: self._subscribed.set()
 

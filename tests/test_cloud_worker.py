@@ -322,7 +322,7 @@ def test_reply_carries_correlation_content_type_and_expiry(
     done = threading.Event()
     client = new_client(
         broker.credentials(device_id),
-        f"raw-{device_id}",
+        device_id,
         on_connect=lambda c, u, f, r, p: c.subscribe(topics.reply(device_id), qos=1),
     )
     subscribed = threading.Event()

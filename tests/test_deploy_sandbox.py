@@ -130,7 +130,7 @@ import paho.mqtt.client as mqtt
 from protocol.mqtt import BrokerAddress, new_client
 address = BrokerAddress(**cfg["broker"])
 connected = threading.Event()
-client = new_client(address, "sandbox-check", on_connect=lambda *a: connected.set())
+client = new_client(address, address.username, on_connect=lambda *a: connected.set())  # bound client id
 client.connect(address.host, address.port)
 client.loop_start()
 assert connected.wait(10), "no CONNACK"
