@@ -11,7 +11,9 @@ roles (comma-separated; default all):
   agent    edgecascade-agent@.service, /etc/edgecascade/agent.toml, venv with .[device] (+jetson on Jetson)
   cloud    edgecascade-cloud@.service, /etc/edgecascade/cloud.toml, venv with .[cloud]
   collect  edgecascade-collect.service, /etc/edgecascade/collect.toml, venv with .[device,db]
-  broker   /etc/mosquitto/conf.d/edgecascade*.conf, /etc/mosquitto/edgecascade.acl and an empty password file
+  broker   /etc/mosquitto/conf.d/edgecascade*.conf, /etc/mosquitto/edgecascade.acl, and the accounts file
+           /var/lib/mosquitto/edgecascade-dynsec.json with one admin account (password in
+           /etc/mosquitto/edgecascade-admin.pw); needs PYTHON (standard library only)
   all      all of the above
 
 options:
@@ -21,11 +23,12 @@ options:
   --jetson/--no-jetson  agent drop-in for NVIDIA Jetson (default: when /etc/nv_tegra_release exists)
   --gpu/--no-gpu      cloud drop-in for NVIDIA GPUs (default: when /dev/nvidiactl exists)
   --rapl/--no-rapl    agent drop-in + tmpfiles rule for reading RAPL counters (default: when present)
-  --uninstall         remove what install put there; edited configs, credentials and a non-empty
-                      Mosquitto password file are kept (listed), unless --purge
+  --uninstall         remove what install put there; edited configs, credentials and a Mosquitto
+                      accounts file holding accounts are kept (listed), unless --purge
   --purge             with --uninstall: remove those too
 environment: PYTHON (python for the venv, default python3; >= 3.8), PIP_INSTALL_ARGS (extra pip arguments,
-  e.g. --find-links /srv/wheels for offline hosts or the Jetson onnxruntime-gpu wheel)
+  e.g. --find-links /srv/wheels for offline hosts or the Jetson onnxruntime-gpu wheel), DYNSEC_PLUGIN
+  (Mosquitto's mosquitto_dynamic_security.so; default: found under /usr/lib)
 EOF
 }
 
@@ -90,6 +93,9 @@ ETC="$DESTDIR/etc"
 UNITDIR="$ETC/systemd/system"
 CONFDIR="$ETC/edgecascade"
 MOSQDIR="$ETC/mosquitto"
+MOSQVAR="$DESTDIR/var/lib/mosquitto"  # the plugin rewrites its accounts file: it lives where mosquitto may write
+DYNSEC_FILE="$MOSQVAR/edgecascade-dynsec.json"
+ADMIN_PW="$MOSQDIR/edgecascade-admin.pw"
 ROOT_PREFIX="$DESTDIR$PREFIX"
 LIVE=0
 if [ -z "$DESTDIR" ] && [ -d /run/systemd/system ]; then LIVE=1; fi
@@ -161,13 +167,22 @@ do_install() {
   fi
 
   if has broker; then
-    local pw="$MOSQDIR/edgecascade.passwd"
-    if [ ! -e "$pw" ]; then
-      install -m 0640 /dev/null "$pw"
-      echo "installed $pw (empty: add accounts with mosquitto_passwd)"
+    local plugin=${DYNSEC_PLUGIN:-}
+    if [ -z "$plugin" ]; then
+      plugin=$(ls /usr/lib/*/mosquitto_dynamic_security.so /usr/lib/mosquitto_dynamic_security.so \
+        2>/dev/null | head -n 1 || true)
     fi
-    # Mosquitto reads it after dropping to user mosquitto.
-    if [ -z "$DESTDIR" ] && getent group mosquitto >/dev/null; then chgrp mosquitto "$pw"; fi
+    [ -n "$plugin" ] || die "mosquitto_dynamic_security.so not found: install mosquitto (>= 2.0) or set DYNSEC_PLUGIN"
+    local listener="$MOSQDIR/conf.d/edgecascade-listener.conf"
+    sed -i "s|^plugin /.*mosquitto_dynamic_security.so\$|plugin $plugin|" "$listener"
+    if [ -e "$DYNSEC_FILE" ]; then
+      echo "kept $DYNSEC_FILE (accounts; manage them with mosquitto_ctrl)"
+    else
+      install -d -m 0755 "$MOSQVAR"
+      "$PYTHON" "$REPO/broker/dynsec.py" init "$DYNSEC_FILE" --admin-password-file "$ADMIN_PW"
+    fi
+    # The plugin reads and rewrites its file after Mosquitto drops to user mosquitto.
+    if [ -z "$DESTDIR" ] && getent passwd mosquitto >/dev/null; then chown mosquitto: "$DYNSEC_FILE"; fi
   fi
 
   if (has agent || has cloud) && [ -d "$REPO/models" ] && [ -n "$(ls -A "$REPO/models")" ]; then
@@ -214,6 +229,12 @@ next steps:
   3. systemctl enable --now edgecascade-agent@<device id>.service | edgecascade-cloud@<worker>.service |
      edgecascade-collect.service
 EOF
+  if has broker; then
+    cat <<EOF
+  broker: create the accounts with mosquitto_ctrl as edgecascade-admin (commands in
+     $MOSQDIR/conf.d/edgecascade-listener.conf); it listens on 127.0.0.1 until you enable its TLS listener
+EOF
+  fi
 }
 
 remove() { # remove PATH: a file or a symlink, saying so
@@ -273,8 +294,13 @@ do_uninstall() {
   fi
   prune "$CONFDIR" "$ETC"
   if has broker; then
-    local pw="$MOSQDIR/edgecascade.passwd"
-    if [ -e "$pw" ] && [ "$PURGE" = 0 ] && [ -s "$pw" ]; then kept+=("$pw (accounts)"); else remove "$pw"; fi
+    # Kept while it holds accounts besides the admin (and then the admin's password with it).
+    if [ -e "$DYNSEC_FILE" ] && [ "$PURGE" = 0 ] && [ "$(grep -c '"username"' "$DYNSEC_FILE")" -gt 1 ]; then
+      kept+=("$DYNSEC_FILE (accounts)" "$ADMIN_PW (its admin password)")
+    else
+      remove "$DYNSEC_FILE"
+      remove "$ADMIN_PW"
+    fi
   fi
   # The venv and models serve every role: they go when the last service role does.
   if has agent && has cloud && has collect; then
@@ -286,7 +312,7 @@ do_uninstall() {
   # directories (/etc/systemd/system, /etc/mosquitto/conf.d ...) stay, empty or not.
   if [ -n "$DESTDIR" ]; then
     for d in "$UNITDIR" "$ETC/tmpfiles.d" "$ETC/sysusers.d" "$MOSQDIR/conf.d" "$CONFDIR" \
-      "$ROOT_PREFIX"; do
+      "$ROOT_PREFIX" "$MOSQVAR"; do
       prune "$d" "$DESTDIR"
     done
   fi

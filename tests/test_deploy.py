@@ -82,7 +82,8 @@ EXPECTED_TREE = sorted(
         "etc/mosquitto/conf.d/edgecascade.conf",
         "etc/mosquitto/conf.d/edgecascade-listener.conf",
         "etc/mosquitto/edgecascade.acl",
-        "etc/mosquitto/edgecascade.passwd",
+        "etc/mosquitto/edgecascade-admin.pw",
+        "var/lib/mosquitto/edgecascade-dynsec.json",
     ]
 )
 
@@ -122,7 +123,8 @@ def test_install_into_a_temporary_root_then_uninstall(tmp_path: Path) -> None:
         return stat.S_IMODE((root / rel).stat().st_mode)
 
     assert mode("etc/edgecascade/credentials") == 0o700  # secrets: root only
-    assert mode("etc/mosquitto/edgecascade.passwd") == 0o640
+    assert mode("etc/mosquitto/edgecascade-admin.pw") == 0o600
+    assert mode("var/lib/mosquitto/edgecascade-dynsec.json") == 0o600
     assert mode("etc/systemd/system/edgecascade-agent@.service") == 0o644
     assert mode("etc/edgecascade/agent.toml") == 0o644
 
@@ -296,9 +298,11 @@ def test_security_exposure_of_each_unit(verify_root: Path, tmp_path: Path) -> No
 # -- Mosquitto drop-in -------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> None:
-    """Stock mosquitto.conf + `include_dir conf.d` with our two files: starts, wants passwords, has the ACL.
+    """Stock mosquitto.conf + `include_dir conf.d` with our two files: starts, wants passwords, has the ACL
+    and the roles; accounts made the way the drop-in's header says (mosquitto_ctrl as edgecascade-admin).
 
-    Only the absolute /etc/mosquitto paths and the port are rewritten to point into the temporary root.
+    Only the absolute /etc/mosquitto and /var/lib/mosquitto paths and the port are rewritten to point into
+    the temporary root.
     """
     from protocol.mqtt import BrokerAddress, new_client
 
@@ -308,7 +312,10 @@ def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> Non
     port = find_free_port()
     listener = mosq / "conf.d/edgecascade-listener.conf"
     text = listener.read_text().replace("/etc/mosquitto/", f"{mosq}/")
-    listener.write_text(re.sub(r"(?m)^listener 1883$", f"listener {port} 127.0.0.1", text))
+    text = text.replace("/var/lib/mosquitto/", f"{root}/var/lib/mosquitto/")
+    # Loopback by default: the only active listener line is the plaintext one on 127.0.0.1.
+    assert re.findall(r"(?m)^listener .*$", text) == ["listener 1883 127.0.0.1"]
+    listener.write_text(re.sub(r"(?m)^listener 1883 127.0.0.1$", f"listener {port} 127.0.0.1", text))
     (tmp_path / "persist").mkdir()
     main = tmp_path / "mosquitto.conf"
     main.write_text(
@@ -317,10 +324,6 @@ def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> Non
         f"log_dest file {tmp_path}/mosquitto.log\nuser {pwd.getpwuid(os.getuid()).pw_name}\n"
         f"include_dir {mosq}/conf.d\n"
     )
-    for user in ("cloud", "cam01"):
-        subprocess.run(
-            ["mosquitto_passwd", "-b", str(mosq / "edgecascade.passwd"), user, f"pw-{user}"], check=True
-        )
     proc = subprocess.Popen(["mosquitto", "-c", str(main)], stderr=subprocess.PIPE, text=True)
     clients = []
     try:
@@ -335,8 +338,20 @@ def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> Non
             except OSError:
                 assert time.monotonic() < deadline, "mosquitto did not listen"
                 time.sleep(0.05)
+        admin_pw = (mosq / "edgecascade-admin.pw").read_text().strip()
 
-        def connect(user: Optional[str]) -> tuple:
+        def ctl(*args: str) -> None:
+            base = ["mosquitto_ctrl", "-h", "127.0.0.1", "-p", str(port), "-u", "edgecascade-admin"]
+            done = subprocess.run([*base, "-P", admin_pw, "dynsec", *args], capture_output=True, text=True)
+            assert done.returncode == 0 and "rror" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+        for user, extra, role in (("cloud", [], "cloud"), ("cam01", ["-c", "cam01"], "device")):
+            ctl("createClient", user, *extra, "-p", f"pw-{user}")
+            ctl("addClientRole", user, role)
+        ctl("createClient", "cam02", "-c", "cam02", "-p", "pw-cam02")
+        ctl("addClientRole", "cam02", "device")
+
+        def connect(user: Optional[str], client_id: Optional[str] = None) -> tuple:
             done = threading.Event()
             result: dict = {}
 
@@ -345,7 +360,7 @@ def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> Non
                 done.set()
 
             address = BrokerAddress("127.0.0.1", port, user or "", f"pw-{user}" if user else "")
-            client = new_client(address, f"t-{user}", on_connect=on_connect)
+            client = new_client(address, client_id or f"{user}", on_connect=on_connect)
             if user is None:
                 client.username_pw_set(None)
             client.connect("127.0.0.1", port)
@@ -354,18 +369,27 @@ def test_mosquitto_drop_in_loads_from_a_stock_main_config(tmp_path: Path) -> Non
             assert done.wait(5), "no CONNACK"
             return client, result["reason"]
 
+        def subscribe(client: object, topic: str) -> list:
+            granted: list = []
+            subscribed = threading.Event()
+            client.on_subscribe = lambda c, u, mid, reasons, p: (granted.extend(reasons), subscribed.set())  # type: ignore[attr-defined]
+            client.subscribe(topic, qos=1)  # type: ignore[attr-defined]
+            assert subscribed.wait(5)
+            return granted
+
         _, anonymous = connect(None)
         assert anonymous.is_failure  # allow_anonymous false came from broker/edgecascade.conf
-        cloud, reason = connect("cloud")
+        cloud, reason = connect("cloud", "cloud-w1")
         assert not reason.is_failure
         got: list = []
-        subscribed = threading.Event()
         cloud.on_message = lambda c, u, m: got.append(m.topic)
-        cloud.on_subscribe = lambda *a: subscribed.set()
-        cloud.subscribe("edgecascade/v1/+/offload", qos=1)
-        assert subscribed.wait(5)
+        assert not subscribe(cloud, "$share/cloud/edgecascade/v1/+/offload")[0].is_failure
         cam, reason = connect("cam01")
         assert not reason.is_failure
+        # The device role: no place in the workers' shared subscription (the roles file is in force) ...
+        assert subscribe(cam, "$share/cloud/edgecascade/v1/+/offload")[0].is_failure
+        # ... and the client-id binding: another device cannot log in as cam01's session.
+        assert connect("cam02", "cam01")[1].is_failure and cam.is_connected()
         cam.publish("edgecascade/v1/cam01/offload", b"own", qos=1).wait_for_publish(5)
         cam.publish("edgecascade/v1/cam02/offload", b"forged", qos=1).wait_for_publish(5)
         deadline = time.monotonic() + 5
