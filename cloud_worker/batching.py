@@ -11,6 +11,16 @@ and the worker must be busy enough for batching to matter (compute per sample >=
 that computes a sample in 0.1 ms while requests come 2 ms apart answers each alone as fast as it comes,
 and a 2 ms `max_wait` would only add ~2 ms to every small burst (measured in bench/offload_bench.py).
 
+Fair between devices, bounded in size. Items are queued per key (the device id of the offload's topic, which
+the broker's ACL vouches for) and a batch takes them round-robin, one per device in turn, oldest first
+within a device: a device with a thousand pending offloads cannot make another's single one wait behind
+them. The queue holds at most `max_items`, and one device at most its share of that: `max_items` divided
+by the devices seen within the last `active_s` seconds. An item over its device's share (or over the
+bound) is *shed*: `put` hands it back for the caller to drop. Shedding rather than holding matters for
+the broker's own queue: the worker acknowledges what it sheds at once, so the broker's FIFO of one flooding
+device drains at the speed of dropping, not of computing, and other devices' offloads behind it in that
+FIFO reach the worker in time. A lone device still gets the whole queue.
+
 Single-threaded on purpose: the worker's one thread reads the socket, decides, computes and writes, so there
 is no hand-off between threads on the request path (each costs a context switch, measured ~0.3 ms a round
 trip on a 2-core box) and batches form by themselves while a batch is computing.
@@ -18,9 +28,9 @@ trip on a 2-core box) and batches form by themselves while a batch is computing.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Deque, Generic, List, Optional, TypeVar
+from typing import Deque, Dict, Generic, Hashable, List, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -31,29 +41,84 @@ class Pending(Generic[T]):
 
     item: T
     arrived: float
+    key: Hashable = ""
+
+
+@dataclass
+class Shed(Generic[T]):
+    """An item the queue refused to hold, and why: "over_share" (its key had its share) or "queue_full"."""
+
+    pending: Pending[T]
+    reason: str
 
 
 class BatchQueue(Generic[T]):
-    """A FIFO of pending requests plus the batching rule (see the module docstring). Not thread-safe."""
+    """Per-key FIFOs of pending requests, the batching rule and the fair share (see the module docstring).
+    Not thread-safe."""
 
-    def __init__(self, max_batch: int, max_wait_s: float) -> None:
+    def __init__(
+        self, max_batch: int, max_wait_s: float, max_items: Optional[int] = None, active_s: float = 5.0
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         if max_wait_s < 0:
             raise ValueError("max_wait_s must be >= 0")
+        if max_items is not None and max_items < 1:
+            raise ValueError("max_items must be >= 1")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: Deque[Pending[T]] = deque()
+        self.max_items = max_items
+        self.active_s = active_s
+        # Round-robin order: a key moves to the back once served, so every key's turn comes.
+        self._queues: OrderedDict[Hashable, Deque[Pending[T]]] = OrderedDict()
+        self._len = 0
+        self._seen: Dict[Hashable, float] = {}  # key -> last arrival, for the share
         self._last_arrival: Optional[float] = None
         self.mean_gap_s = float("inf")  # exponential average of the time between arrivals
         self.compute_per_sample_s = 0.0  # exponential average of batch compute time / batch size
 
-    def put(self, item: T, now: float) -> None:
+    def share(self, now: float) -> Optional[int]:
+        """How many items one key may hold now: the bound split among the recently active keys."""
+        if self.max_items is None:
+            return None
+        horizon = now - self.active_s
+        for key in [k for k, t in self._seen.items() if t < horizon and k not in self._queues]:
+            del self._seen[key]
+        return max(1, self.max_items // max(1, len(self._seen)))
+
+    def put(self, item: T, now: float, key: Hashable = "") -> Optional[Shed[T]]:
+        """Queue `item` under `key`; returns what must be shed instead (this item, over its key's share,
+        or the newest item of the fullest key, over the bound), None when everything fits."""
         if self._last_arrival is not None:
             gap = max(0.0, now - self._last_arrival)
             self.mean_gap_s = gap if self.mean_gap_s == float("inf") else 0.9 * self.mean_gap_s + 0.1 * gap
         self._last_arrival = now
-        self._queue.append(Pending(item, now))
+        self._seen[key] = now
+        pending = Pending(item, now, key)
+        share = self.share(now)
+        queue = self._queues.get(key)
+        if share is not None and queue is not None and len(queue) >= share:
+            return Shed(pending, "over_share")
+        if queue is None:
+            queue = self._queues[key] = deque()
+        queue.append(pending)
+        self._len += 1
+        if self.max_items is not None and self._len > self.max_items:
+            fullest = max(self._queues, key=lambda k: len(self._queues[k]))
+            return Shed(self._pop_newest(fullest), "queue_full")
+        return None
+
+    def _pop_newest(self, key: Hashable) -> Pending[T]:
+        queue = self._queues[key]
+        shed = queue.pop()
+        self._len -= 1
+        if not queue:
+            del self._queues[key]
+        return shed
+
+    def pending_for(self, key: Hashable) -> int:
+        queue = self._queues.get(key)
+        return len(queue) if queue is not None else 0
 
     def note_compute(self, seconds: float, samples: int) -> None:
         """Tell the rule how long the last batch of `samples` took to compute."""
@@ -64,20 +129,33 @@ class BatchQueue(Generic[T]):
             self.compute_per_sample_s = 0.9 * self.compute_per_sample_s + 0.1 * per_sample
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._len
 
     def wait_s(self, now: float) -> Optional[float]:
         """None: nothing pending. 0: take a batch now. Otherwise: seconds to keep collecting first."""
-        if not self._queue:
+        if not self._len:
             return None
-        if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
+        if self._len == 1 or self._len >= self.max_batch:
             return 0.0
-        remaining = self._queue[0].arrived + self.max_wait_s - now
+        oldest = min(q[0].arrived for q in self._queues.values())
+        remaining = oldest + self.max_wait_s - now
         if remaining <= 0 or self.mean_gap_s > remaining or self.compute_per_sample_s < 0.5 * self.mean_gap_s:
             return 0.0
         return remaining
 
     def take(self) -> List[Pending[T]]:
-        """The oldest `max_batch` (or fewer) pending requests, in arrival order."""
-        n = min(self.max_batch, len(self._queue))
-        return [self._queue.popleft() for _ in range(n)]
+        """Up to `max_batch` pending requests, one per key in round-robin turn, oldest first within a key
+        (with one key: the oldest `max_batch`, in arrival order)."""
+        batch: List[Pending[T]] = []
+        while self._len and len(batch) < self.max_batch:
+            for key in list(self._queues):
+                queue = self._queues[key]
+                batch.append(queue.popleft())
+                self._len -= 1
+                if queue:
+                    self._queues.move_to_end(key)
+                else:
+                    del self._queues[key]
+                if len(batch) == self.max_batch:
+                    break
+        return batch

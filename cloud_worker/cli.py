@@ -23,6 +23,10 @@ EPILOG = """examples:
       --max-batch 64 --max-wait-ms 5 --providers CUDAExecutionProvider CPUExecutionProvider
 
 Start as many as you like (distinct --worker-id): the broker shares the offloads among them.
+QoS 0 offloads are refused; each device gets a fair share of --max-queue; an offload waits at most
+--max-expiry-s (also one without MessageExpiryInterval). A login the broker refuses for good (bad
+password, not authorized, banned, client id refused) exits with status 2 and says why; other connection
+failures are retried with backoff.
 """
 
 
@@ -52,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument(
         "--receive-maximum", type=int, default=0, help="unacked offloads in flight to us (0: 4 batches)"
     )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=0,
+        help="offloads queued here at most, shared fairly among devices (0: 64 MiB of them, at most 4096)",
+    )
+    parser.add_argument(
+        "--max-expiry-s", type=float, default=30.0, help="longest an offload may wait (default %(default)s)"
+    )
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime EPs")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
@@ -62,20 +75,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cloud_worker.model import ModelError
-    from cloud_worker.worker import CloudWorker, WorkerConfig
-    from protocol.mqtt import BrokerAddress
+    from cloud_worker.worker import CloudWorker, LoginRefused, WorkerConfig
+    from protocol.mqtt import BrokerAddress, read_secret
     from protocol.topics import Topics
 
     try:
-        password = args.password_file.read_text().splitlines()[0].strip()
-    except (OSError, IndexError) as exc:
-        print(f"cannot read a password from {args.password_file}: {exc}", file=sys.stderr)
-        return 2
-    try:
+        password = read_secret(args.password_file)
         broker = BrokerAddress.parse(args.broker, args.user, password, args.tls_ca)
         topics = Topics.namespaced(args.namespace) if args.namespace else Topics()
     except ValueError as exc:
-        print(str(exc), file=sys.stderr)
+        print(f"edgecascade cloud: {exc}", file=sys.stderr)
         return 2
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     config = WorkerConfig(
@@ -90,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         idle_seconds=args.idle_seconds,
         threads=args.threads,
         receive_maximum=args.receive_maximum,
+        max_queue=args.max_queue,
+        max_expiry_s=args.max_expiry_s,
     )
     try:
         worker = CloudWorker(config)
@@ -105,6 +116,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     try:
         worker.start()
+    except LoginRefused as exc:
+        print(f"edgecascade cloud: {exc}", file=sys.stderr)
+        return 2
     except TimeoutError as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -112,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     next_stats = time.monotonic() + args.stats_interval
     while not stop.wait(1.0):
         if not worker.running:
+            if worker.fatal is not None:
+                print(f"edgecascade cloud: {worker.fatal}", file=sys.stderr)
+                return 2
             print(
                 "cloud worker thread died (see the log); exiting for the supervisor to restart",
                 file=sys.stderr,

@@ -17,6 +17,20 @@ leaves the group the moment its socket closes and the survivors get everything p
 few requests that were in flight to it are lost with its session (Mosquitto 2.0 does not re-dispatch them
 to the group), which the requester covers with its per-offload deadline (re-send, or fall back to the edge
 answer). Measured on Mosquitto 2.0.11: see tests/test_cloud_worker_failover.py.
+
+One device must not be able to starve the others (tests/test_cloud_worker_limits.py, bench/flood.py):
+- QoS 0 offloads are refused unread: they bypass Receive Maximum (the broker pushes them without waiting
+  for acknowledgements), so a device publishing them could fill this process's memory without bound.
+- The queue is bounded and shared fairly between devices (`batching`): what a device sends beyond its
+  share is acknowledged and dropped at once, so its backlog in the broker drains fast.
+- Every offload has a deadline: its MessageExpiryInterval, at most `max_expiry_s`, which also applies to
+  offloads that carry none.
+Each refusal is counted in `stats` by reason.
+
+Connecting: a refused login that cannot heal (bad username or password, not authorized, banned, client id
+refused: `protocol.mqtt.permanent_connack_refusal`) or a refused cloud subscription stops the worker with
+`LoginRefused`; every other failure is retried with exponential backoff (0.5 s doubling to 8 s), also when
+the broker accepts the TCP connection and then drops it before a CONNACK.
 """
 
 from __future__ import annotations
@@ -50,7 +64,7 @@ from protocol.codec import (
     decode_offload,
     encode_reply,
 )
-from protocol.mqtt import BrokerAddress, connect_properties, new_client
+from protocol.mqtt import BrokerAddress, connect_properties, new_client, permanent_connack_refusal
 from protocol.topics import CLOUD_GROUP, Topics
 
 logger = logging.getLogger(__name__)
@@ -58,7 +72,29 @@ logger = logging.getLogger(__name__)
 # Room for the envelope's preamble and msgpack header on top of the image bytes; anything larger than
 # image + slack cannot be a valid offload for this model and is refused before decoding.
 HEADER_SLACK_BYTES = 1024
-STAT_KEYS = ("received", "answered", "rejected", "expired", "failed", "batches", "reply_refused")
+STAT_KEYS = (
+    "received",
+    "answered",
+    "rejected",  # malformed or not addressed properly (ProtocolError)
+    "expired",  # its deadline passed before the batch ran
+    "refused_qos0",  # sent at QoS 0: not read any further
+    "refused_over_share",  # its device already had its fair share of the queue
+    "refused_queue_full",  # the queue was at its bound
+    "failed",
+    "batches",
+    "reply_refused",
+)
+# The queue's default bound: this much memory in offloads, at most this many. Not the Receive Maximum:
+# Mosquitto 2.0.11 does not hold to it once acknowledgements flow (measured: Receive Maximum 10, three
+# PUBACKs, 40 offloads delivered), so a lone device's burst of a thousand arrives at once and must fit.
+QUEUE_BUDGET_BYTES = 64 << 20
+MAX_QUEUE_ITEMS = 4096
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 8.0
+
+
+class LoginRefused(RuntimeError):
+    """The broker refused this worker's login or its cloud subscription in a way no retry can heal."""
 
 
 @dataclass
@@ -80,6 +116,11 @@ class WorkerConfig:
     receive_maximum: int = 0
     group: str = CLOUD_GROUP
     keepalive_s: int = 15
+    # Offloads queued here at most (0: QUEUE_BUDGET_BYTES of them, at most MAX_QUEUE_ITEMS), split fairly
+    # among the recently active devices.
+    max_queue: int = 0
+    # The longest an offload may wait here, and the deadline of one that carries no MessageExpiryInterval.
+    max_expiry_s: float = 30.0
 
 
 @dataclass
@@ -87,7 +128,7 @@ class _Job:
     request: OffloadRequest
     reply_topic: str
     correlation: bytes
-    deadline: Optional[float]  # time.monotonic() after which the requester no longer wants an answer
+    deadline: float  # time.monotonic() after which the requester no longer wants an answer
     mid: int
     qos: int
     generation: int  # which connection delivered it: acks go only to that one
@@ -99,12 +140,22 @@ class CloudWorker:
     def __init__(self, config: WorkerConfig) -> None:
         if config.max_batch < 1 or config.max_wait_ms < 0:
             raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        if config.max_queue < 0 or config.receive_maximum < 0:
+            raise ValueError("max_queue and receive_maximum must be >= 0")
+        if not (config.max_expiry_s > 0 and math.isfinite(config.max_expiry_s)):
+            raise ValueError(f"max_expiry_s must be a positive number of seconds, got {config.max_expiry_s}")
         self.config = config
         self.model = CloudSession(config.model_path, config.providers, config.threads)
         self.model.warm_up(sorted({1, config.max_batch}))
         self.max_payload_bytes = self.model.sample_bytes + HEADER_SLACK_BYTES
         self._energy = BatchEnergy(config.meters, config.meter_options, config.idle_seconds)
-        self._queue: BatchQueue[_Job] = BatchQueue(config.max_batch, config.max_wait_ms / 1000.0)
+        self.receive_maximum = config.receive_maximum or max(4 * config.max_batch, 64)
+        self.max_queue = config.max_queue or max(
+            self.receive_maximum, min(MAX_QUEUE_ITEMS, QUEUE_BUDGET_BYTES // self.max_payload_bytes)
+        )
+        self._queue: BatchQueue[_Job] = BatchQueue(
+            config.max_batch, config.max_wait_ms / 1000.0, max_items=self.max_queue
+        )
         self._stats: Dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._batched_samples = 0
         self._stats_lock = threading.Lock()
@@ -116,7 +167,8 @@ class CloudWorker:
         # clock is started (conservatively) at the batch's start rather than when they are finally read.
         self._blind_since: Optional[float] = None
         self._thread: Optional[threading.Thread] = None
-        self.receive_maximum = config.receive_maximum or max(4 * config.max_batch, 64)
+        self.fatal: Optional[str] = None  # why the broker will never let this worker in (LoginRefused)
+        self._connack_ok = False  # the current connection got a successful CONNACK
         self.subscription = config.topics.cloud_subscription(config.group)
         self.client_id = f"cloud-{config.worker_id}-{os.getpid()}"
         self._client = new_client(config.broker, self.client_id, on_connect=self._on_connect, manual_ack=True)
@@ -134,7 +186,13 @@ class CloudWorker:
         only delays readiness."""
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.client_id}", daemon=True)
         self._thread.start()
-        if not self._subscribed.wait(timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while not self._subscribed.wait(0.05):
+            if self.fatal is not None:
+                self.stop(drain_s=0)
+                raise LoginRefused(self.fatal)
+            if time.monotonic() < deadline:
+                continue
             self.stop(drain_s=0)
             raise TimeoutError(
                 f"cloud worker {self.config.worker_id} not subscribed at "
@@ -178,8 +236,8 @@ class CloudWorker:
 
     @property
     def stats(self) -> Dict[str, Any]:
-        """Counters since start: received, answered, rejected, expired, failed, batches, reply_refused,
-        mean_batch, queued."""
+        """Counters since start (STAT_KEYS: received, answered, the reasons for not answering, batches ...),
+        mean_batch and queued."""
         with self._stats_lock:
             out: Dict[str, Any] = dict(self._stats)
             out["mean_batch"] = self._batched_samples / out["batches"] if out["batches"] else 0.0
@@ -206,6 +264,7 @@ class CloudWorker:
     def _connect(self, first: bool) -> bool:
         props = connect_properties(0)  # clean session: see the module docstring
         props.ReceiveMaximum = self.receive_maximum
+        self._connack_ok = False
         try:
             if first:
                 self._client.connect(
@@ -229,11 +288,14 @@ class CloudWorker:
             return False
 
     def _serve_until_stopped(self) -> None:
-        connected, first, backoff_s = False, True, 0.5
+        connected, first, backoff_s = False, True, BACKOFF_MIN_S
         stop_deadline: Optional[float] = None
         while True:
             self.watchdog.beat()
             now = time.monotonic()
+            if self.fatal is not None:
+                logger.error("worker %s stops: %s", self.config.worker_id, self.fatal)
+                return
             if self._stop.is_set() and stop_deadline is None:
                 stop_deadline = now + self._drain_s
                 if connected:
@@ -243,10 +305,10 @@ class CloudWorker:
             if not connected:
                 connected = self._connect(first)
                 if connected:
-                    first, backoff_s = False, 0.5
+                    first = False
                 else:
                     self._stop.wait(backoff_s)
-                    backoff_s = min(2 * backoff_s, 8.0)
+                    backoff_s = min(2 * backoff_s, BACKOFF_MAX_S)
                     continue
             wait = self._queue.wait_s(now)
             rc: int = self._client.loop(timeout=0.25 if wait is None else min(wait, 0.25))
@@ -255,6 +317,13 @@ class CloudWorker:
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 connected = False
                 self._subscribed.clear()
+                if self.fatal is not None:
+                    continue
+                if self._connack_ok:  # a connection that worked: reconnect at once, backoff from the start
+                    backoff_s = BACKOFF_MIN_S
+                else:  # refused or dropped before CONNACK: the same would happen again right away
+                    self._stop.wait(backoff_s)
+                    backoff_s = min(2 * backoff_s, BACKOFF_MAX_S)
                 if not self._stop.is_set():
                     logger.warning("worker %s lost the broker (%s); reconnecting", self.config.worker_id, rc)
             if self._queue.wait_s(time.monotonic()) == 0:
@@ -280,7 +349,14 @@ class CloudWorker:
     # -- MQTT callbacks (run inside loop/loop_read, on the worker thread) ---------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            return  # new_client logged it; the worker thread retries with backoff
+            why = permanent_connack_refusal(reason)
+            if why is not None:
+                self.fatal = (
+                    f"the broker at {self.config.broker.host}:{self.config.broker.port} refused the login as "
+                    f"{self.config.broker.username!r} with client id {self.client_id!r}: {why}"
+                )
+            return  # new_client logged it; otherwise the worker thread retries with backoff
+        self._connack_ok = True
         self._generation += 1
         # Clean session: the subscription must be made again on every connection.
         client.subscribe(self.subscription, qos=1)
@@ -289,7 +365,12 @@ class CloudWorker:
         if reasons and all(not r.is_failure for r in reasons):
             self._subscribed.set()
         else:
-            logger.error("broker refused the cloud subscription: %s", [str(r) for r in reasons or []])
+            # Only the cloud role may join the group: another account's subscription never succeeds.
+            user = self.config.broker.username
+            self.fatal = (
+                f"the broker refused the subscription {self.subscription} to {user!r}: "
+                f"{', '.join(str(r) for r in reasons or [])} (is it a cloud account?)"
+            )
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._subscribed.clear()
@@ -301,6 +382,9 @@ class CloudWorker:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._count("received")
+        if message.qos == 0:  # first and cheapest: a QoS 0 flood must cost as little as possible
+            self._count("refused_qos0")
+            return
         try:
             job = self._parse(message, self._generation)
         except ProtocolError as exc:
@@ -308,7 +392,13 @@ class CloudWorker:
             logger.warning("rejected offload on %s: %s", message.topic, exc)
             self._ack(message.mid, message.qos, self._generation)
             return
-        self._queue.put(job, time.monotonic())
+        shed = self._queue.put(job, time.monotonic(), key=job.request.device_id)
+        if shed is not None:
+            # Acknowledged without an answer: the requester falls back at its deadline, and the broker may
+            # send us the next offload, which may be another device's.
+            self._count(f"refused_{shed.reason}")
+            dropped = shed.pending.item
+            self._ack(dropped.mid, dropped.qos, dropped.generation)
 
     def _parse(self, message: mqtt.MQTTMessage, generation: int) -> _Job:
         """Validate one offload fully before it may join a batch; ProtocolError says why not."""
@@ -349,7 +439,9 @@ class CloudWorker:
         request.tensor = tensor
         expiry = getattr(props, "MessageExpiryInterval", None)
         received = self._blind_since if self._blind_since is not None else time.monotonic()
-        deadline = received + float(expiry) if expiry else None
+        # No offload waits forever: one without expiry (or a longer one) gets the worker's maximum.
+        expiry_s = min(float(expiry), self.config.max_expiry_s) if expiry else self.config.max_expiry_s
+        deadline = received + expiry_s
         return _Job(request, reply_topic, bytes(correlation), deadline, message.mid, message.qos, generation)
 
     def _ack(self, mid: int, qos: int, generation: int) -> None:
@@ -363,7 +455,7 @@ class CloudWorker:
         live: List[Pending[_Job]] = []
         for pending in batch:
             job = pending.item
-            if job.deadline is not None and now >= job.deadline:
+            if now >= job.deadline:
                 self._count("expired")
                 logger.info("dropped expired offload %s/%d", job.request.device_id, job.request.seq)
                 self._ack(job.mid, job.qos, job.generation)
@@ -403,9 +495,8 @@ class CloudWorker:
                 energy_source=self._energy.source if joules is not None else "none",
                 extra={"batch": len(live), "queue_ms": round((now - pending.arrived) * 1000.0, 3)},
             )
-            expiry_s = None
-            if job.deadline is not None:  # the answer is worth no more than the question
-                expiry_s = max(1, math.ceil(job.deadline - time.monotonic()))
+            # The answer is worth no more than the question.
+            expiry_s = max(1, math.ceil(job.deadline - time.monotonic()))
             props = PublishProperties(
                 content_type=CONTENT_TYPE_REPLY, correlation_data=job.correlation, expiry_s=expiry_s
             )
