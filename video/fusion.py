@@ -38,10 +38,16 @@ class FusionConfig:
     iou_threshold: float = 0.5
     decay: float = 0.8  # per frame, for tracks nobody confirms
     drop_below: float = 0.05
+    # beyond the paper: an unmatched cloud box is as stale as its answer, so its score is scaled by
+    # cloud_age_decay ** age_frames; a track the cloud answer does not confirm is scaled by cloud_miss_factor
+    cloud_age_decay: float = 0.95
+    cloud_miss_factor: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 < self.iou_threshold <= 1 or not 0 < self.decay <= 1 or self.drop_below < 0:
             raise ValueError("need 0 < iou_threshold <= 1, 0 < decay <= 1, drop_below >= 0")
+        if not 0 < self.cloud_age_decay <= 1 or not 0 < self.cloud_miss_factor <= 1:
+            raise ValueError("need 0 < cloud_age_decay <= 1 and 0 < cloud_miss_factor <= 1")
 
 
 @dataclass
@@ -151,9 +157,15 @@ class ReactFusion:
         self._prune(frame)
         self._note(frame, "tracked")
 
-    def on_cloud(self, frame: int, dets: Detections) -> None:
-        pairs = match(dets.boxes, self.boxes(), self.config.iou_threshold)
+    def on_cloud(self, frame: int, dets: Detections, age_frames: int = 0) -> None:
+        """`age_frames`: how many frames after the cloud's own frame the answer is applied."""
+        c = self.config
+        pairs = match(dets.boxes, self.boxes(), c.iou_threshold)
         matched_dets = {i for i, _ in pairs}
+        matched_tracks = {j for _, j in pairs}
+        for j, t in enumerate(self.tracks):
+            if j not in matched_tracks and not t.from_cloud:
+                t.score *= c.cloud_miss_factor
         for i, j in pairs:
             t = self.tracks[j]
             t.label, t.score, t.source = int(dets.labels[i]), float(dets.scores[i]), "fused"
@@ -164,7 +176,7 @@ class ReactFusion:
                     _Track(
                         dets.boxes[i].astype(np.float32).copy(),
                         int(dets.labels[i]),
-                        float(dets.scores[i]),
+                        float(dets.scores[i]) * c.cloud_age_decay ** max(age_frames, 0),
                         "cloud",
                         from_cloud=True,
                     )

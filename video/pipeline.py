@@ -63,7 +63,7 @@ class DeviceLoop:
             boxes, ok = self.tracker.track(previous[1], frame, self.fusion.boxes())
             self.fusion.on_tracked(index, boxes, ok)
         for sent, dets in self.pending:
-            self.fusion.on_cloud(index, self._carry_forward(sent, dets))
+            self.fusion.on_cloud(index, self._carry_forward(sent, dets), age_frames=index - sent)
             self.answers_applied += 1
         self.pending = []
         return self.fusion.output(index)
