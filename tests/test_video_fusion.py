@@ -113,3 +113,13 @@ def test_fusion_config_is_validated() -> None:
         FusionConfig(iou_threshold=0)
     with pytest.raises(ValueError):
         FusionConfig(decay=1.5)
+
+
+def test_late_unmatched_cloud_boxes_and_tracks_the_cloud_misses_rank_lower() -> None:
+    f = ReactFusion(FusionConfig(cloud_age_decay=0.9, cloud_miss_factor=0.5))
+    f.on_edge(10, dets((10, 10, 40, 40, 0.6, 3)))
+    f.on_cloud(10, dets((80, 80, 100, 110, 0.8, 8)), age_frames=3)  # answer for frame 7, nothing matched
+    out = f.output(10)
+    by_source = dict(zip(out.detections.sources, out.detections.scores.tolist()))
+    assert by_source["cloud"] == pytest.approx(0.8 * 0.9**3)
+    assert by_source["edge"] == pytest.approx(0.6 * 0.5)
