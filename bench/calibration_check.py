@@ -35,11 +35,12 @@ RULES: List[Tuple[str, float, float]] = [
 def held_out_outcomes(models: Path, data_dir: str | None) -> Dict[str, torch.Tensor]:
     """The device's rule and the cloud on validation + test (the pool no block trained on): per sample the
     edge answer's entropy (the offload score), whether the edge answer and whether the cloud's is right."""
-    from device_agent.cascade import CloudModel, EdgeCascade
+    from cloud_worker.model import CloudSession
+    from device_agent.cascade import EdgeCascade
     from training.datasets import load_dataset
 
     cascade = EdgeCascade(models)
-    cloud = CloudModel(cascade.card.block_path("cloud"))
+    cloud = CloudSession(cascade.card.block_path("cloud"))
     seed = int(cascade.card.training["seed"])
     bundle = load_dataset("fashion-mnist", data_dir, val_size=5000, seed=seed)
     score, edge_ok, cloud_ok = [], [], []

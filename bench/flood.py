@@ -32,9 +32,8 @@ DEFAULT_MODEL = REPO / "models/fashion-mnist/cloud.onnx"
 def _attack(address: Any, root: str, device: str, qos: int, rate: float, seconds: float, out: Any) -> None:
     """Publish valid offloads on `device`'s own topic for `seconds`, `rate` a second (0: as fast as it can);
     put the count in `out`."""
-    from cloud_worker.properties import PublishProperties
     from protocol.codec import CONTENT_TYPE_OFFLOAD, OffloadRequest, encode_offload
-    from protocol.mqtt import new_client
+    from protocol.mqtt import PublishProperties, new_client
     from protocol.topics import Topics
 
     topics = Topics(root)

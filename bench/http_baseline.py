@@ -21,7 +21,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device_agent.cascade import CloudModel, EdgeCascade
+from cloud_worker.model import CloudSession
+from device_agent.cascade import EdgeCascade
 from protocol.records import InferenceRecord
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,17 @@ class CloudHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, model_path: Path, providers: Sequence[str], host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        model_path: Path,
+        providers: Sequence[str],
+        threads: Optional[int] = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ):
         super().__init__((host, port), _Handler)
-        self.model = CloudModel(model_path, providers=list(providers))
+        # The cloud worker's own session and settings: the comparison is of transports, not of sessions.
+        self.model = CloudSession(model_path, list(providers), threads)
         self.model_lock = threading.Lock()  # one onnxruntime session, like one Sedna cloud pod
         self._thread = threading.Thread(target=self.serve_forever, name="http-cloud", daemon=True)
 
@@ -157,8 +166,9 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"))
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"])
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (as the cloud worker's)")
     args = parser.parse_args()
-    server = CloudHTTPServer(args.models / "cloud.onnx", args.providers, port=args.port)
+    server = CloudHTTPServer(args.models / "cloud.onnx", args.providers, args.threads, port=args.port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
     print(f"http peer on {server.url[0]}:{server.url[1]}", flush=True)
     notify("READY=1")

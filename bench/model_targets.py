@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from device_agent.cascade import CloudModel, EdgeCascade  # noqa: E402
+from cloud_worker.model import CloudSession  # noqa: E402
+from device_agent.cascade import EdgeCascade  # noqa: E402
 
 TRAIN_BUDGET_S = 90 * 60
 
@@ -53,7 +54,7 @@ def load_test(data_dir: Path) -> Tuple[np.ndarray, np.ndarray]:
 def evaluate(model_dir: Path, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> dict:
     """Test-set figures from the ONNX blocks with the device's rule."""
     cascade = EdgeCascade(model_dir)
-    cloud = CloudModel(cascade.card.block_path("cloud"))
+    cloud = CloudSession(cascade.card.block_path("cloud"))
     main_pred: List[np.ndarray] = []
     edge_pred, complex_, cloud_pred = [], [], []
     t0 = time.perf_counter()

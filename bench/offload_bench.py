@@ -99,7 +99,7 @@ import sys
 import numpy as np
 from protocol.codec import CONTENT_TYPE_REPLY, OffloadReply, encode_reply
 from protocol.mqtt import BrokerAddress, new_client
-from cloud_worker.properties import PublishProperties
+from protocol.mqtt import PublishProperties
 host, port, password, subscription = sys.argv[1:5]
 address = BrokerAddress(host, int(port), "cloud", password)
 reply = encode_reply(OffloadReply("r", "d", 0, 0, np.full(10, 0.1, np.float32), 0.0, "floor", None, "none",

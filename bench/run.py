@@ -181,9 +181,15 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
             if cfg.http_peer:
                 services.start(
                     "http-peer",
-                    ["--models", str(cfg.models), "--port", str(http_port)],
+                    [
+                        "--models", str(cfg.models),
+                        "--port", str(http_port),
+                        # the same onnxruntime settings as the cloud workers above: like for like
+                        "--providers", *cloud.get("providers", ["CPUExecutionProvider"]),
+                        *(["--threads", str(cloud["threads"])] if cloud.get("threads") else []),
+                    ],
                     module="bench.http_baseline",
-                )
+                )  # fmt: skip
 
         plan = [(p["name"], p) for p in cfg.policies]
         if cfg.do_sweep:

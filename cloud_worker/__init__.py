@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cloud_worker.worker import CloudWorker, WorkerConfig
+    from cloud_worker.config import WorkerConfig
+    from cloud_worker.worker import CloudWorker
 
 __all__ = ["CloudWorker", "WorkerConfig"]
 

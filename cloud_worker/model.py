@@ -1,7 +1,7 @@
 """The cloud model on onnxruntime: uint8 image batch in, logits out (contract: `cloud.onnx`, input `image`).
 
-Kept separate from device_agent's runner on purpose: the dependency direction is cloud_worker -> protocol,
-metering, never cloud_worker -> device_agent.
+The one wrapper of the cloud block: the worker, the HTTP peer of the benchmark, training's publish step and
+the model checks all open it here, with the same session options (no spinning: see `CloudSession`).
 """
 
 from __future__ import annotations
@@ -93,13 +93,13 @@ class CloudSession:
         (out,) = self._session.run(["logits"], {"image": images})
         return np.asarray(out, dtype=np.float32)
 
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, num_classes] (`device_agent.rule.softmax`, the device's own definition)."""
+        from device_agent.rule import softmax
+
+        return softmax(self.logits(images))
+
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """First runs allocate arenas and pick kernels; do it before announcing readiness."""
         for n in batch_sizes:
             self.logits(np.zeros((n, *self.input_shape), dtype=np.uint8))
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from cloud_worker.properties import PublishProperties
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
     OffloadReply,
@@ -28,7 +27,7 @@ from protocol.codec import (
     decode_reply,
     encode_offload,
 )
-from protocol.mqtt import BrokerAddress, connect_properties, new_client
+from protocol.mqtt import BrokerAddress, PublishProperties, connect_properties, new_client
 from protocol.topics import Topics
 
 logger = logging.getLogger(__name__)

@@ -1,14 +1,13 @@
 """The cloud worker: shared-subscription consumer of offloads, micro-batched onnxruntime, MQTT 5 replies.
 
 One thread does everything on the request path: it reads every offload the socket holds (paho's
-`on_message` decodes, validates and queues each one), decides whether a micro-batch is due (`batching`), runs
-the cloud model, and publishes one reply per request to its ResponseTopic with its CorrelationData (QoS 1)
-before acknowledging the request. paho is driven by hand (`loop`/`loop_read`, not `loop_start`), so a
-reply is written to the socket by the call that publishes it: no thread hand-off on the request path. (A first
-version with a network thread, a batch thread and onnxruntime's spinning pool measured overhead p50 2-12 ms,
-p99 100-140 ms at 500 offloads/s on a 2-core box; this one 1.1-1.4 ms and 4-25 ms: bench/offload_bench.py.)
-While a batch computes, new offloads wait in the socket and form the next batch; a batch must therefore
-finish well within the keepalive (15 s by default).
+`on_message` checks each one, `requests.parse_offload`, and queues it), decides whether a micro-batch is due
+(`batching`), runs the task (`tasks`), and publishes one reply per request to its ResponseTopic with its
+CorrelationData (QoS 1) before acknowledging the request. paho is driven by hand (`loop`/`loop_read`, not
+`loop_start`), so a reply is written to the socket by the call that publishes it: no thread hand-off, and so
+no context switch, on the request path (bench/offload_bench.py measures the overhead). While a batch
+computes, new offloads wait in the socket and form the next batch; a batch must therefore finish well within
+the keepalive (15 s by default).
 
 Sessions are clean (session expiry 0) on purpose. Mosquitto 2.0 round-robins a shared subscription over every
 session in the group, connected or not: a crashed worker with a persistent session would keep being handed
@@ -18,19 +17,15 @@ few requests that were in flight to it are lost with its session (Mosquitto 2.0 
 to the group), which the requester covers with its per-offload deadline (re-send, or fall back to the edge
 answer). Measured on Mosquitto 2.0.11: see tests/test_cloud_worker_failover.py.
 
-One device must not be able to starve the others (tests/test_cloud_worker_limits.py, bench/flood.py):
-- QoS 0 offloads are refused unread: they bypass Receive Maximum (the broker pushes them without waiting
-  for acknowledgements), so a device publishing them could fill this process's memory without bound.
-- The queue is bounded and shared fairly between devices (`batching`): what a device sends beyond its
-  share is acknowledged and dropped at once, so its backlog in the broker drains fast.
-- Every offload has a deadline: its MessageExpiryInterval, at most `max_expiry_s`, which also applies to
-  offloads that carry none.
-Each refusal is counted in `stats` by reason.
+One device must not be able to starve the others (tests/test_cloud_worker_limits.py, bench/flood.py): QoS 0
+offloads are refused unread (they bypass Receive Maximum); the queue is bounded and shared fairly between
+devices (`batching`), what a device sends beyond its share being acknowledged and dropped at once; every
+offload has a deadline, at most `max_expiry_s`, also one that carries no MessageExpiryInterval. Each refusal
+is counted in `stats` by reason.
 
-Connecting: a refused login that cannot heal (bad username or password, not authorized, banned, client id
-refused: `protocol.mqtt.permanent_connack_refusal`) or a refused cloud subscription stops the worker with
-`LoginRefused`; every other failure is retried with exponential backoff (0.5 s doubling to 8 s), also when
-the broker accepts the TCP connection and then drops it before a CONNACK.
+Connecting: a refused login that cannot heal (`protocol.mqtt.permanent_connack_refusal`) or a refused cloud
+subscription stops the worker with `LoginRefused`; every other failure is retried with exponential backoff
+(0.5 s doubling to 8 s), also when the broker accepts the TCP connection and drops it before a CONNACK.
 """
 
 from __future__ import annotations
@@ -43,35 +38,23 @@ import select
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from cloud_worker.batching import BatchQueue, Pending
+from cloud_worker.config import BACKOFF_MAX_S, BACKOFF_MIN_S, LoginRefused, WorkerConfig
 from cloud_worker.energy import BatchEnergy
-from cloud_worker.model import CloudSession, softmax
-from cloud_worker.properties import PublishProperties
+from cloud_worker.model import CloudSession
+from cloud_worker.requests import HEADER_SLACK_BYTES, Job, parse_offload
+from cloud_worker.tasks import Classify, Served
 from edgecascade.systemd import Watchdog
-from protocol.codec import (
-    CONTENT_TYPE_OFFLOAD,
-    CONTENT_TYPE_REPLY,
-    OffloadReply,
-    OffloadRequest,
-    ProtocolError,
-    decode_offload,
-    encode_reply,
-)
-from protocol.mqtt import BrokerAddress, connect_properties, new_client, permanent_connack_refusal
-from protocol.topics import CLOUD_GROUP, Topics
+from protocol.codec import ProtocolError
+from protocol.mqtt import PublishProperties, connect_properties, new_client, permanent_connack_refusal
 
 logger = logging.getLogger(__name__)
 
-# Room for the envelope's preamble and msgpack header on top of the image bytes; anything larger than
-# image + slack cannot be a valid offload for this model and is refused before decoding.
-HEADER_SLACK_BYTES = 1024
 STAT_KEYS = (
     "received",
     "answered",
@@ -84,76 +67,20 @@ STAT_KEYS = (
     "batches",
     "reply_refused",
 )
-# The queue's default bound: this much memory in offloads, at most this many. Not the Receive Maximum:
-# Mosquitto 2.0.11 does not hold to it once acknowledgements flow (measured: Receive Maximum 10, three
-# PUBACKs, 40 offloads delivered), so a lone device's burst of a thousand arrives at once and must fit.
-QUEUE_BUDGET_BYTES = 64 << 20
-MAX_QUEUE_ITEMS = 4096
-BACKOFF_MIN_S = 0.5
-BACKOFF_MAX_S = 8.0
-
-
-class LoginRefused(RuntimeError):
-    """The broker refused this worker's login or its cloud subscription in a way no retry can heal."""
-
-
-@dataclass
-class WorkerConfig:
-    """How one cloud worker connects and serves (see `edgecascade cloud --help` for the CLI view)."""
-
-    broker: BrokerAddress
-    topics: Topics
-    model_path: Path
-    worker_id: str
-    max_batch: int = 32
-    max_wait_ms: float = 2.0
-    providers: Sequence[str] = ("CPUExecutionProvider",)
-    meters: Sequence[str] = ()
-    meter_options: Dict[str, Any] = field(default_factory=dict)
-    idle_seconds: float = 0.0
-    threads: Optional[int] = None
-    # Unacknowledged offloads the broker may push to us (MQTT 5 Receive Maximum); 0 = 4 batches' worth.
-    receive_maximum: int = 0
-    group: str = CLOUD_GROUP
-    keepalive_s: int = 15
-    # Offloads queued here at most (0: QUEUE_BUDGET_BYTES of them, at most MAX_QUEUE_ITEMS), split fairly
-    # among the recently active devices.
-    max_queue: int = 0
-    # The longest an offload may wait here, and the deadline of one that carries no MessageExpiryInterval.
-    max_expiry_s: float = 30.0
-
-
-@dataclass
-class _Job:
-    request: OffloadRequest
-    reply_topic: str
-    correlation: bytes
-    deadline: float  # time.monotonic() after which the requester no longer wants an answer
-    mid: int
-    qos: int
-    generation: int  # which connection delivered it: acks go only to that one
 
 
 class CloudWorker:
     """One worker of the shared group. `start()`, then `stats`, then `stop()`; any number may run."""
 
     def __init__(self, config: WorkerConfig) -> None:
-        if config.max_batch < 1 or config.max_wait_ms < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
-        if config.max_queue < 0 or config.receive_maximum < 0:
-            raise ValueError("max_queue and receive_maximum must be >= 0")
-        if not (config.max_expiry_s > 0 and math.isfinite(config.max_expiry_s)):
-            raise ValueError(f"max_expiry_s must be a positive number of seconds, got {config.max_expiry_s}")
         self.config = config
-        self.model = CloudSession(config.model_path, config.providers, config.threads)
-        self.model.warm_up(sorted({1, config.max_batch}))
-        self.max_payload_bytes = self.model.sample_bytes + HEADER_SLACK_BYTES
+        self.task = Classify(CloudSession(config.model_path, config.providers, config.threads))
+        self.task.warm_up(sorted({1, config.max_batch}))
+        self.max_payload_bytes = self.task.sample_bytes + HEADER_SLACK_BYTES
         self._energy = BatchEnergy(config.meters, config.meter_options, config.idle_seconds)
-        self.receive_maximum = config.receive_maximum or max(4 * config.max_batch, 64)
-        self.max_queue = config.max_queue or max(
-            self.receive_maximum, min(MAX_QUEUE_ITEMS, QUEUE_BUDGET_BYTES // self.max_payload_bytes)
-        )
-        self._queue: BatchQueue[_Job] = BatchQueue(
+        self.receive_maximum = config.receive_maximum_or_default()
+        self.max_queue = config.queue_bound(self.max_payload_bytes)
+        self._queue: BatchQueue[Job] = BatchQueue(
             config.max_batch, config.max_wait_ms / 1000.0, max_items=self.max_queue
         )
         self._stats: Dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
@@ -206,8 +133,8 @@ class CloudWorker:
             "worker %s serving %s with %s on %s (max batch %d, max wait %.1f ms)",
             self.config.worker_id,
             self.subscription,
-            self.model.path,
-            self.model.providers,
+            self.task.session.path,
+            self.task.session.providers,
             self.config.max_batch,
             self.config.max_wait_ms,
         )
@@ -386,7 +313,16 @@ class CloudWorker:
             self._count("refused_qos0")
             return
         try:
-            job = self._parse(message, self._generation)
+            received = self._blind_since if self._blind_since is not None else time.monotonic()
+            job = parse_offload(
+                message,
+                self.config.topics,
+                self.task.input_shape,
+                self.max_payload_bytes,
+                self.config.max_expiry_s,
+                received,
+                self._generation,
+            )
         except ProtocolError as exc:
             self._count("rejected")
             logger.warning("rejected offload on %s: %s", message.topic, exc)
@@ -400,59 +336,15 @@ class CloudWorker:
             dropped = shed.pending.item
             self._ack(dropped.mid, dropped.qos, dropped.generation)
 
-    def _parse(self, message: mqtt.MQTTMessage, generation: int) -> _Job:
-        """Validate one offload fully before it may join a batch; ProtocolError says why not."""
-        payload = bytes(message.payload)
-        if len(payload) > self.max_payload_bytes:
-            raise ProtocolError(
-                f"oversized: {len(payload)} bytes, a {self.model.input_shape} uint8 offload needs "
-                f"at most {self.max_payload_bytes}"
-            )
-        props = message.properties
-        reply_topic = getattr(props, "ResponseTopic", None)
-        correlation = getattr(props, "CorrelationData", None)
-        if not reply_topic or correlation is None:
-            raise ProtocolError("no ResponseTopic/CorrelationData: nowhere to send the answer")
-        content_type = getattr(props, "ContentType", None)
-        if content_type is not None and content_type != CONTENT_TYPE_OFFLOAD:
-            raise ProtocolError(f"content type {content_type!r} is not {CONTENT_TYPE_OFFLOAD!r}")
-        request = decode_offload(payload)
-        try:
-            device = self.config.topics.device_of(message.topic)
-        except ValueError as exc:
-            raise ProtocolError(str(exc)) from None
-        # The ACL proves who published on this topic; the header and the reply address must agree with it,
-        # so that nobody can make the worker answer into another device's reply topic.
-        if request.device_id != device:
-            raise ProtocolError(f"header device {request.device_id!r} != topic device {device!r}")
-        if reply_topic != self.config.topics.reply(device):
-            raise ProtocolError(f"ResponseTopic {reply_topic!r} is not {device!r}'s reply topic")
-        tensor = request.tensor
-        if tensor.dtype != np.uint8:
-            raise ProtocolError(f"image dtype {tensor.dtype} is not uint8")
-        if tuple(tensor.shape) == (1, *self.model.input_shape):
-            tensor = tensor.reshape(self.model.input_shape)
-        if tuple(tensor.shape) != self.model.input_shape:
-            raise ProtocolError(
-                f"image shape {list(tensor.shape)} != model input {list(self.model.input_shape)}"
-            )
-        request.tensor = tensor
-        expiry = getattr(props, "MessageExpiryInterval", None)
-        received = self._blind_since if self._blind_since is not None else time.monotonic()
-        # No offload waits forever: one without expiry (or a longer one) gets the worker's maximum.
-        expiry_s = min(float(expiry), self.config.max_expiry_s) if expiry else self.config.max_expiry_s
-        deadline = received + expiry_s
-        return _Job(request, reply_topic, bytes(correlation), deadline, message.mid, message.qos, generation)
-
     def _ack(self, mid: int, qos: int, generation: int) -> None:
         # A PUBACK for a message of an earlier connection would name a packet id the broker never sent here.
         if qos > 0 and generation == self._generation:
             self._client.ack(mid, qos)
 
     # -- serving ---------------------------------------------------------------------------------
-    def _serve(self, batch: List[Pending[_Job]]) -> None:
+    def _serve(self, batch: List[Pending[Job]]) -> None:
         now = time.monotonic()
-        live: List[Pending[_Job]] = []
+        live: List[Pending[Job]] = []
         for pending in batch:
             job = pending.item
             if now >= job.deadline:
@@ -465,7 +357,7 @@ class CloudWorker:
             return
         images = np.stack([p.item.request.tensor for p in live])
         try:
-            logits, seconds, joules = self._energy.run(lambda: self.model.logits(images), len(live))
+            outputs, seconds, joules = self._energy.run(lambda: self.task.run(images), len(live))
         except Exception:
             logger.exception("cloud model failed on a batch of %d; requesters will fall back", len(live))
             self._count("failed", len(live))
@@ -473,8 +365,6 @@ class CloudWorker:
                 self._ack(p.item.mid, p.item.qos, p.item.generation)
             return
         self._queue.note_compute(seconds, len(live))
-        probs = softmax(logits)
-        predictions = probs.argmax(axis=1)
         cloud_ms = seconds * 1000.0 / len(live)
         # Counted before the replies leave, so that whoever holds a reply also sees it in `stats`.
         with self._stats_lock:
@@ -483,12 +373,7 @@ class CloudWorker:
             self._batched_samples += len(live)
         for i, pending in enumerate(live):
             job = pending.item
-            reply = OffloadReply(
-                run_id=job.request.run_id,
-                device_id=job.request.device_id,
-                seq=job.request.seq,
-                prediction=int(predictions[i]),
-                probs=probs[i],
+            served = Served(
                 cloud_ms=cloud_ms,
                 worker_id=self.config.worker_id,
                 cloud_j=None if joules is None else joules[i],
@@ -498,7 +383,9 @@ class CloudWorker:
             # The answer is worth no more than the question.
             expiry_s = max(1, math.ceil(job.deadline - time.monotonic()))
             props = PublishProperties(
-                content_type=CONTENT_TYPE_REPLY, correlation_data=job.correlation, expiry_s=expiry_s
+                content_type=self.task.reply_content_type, correlation_data=job.correlation, expiry_s=expiry_s
             )
-            self._client.publish(job.reply_topic, encode_reply(reply), qos=1, properties=props)
+            self._client.publish(
+                job.reply_topic, self.task.reply(job.request, outputs, i, served), qos=1, properties=props
+            )
             self._ack(job.mid, job.qos, job.generation)

@@ -1,4 +1,5 @@
-"""Torch-free MEANet edge cascade on onnxruntime: the main and extension blocks, and the cloud model.
+"""Torch-free MEANet edge cascade on onnxruntime: the main and extension blocks (the cloud block is
+`cloud_worker.model.CloudSession`).
 
 The decision itself (softmax, entropy, the rule) is `device_agent.rule`; the card is `device_agent.card`.
 Python 3.8 compatible and free of torch: this module runs on the device.
@@ -189,32 +190,3 @@ class EdgeCascade:
         return edge_decision(
             probs, None, self.hard_classes, self.entropy_tau, (time.perf_counter() - t0) * 1000.0
         )
-
-
-class CloudModel:
-    """The cloud block on onnxruntime: uint8 batch in, softmax over all classes out."""
-
-    def __init__(
-        self,
-        model_path: Union[str, Path],
-        providers: Optional[Sequence[str]] = None,
-        cache_dir: Optional[Union[str, Path]] = None,
-        threads: Optional[int] = None,
-    ) -> None:
-        self.path = Path(model_path)
-        if not self.path.exists():
-            raise ModelCardError(f"cloud model {self.path} does not exist")
-        self._session = _open_session(self.path, providers, threads, Path(cache_dir) if cache_dir else None)
-        shape = self._session.get_inputs()[0].shape
-        # Batch axis is symbolic; the others are fixed by the export.
-        self.input_shape = [int(d) for d in shape[1:]]
-
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """Raw logits [N, num_classes]."""
-        batch = _as_batch(images, self.input_shape)
-        (out,) = self._session.run(["logits"], {"image": batch})
-        return out
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Softmax [N, num_classes]."""
-        return softmax(self.logits(images))

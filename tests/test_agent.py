@@ -17,9 +17,10 @@ from tinymodels import tiny_images
 
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
+from cloud_worker.model import CloudSession
 from device_agent import AgentConfig, DeviceAgent
 from device_agent.card import load_card
-from device_agent.cascade import CloudModel, EdgeCascade
+from device_agent.cascade import EdgeCascade
 from device_agent.outbox import Outbox
 from device_agent.policies import Action, Decision, EdgeView, Policy, register_policy
 from protocol import (
@@ -125,7 +126,7 @@ def test_round_trip(broker, cloud, shared_topics, tiny_models, tmp_path) -> None
     with DeviceAgent(config) as agent:
         record = agent.submit(image, label=3).result(10)
         assert tap.wait_for(lambda: b"online" in tap.status)
-    expected = CloudModel(tiny_models / "cloud.onnx").predict(image[None])[0]
+    expected = CloudSession(tiny_models / "cloud.onnx").predict(image[None])[0]
     assert record.exit_stage == "cloud" and record.prediction == int(expected.argmax())
     assert record.p_cloud == pytest.approx(float(expected.max()), rel=1e-5)
     assert record.label == 3 and record.seq == 0 and record.p_main is None  # cloud-only runs nothing here
@@ -161,7 +162,7 @@ def test_every_policy_end_to_end(policy, broker, cloud, shared_topics, tiny_mode
 
     card = load_card(tiny_models)
     cascade = EdgeCascade(tiny_models)
-    cloud_model = CloudModel(tiny_models / "cloud.onnx")
+    cloud_model = CloudSession(tiny_models / "cloud.onnx")
     images = np.stack([image for image, _ in data])
     decisions = cascade.decide(images)
     main_probs = cascade.run_main(images).probs

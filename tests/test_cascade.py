@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud_worker.model import CloudSession
 from device_agent.card import ModelCardError, load_card, sha256_file
-from device_agent.cascade import CloudModel, EdgeCascade
+from device_agent.cascade import EdgeCascade
 from device_agent.rule import entropy_row, normalised_entropy, softmax, softmax_row
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,7 +150,7 @@ def test_one_image_at_a_time_decides_exactly_as_the_batch_does(cascade: EdgeCasc
 
 def test_cloud_model_predicts_probabilities(test_set: tuple) -> None:
     images, labels = test_set
-    cloud = CloudModel(MODELS / "cloud.onnx")
+    cloud = CloudSession(MODELS / "cloud.onnx")
     probs = cloud.predict(images[:500])
     assert probs.shape == (500, 10) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     assert float((probs.argmax(1) == labels[:500]).mean()) > 0.9

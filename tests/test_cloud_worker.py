@@ -279,7 +279,7 @@ def test_expired_requests_are_dropped_and_counted(
     start_worker: Callable[..., CloudWorker], probe: OffloadProbe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     worker = start_worker("w-exp")
-    real_logits = worker.model.logits
+    real_logits = worker.task.session.logits
     in_first_batch = threading.Event()
 
     def slow_first_batch(images: np.ndarray) -> np.ndarray:
@@ -288,7 +288,7 @@ def test_expired_requests_are_dropped_and_counted(
             time.sleep(1.6)  # longer than the next request's 1 s MessageExpiryInterval
         return real_logits(images)
 
-    monkeypatch.setattr(worker.model, "logits", slow_first_batch)
+    monkeypatch.setattr(worker.task.session, "logits", slow_first_batch)
     images = tiny_images(3)
     first = probe.request(images[0], expiry_s=60)
     assert in_first_batch.wait(10)

@@ -118,12 +118,13 @@ except PermissionError:
     pass
 
 import numpy as np
-from device_agent.cascade import CloudModel, EdgeCascade
+from cloud_worker.model import CloudSession
+from device_agent.cascade import EdgeCascade
 models = cfg["models"]
 cascade = EdgeCascade(models, providers=["CPUExecutionProvider"])
 images = np.random.default_rng(0).integers(0, 256, (8, *cascade.input_shape), dtype=np.uint8)
 decisions = cascade.decide(images)
-probs = CloudModel(os.path.join(models, "cloud.onnx"), providers=["CPUExecutionProvider"]).predict(images)
+probs = CloudSession(os.path.join(models, "cloud.onnx"), providers=["CPUExecutionProvider"]).predict(images)
 
 import threading
 import paho.mqtt.client as mqtt

@@ -36,8 +36,8 @@ class ReusedCloud:
 
     @classmethod
     def open(cls, model_dir: Path, bundle: DatasetBundle) -> ReusedCloud:
+        from cloud_worker.model import CloudSession
         from device_agent.card import load_card, sha256_file
-        from device_agent.cascade import CloudModel
 
         card = load_card(model_dir)  # ModelCardError (a ValueError) on a missing or broken card
         if (card.dataset, card.num_classes, card.input_shape) != (
@@ -54,7 +54,7 @@ class ReusedCloud:
             raise ValueError(f"{path} does not match the sha256 in {model_dir}/card.json")
         facts = dict(card.training.get("stages", {}).get("cloud", {}))
         facts["reused_from"] = f"{model_dir} (sha256 {card.blocks['cloud'].sha256[:16]})"
-        return cls(path, dict(card.raw["blocks"]["cloud"]), facts, CloudModel(path).logits)
+        return cls(path, dict(card.raw["blocks"]["cloud"]), facts, CloudSession(path).logits)
 
 
 def outputs_on(
