@@ -1,4 +1,4 @@
-"""Optional energy metering of the worker's batches through `metering` (see CONTRACTS.md).
+"""Optional energy metering of the worker's batches through `metering` (`metering.open_meter`, windows).
 
 Energy is a measurement the worker adds when it can, never a reason to stop serving: when `metering` is not
 importable, no backend works, or a window fails, replies carry `cloud_j=None` and `energy_source="none"`, and
