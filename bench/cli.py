@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-EXAMPLE = """examples:
+EPILOG = """examples:
   edgecascade bench                       # profile detected (x86 here), 10,000 samples per policy + sweeps
   edgecascade bench --quick               # 1,000 samples per policy, no sweep (about 2 minutes)
   edgecascade bench --profile jetson --broker 10.0.0.2:1883 --credentials creds.json
@@ -17,15 +17,15 @@ and prints one row per policy and the targets.
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Run the end-to-end energy-metered benchmark (broker, collector, cloud, agent)",
-        description="Stream Fashion-MNIST through the real pipeline once per policy and report accuracy, "
-        "energy, latency and bandwidth.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Run the end-to-end energy-metered benchmark (broker, collector, cloud, agent)"
+DESCRIPTION = (
+    "Stream Fashion-MNIST through the real pipeline once per policy and report accuracy, "
+    "energy, latency and bandwidth."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
         "--profile", default="x86", help="device profile: a name in bench/profiles or a .toml"
     )
@@ -43,7 +43,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--idle-seconds", type=float, help="idle baseline per run (default: the profile's)")
     parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List
 
-EXAMPLE = """examples:
+EPILOG = """examples:
   edgecascade broker --port 1884 --users cam-01,cam-02 --credentials-out creds.json
       # loopback only; prints host, port and users, then serves until Ctrl-C or SIGTERM
   edgecascade broker --workdir /srv/broker --host 0.0.0.0 --tls-dir /srv/broker/certs \\
@@ -26,15 +26,15 @@ Run it again with the same --workdir and every password and port stay what they 
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Run a private Mosquitto with the project's config on a free port",
-        description="Start Mosquitto with broker/edgecascade.conf, its ACL and roles, generated passwords, "
-        "and serve until stopped.",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Run a private Mosquitto with the project's config on a free port"
+DESCRIPTION = (
+    "Start Mosquitto with broker/edgecascade.conf, its ACL and roles, generated passwords, "
+    "and serve until stopped."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -66,7 +66,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         type=Path,
         help="write one <user>.pw per account here (mode 0600), for --password-file",
     )
-    parser.set_defaults(func=run)
 
 
 def _is_loopback(host: str) -> bool:

@@ -30,14 +30,12 @@ failures are retried with backoff.
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Run a cloud worker (shared subscription, micro-batching)",
-        description="Run a cloud worker: answer offloaded samples with the cloud model, micro-batched.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Run a cloud worker (shared subscription, micro-batching)"
+DESCRIPTION = "Run a cloud worker: answer offloaded samples with the cloud model, micro-batched."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument("--broker", default="127.0.0.1:1883", help="host:port (default %(default)s)")
     parser.add_argument("--user", default="cloud", help="broker username (default %(default)s)")
     parser.add_argument(
@@ -70,7 +68,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
     parser.add_argument("--idle-seconds", type=float, default=0.0, help="idle baseline before serving")
     parser.add_argument("--stats-interval", type=float, default=60.0, help="log stats every N s (0: never)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

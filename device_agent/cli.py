@@ -33,15 +33,15 @@ Policies: edge-only, cloud-only, meanet, hi-threshold, hi-online, entropy.
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Run the device agent (edge cascade + offload over MQTT)",
-        description="Run the device agent: the edge cascade on onnxruntime, a policy deciding what to "
-        "offload, store-and-forward of offloads and result records over MQTT 5.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Run the device agent (edge cascade + offload over MQTT)"
+DESCRIPTION = (
+    "Run the device agent: the edge cascade on onnxruntime, a policy deciding what to "
+    "offload, store-and-forward of offloads and result records over MQTT 5."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
     parser.add_argument("--device-id", required=True, help="device id (also the MQTT username and client id)")
     parser.add_argument("--username", help="MQTT username (default: the device id)")
@@ -93,7 +93,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="dataset source: start the next pass when one ends, until SIGTERM (a camera that never stops)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
-    parser.set_defaults(func=run)
 
 
 def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:

@@ -1,7 +1,9 @@
 """`edgecascade <subcommand>`: dispatch to each package's own CLI module.
 
-Each package's `cli.py` exposes `register(subparsers)`; heavy imports (torch, SQLAlchemy) happen inside the
-subcommand's function, so `edgecascade --help` stays fast and works on a device with only the `device` extra.
+Each package's `cli.py` declares its subcommand — `HELP` (one line), `DESCRIPTION`, `EPILOG` (examples),
+`add_arguments(parser)` and `run(args) -> exit status` — and this module makes the parser from them (one
+place for the formatting and the wiring). Heavy imports (torch, SQLAlchemy) happen inside `run`, so
+`edgecascade --help` stays fast and works on a device with only the `device` extra.
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in SUBCOMMANDS:
-        importlib.import_module(module).register(subparsers, name)
+        command = importlib.import_module(module)
+        sub = subparsers.add_parser(
+            name,
+            help=command.HELP,
+            description=command.DESCRIPTION,
+            epilog=getattr(command, "EPILOG", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(sub)
+        sub.set_defaults(func=command.run)
     return parser
 
 

@@ -39,15 +39,15 @@ _DEFAULTS: Dict[str, Any] = {
 }
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Collect result records from MQTT into SQL (SQLite or PostgreSQL)",
-        description="Collect result records from MQTT into SQL: QoS 1, persistent session, "
-        "commit before acknowledge, idempotent inserts.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Collect result records from MQTT into SQL (SQLite or PostgreSQL)"
+DESCRIPTION = (
+    "Collect result records from MQTT into SQL: QoS 1, persistent session, "
+    "commit before acknowledge, idempotent inserts."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument("--config", type=Path, help="TOML file with any of the settings below")
     parser.add_argument("--broker", help=f"host:port (default {_DEFAULTS['broker']})")
     parser.add_argument("--user", help=f"broker username (default {_DEFAULTS['user']})")
@@ -67,7 +67,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         "--client-id", help=f"MQTT client id = persistent session (default {_DEFAULTS['client_id']})"
     )
     parser.add_argument("--session-expiry-s", type=int, help="how long the broker keeps our queue while away")
-    parser.set_defaults(func=run)
 
 
 def _load_config(path: Optional[Path]) -> Dict[str, Any]:

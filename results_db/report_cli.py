@@ -19,14 +19,12 @@ go to --out. --query prints one of the named queries' results instead (see --lis
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Summarise a results database: terminal table, PNG plots, Markdown",
-        description="Summarise a results database: a table on the terminal, PNG plots and a Markdown report.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Summarise a results database: terminal table, PNG plots, Markdown"
+DESCRIPTION = "Summarise a results database: a table on the terminal, PNG plots and a Markdown report."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
         "--db", help="SQLAlchemy URL or SQLite path (default $EDGECASCADE_DB_URL, else results/bench.db)"
     )
@@ -37,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     parser.add_argument("--query", help="print the result of a named query instead of the report")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="query parameter")
     parser.add_argument("--list-queries", action="store_true", help="list the named queries with their SQL")
-    parser.set_defaults(func=run)
 
 
 def _params(pairs: list) -> Dict[str, str]:

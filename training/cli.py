@@ -20,15 +20,15 @@ EPILOG = """examples:
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Train the MEANet cascade and export ONNX + model card",
-        description="Train main block, extension block (hard classes) and cloud model; calibrate the exit "
-        "thresholds on a validation split carved from train; export ONNX (uint8 input) and write card.json.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+HELP = "Train the MEANet cascade and export ONNX + model card"
+DESCRIPTION = (
+    "Train main block, extension block (hard classes) and cloud model; calibrate the exit "
+    "thresholds on a validation split carved from train; export ONNX (uint8 input) and write card.json."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=["fashion-mnist", "cifar100", "imagenet"], default="fashion-mnist")
     data.add_argument(
@@ -112,7 +112,6 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
         help="train only these of main,extension,cloud (with --checkpoint-dir and --no-export)",
     )
     run_g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=run)
 
 
 def _ints(text: str) -> tuple:

@@ -24,13 +24,13 @@ annotations.json).
 """
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Synthetic video benchmark (REACT detection)",
-        description="Tools for the REACT video detection task.",
-    )
-    sub = parser.add_subparsers(dest="video_command", metavar="VIDEO_COMMAND")
+HELP = "Synthetic video benchmark (REACT detection)"
+DESCRIPTION = "Tools for the REACT video detection task: `edgecascade video make --help`."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
+    sub = parser.add_subparsers(dest="video_command", metavar="VIDEO_COMMAND", required=True)
     make = sub.add_parser(
         "make",
         help="generate sequences of Fashion-MNIST items with COCO ground truth",
@@ -50,7 +50,10 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:
     make.add_argument("--data-dir", help="directory of the Fashion-MNIST IDX files (default: searched)")
     make.add_argument("--out", type=Path, required=True, help="output directory")
     make.set_defaults(func=run_make)
-    parser.set_defaults(func=lambda _args: parser.print_help() or 2)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.func(args))  # pragma: no cover - argparse requires a VIDEO_COMMAND, whose func wins
 
 
 def run_make(args: argparse.Namespace) -> int:
