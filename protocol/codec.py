@@ -20,10 +20,12 @@ MAX_NDIM = 4
 CONTENT_TYPE_OFFLOAD = "application/vnd.edgecascade.offload.v1"
 CONTENT_TYPE_REPLY = "application/vnd.edgecascade.reply.v1"
 CONTENT_TYPE_RESULTS = "application/vnd.edgecascade.results.v1+msgpack"
+CONTENT_TYPE_DETECTIONS = "application/vnd.edgecascade.detections.v1"
+MAX_DETECTIONS = 1000  # boxes in one detections reply
 
 _MAGIC = b"EC"
 _PREAMBLE = struct.Struct(">2sBBI")  # magic, version, kind, header length
-_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT = 1, 2, 3, 4
+_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT, _KIND_DETECTIONS = 1, 2, 3, 4, 5
 _DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
 
 
@@ -182,6 +184,75 @@ def decode_reply(payload: bytes) -> OffloadReply:
         seq=_get(header, "seq", int),
         prediction=_get(header, "pred", int),
         probs=_tensor_from(header, body),
+        cloud_ms=float(_get(header, "ms", (int, float))),
+        worker_id=_get(header, "wk", str),
+        cloud_j=None if cloud_j is None else float(cloud_j),
+        energy_source=_get(header, "src", str),
+        extra=_get(header, "x", dict) if "x" in header else {},
+    )
+
+
+@dataclass
+class DetectionReply:
+    """The cloud detector's answer to one offloaded video frame: boxes [N, 4] (x1, y1, x2, y2 in the
+    frame's pixels), scores [N] and class labels [N], best first."""
+
+    run_id: str
+    device_id: str
+    seq: int
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    cloud_ms: float
+    worker_id: str
+    cloud_j: Optional[float] = None
+    energy_source: str = "none"
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def encode_detections(reply: DetectionReply) -> bytes:
+    # One float32 table [N, 6] (box, score, label): six numbers per box, none of them needs more precision.
+    table = np.concatenate(
+        [
+            np.asarray(reply.boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray(reply.scores, dtype=np.float32).reshape(-1, 1),
+            np.asarray(reply.labels, dtype=np.float32).reshape(-1, 1),
+        ],
+        axis=1,
+    )
+    if table.shape[0] > MAX_DETECTIONS:
+        raise ProtocolError(f"{table.shape[0]} detections, at most {MAX_DETECTIONS} travel")
+    header = {
+        "run": reply.run_id,
+        "dev": reply.device_id,
+        "seq": int(reply.seq),
+        "ms": float(reply.cloud_ms),
+        "wk": reply.worker_id,
+        "j": None if reply.cloud_j is None else float(reply.cloud_j),
+        "src": reply.energy_source,
+        "x": reply.extra,
+        **_tensor_header(np.ascontiguousarray(table)),
+    }
+    return _frame(_KIND_DETECTIONS, header, np.ascontiguousarray(table).tobytes())
+
+
+def decode_detections(payload: bytes) -> DetectionReply:
+    header, body = _unframe(payload, _KIND_DETECTIONS)
+    table = _tensor_from(header, body)
+    if table.dtype != np.float32 or table.ndim != 2 or table.shape[1] != 6 or table.shape[0] > MAX_DETECTIONS:
+        raise ProtocolError(f"detections must be a float32 [N<={MAX_DETECTIONS}, 6] table, got {table.shape}")
+    if not np.isfinite(table).all():
+        raise ProtocolError("detections hold non-finite numbers")
+    cloud_j = header.get("j")
+    if cloud_j is not None and (isinstance(cloud_j, bool) or not isinstance(cloud_j, (int, float))):
+        raise ProtocolError("header field 'j' must be a number or nil")
+    return DetectionReply(
+        run_id=_get(header, "run", str),
+        device_id=_get(header, "dev", str),
+        seq=_get(header, "seq", int),
+        boxes=table[:, :4].copy(),
+        scores=table[:, 4].copy(),
+        labels=table[:, 5].astype(np.int64),
         cloud_ms=float(_get(header, "ms", (int, float))),
         worker_id=_get(header, "wk", str),
         cloud_j=None if cloud_j is None else float(cloud_j),

@@ -5,7 +5,8 @@ those declarations: the accepted types per field (`RECORD_FIELDS`, which `valida
 map against), the map that travels (`Record.to_record`), and — tested in tests/test_results_db_schema.py —
 the columns of the result tables (the ORM models and the migrations). A record is a plain map with a `type`.
 Keys are idempotent: an inference is identified by (run_id, device_id, seq), a run by run_id, a window by
-(run_id, device_id, window_seq), a baseline by (run_id, device_id, source, measured_unix).
+(run_id, device_id, window_seq), a baseline by (run_id, device_id, source, measured_unix), a video frame by
+(run_id, device_id, seq).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 
 from protocol.codec import ProtocolError
 from protocol.ids import InvalidId, check_device_id, check_run_id
@@ -132,9 +133,42 @@ class IdleBaselineRecord(Record):
     measured_unix: float
 
 
+@dataclass
+class FrameRecord(Record):
+    """One video frame's output on the device (REACT): its boxes and where they came from.
+
+    `source` is edge (the detector ran), tracked (boxes carried by the tracker), fused (a cloud answer was
+    merged in on this frame), cloud (cloud-only: the latest answer) or none (nothing to show yet). `boxes`
+    holds [x1, y1, x2, y2, score, label] per box. A cloud answer applied on this frame names the frame it
+    was for (`answer_frame`) and how long it took to come back (`answer_ms`, injected delay included)."""
+
+    kind: ClassVar[str] = "frame"
+    run_id: str
+    device_id: str
+    seq: int  # frame number within the run (never reused: durable)
+    sequence: int  # which clip of the source
+    frame: int  # index within that clip
+    source: str
+    boxes: List[Any]
+    edge_ms: float  # device compute for this frame (detector or tracker, and fusion)
+    sent: int  # 1 when this frame was offloaded
+    bytes_up: int
+    bytes_down: int
+    answer_frame: Optional[int]
+    answer_ms: Optional[float]
+    cloud_ms: Optional[float]
+    device_j_gross: Optional[float]
+    device_j_net: Optional[float]
+    device_j_analytic: Optional[float]
+    energy_source: str
+    ts_unix: float
+
+
+FRAME_SOURCES = ("edge", "tracked", "fused", "cloud", "none")
+
 RECORD_TYPES: Dict[str, Type[Record]] = {
     cls.kind: cls
-    for cls in (RunRecord, RunEndRecord, InferenceRecord, EnergyWindowRecord, IdleBaselineRecord)
+    for cls in (RunRecord, RunEndRecord, InferenceRecord, EnergyWindowRecord, IdleBaselineRecord, FrameRecord)
 }
 
 
@@ -184,7 +218,23 @@ def validate_record(record: Any) -> Dict[str, Any]:
         raise ProtocolError(f"{kind} record: {exc}") from None
     if kind == "inference" and record["exit_stage"] not in EXIT_STAGES:
         raise ProtocolError(f"exit_stage {record['exit_stage']!r} is not one of {EXIT_STAGES}")
+    if kind == "frame":
+        _check_frame(record)
     return record
+
+
+MAX_FRAME_BOXES = 200
+
+
+def _check_frame(record: Dict[str, Any]) -> None:
+    if record["source"] not in FRAME_SOURCES:
+        raise ProtocolError(f"frame source {record['source']!r} is not one of {FRAME_SOURCES}")
+    boxes = record["boxes"]
+    if len(boxes) > MAX_FRAME_BOXES:
+        raise ProtocolError(f"frame record with {len(boxes)} boxes, at most {MAX_FRAME_BOXES}")
+    for box in boxes:
+        if not isinstance(box, list) or len(box) != 6 or not all(isinstance(v, (int, float)) for v in box):
+            raise ProtocolError("a frame box is [x1, y1, x2, y2, score, label] of numbers")
 
 
 _INT64 = 2**63

@@ -30,6 +30,10 @@ class Topics:
     def reply(self, device_id: str) -> str:
         return f"{self.root}/{check_device_id(device_id)}/reply"
 
+    def frames(self, device_id: str) -> str:
+        """Video frames offloaded to the cloud detectors (REACT); answered on `reply` like offloads."""
+        return f"{self.root}/{check_device_id(device_id)}/frames"
+
     def results(self, device_id: str) -> str:
         return f"{self.root}/{check_device_id(device_id)}/results"
 
@@ -48,9 +52,16 @@ class Topics:
     def all_results(self) -> str:
         return f"{self.root}/+/results"
 
-    def cloud_subscription(self, group: str = CLOUD_GROUP) -> str:
-        """Shared subscription: the broker hands each offload to exactly one worker of the group."""
-        return f"$share/{check_name(group, 'group')}/{self.all_offloads}"
+    @property
+    def all_frames(self) -> str:
+        return f"{self.root}/+/frames"
+
+    def cloud_subscription(self, group: str = CLOUD_GROUP, kind: str = "offload") -> str:
+        """Shared subscription: the broker hands each offload (`kind` offload) or video frame (`frames`) to
+        exactly one worker of the group."""
+        if kind not in ("offload", "frames"):
+            raise ValueError(f"cloud workers serve offload or frames, not {kind!r}")
+        return f"$share/{check_name(group, 'group')}/{self.root}/+/{kind}"
 
     def device_of(self, topic: str) -> str:
         """The device id in a topic of this root (`<root>/<device>/<kind>`)."""

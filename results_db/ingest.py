@@ -29,7 +29,7 @@ import msgpack
 from sqlalchemy import JSON, Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from results_db.models import Device, EnergyWindow, IdleBaseline, Inference, RejectedRecord, Run
+from results_db.models import Device, EnergyWindow, Frame, IdleBaseline, Inference, RejectedRecord, Run
 
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -41,11 +41,13 @@ DATA_TABLES: Dict[str, Table] = {
     "inference": Inference.__table__,  # type: ignore[dict-item]
     "energy_window": EnergyWindow.__table__,  # type: ignore[dict-item]
     "idle_baseline": IdleBaseline.__table__,  # type: ignore[dict-item]
+    "frame": Frame.__table__,  # type: ignore[dict-item]
 }
 NATURAL_KEYS: Dict[str, List[str]] = {
     "inference": ["run_id", "device_id", "seq"],
     "energy_window": ["run_id", "device_id", "window_seq"],
     "idle_baseline": ["run_id", "device_id", "source", "measured_unix"],
+    "frame": ["run_id", "device_id", "seq"],
 }
 RUN_FIELDS = [
     "device_id",

@@ -10,7 +10,7 @@ The Alembic migrations in `results_db/migrations/` create this schema; a test ch
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from sqlalchemy import (
     JSON,
@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from protocol.records import EXIT_STAGES
+from protocol.records import EXIT_STAGES, FRAME_SOURCES
 
 # Deterministic constraint names: the same on SQLite and PostgreSQL, and what Alembic compares against.
 NAMING_CONVENTION = {
@@ -42,6 +42,7 @@ NAMING_CONVENTION = {
 
 # JSONB on PostgreSQL (indexable, compact), JSON text elsewhere.
 JsonMap = JSON().with_variant(JSONB(), "postgresql")
+JsonList = JsonMap  # the same column type, for lists (a frame's boxes)
 # SQLite only auto-assigns `INTEGER PRIMARY KEY` (the rowid); PostgreSQL gets a 64-bit identity.
 RowId = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -95,6 +96,7 @@ class Run(Base):
 
 
 _STAGES_SQL = ", ".join(f"'{s}'" for s in EXIT_STAGES)
+_FRAME_SOURCES_SQL = ", ".join(f"'{s}'" for s in FRAME_SOURCES)
 
 
 class Inference(Base):
@@ -182,3 +184,53 @@ class RejectedRecord(Base):
     kind: Mapped[Optional[str]] = mapped_column(Text)  # the record's type, when it has one
     reason: Mapped[str] = mapped_column(Text)
     record: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Frame(Base):
+    """One video frame's output on a device (REACT): every field of the `frame` record."""
+
+    __tablename__ = "frames"
+    __table_args__ = (
+        UniqueConstraint("run_id", "device_id", "seq"),
+        CheckConstraint(f"source IN ({_FRAME_SOURCES_SQL})", name="source"),
+    )
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    sequence: Mapped[int] = mapped_column(Integer)
+    frame: Mapped[int] = mapped_column(Integer)
+    source: Mapped[str] = mapped_column(String(16))
+    boxes: Mapped[List[Any]] = mapped_column(JsonList)
+    edge_ms: Mapped[float]
+    sent: Mapped[int] = mapped_column(Integer)
+    bytes_up: Mapped[int] = mapped_column(BigInteger)
+    bytes_down: Mapped[int] = mapped_column(BigInteger)
+    answer_frame: Mapped[Optional[int]] = mapped_column(Integer)
+    answer_ms: Mapped[Optional[float]]
+    cloud_ms: Mapped[Optional[float]]
+    device_j_gross: Mapped[Optional[float]]
+    device_j_net: Mapped[Optional[float]]
+    device_j_analytic: Mapped[Optional[float]]
+    energy_source: Mapped[str] = mapped_column(String(SHORT_LEN))
+    ts_unix: Mapped[float]
+
+
+class VideoRun(Base):
+    """A video run's accuracy against its ground truth (pycocotools), written by the benchmark or
+    `edgecascade video evaluate`: the method and its parameters, mAP@0.5 and mAP@0.5:0.95."""
+
+    __tablename__ = "video_runs"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True)
+    method: Mapped[str] = mapped_column(String(32))
+    detect_every: Mapped[Optional[int]] = mapped_column(Integer)
+    cloud_every: Mapped[Optional[int]] = mapped_column(Integer)
+    delay_ms: Mapped[float]
+    frames: Mapped[int] = mapped_column(Integer)
+    images_evaluated: Mapped[int] = mapped_column(Integer)
+    map50: Mapped[float]
+    map: Mapped[float]
+    ground_truth: Mapped[str] = mapped_column(Text)
+    evaluated_unix: Mapped[float]
