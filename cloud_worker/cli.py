@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 EPILOG = """examples:
   edgecascade cloud --broker 127.0.0.1:1883 --user cloud --password-file /etc/edgecascade/cloud.pw \\
       --models models/fashion-mnist --worker-id w1
+
+  # REACT's cloud detector for video frames
+  edgecascade cloud --broker 127.0.0.1:1883 --user cloud --password-file cloud.pw \\
+      --task detect --models models/video-fmnist
   edgecascade cloud --broker broker.lan:8883 --tls-ca ca.crt --user cloud --password-file cloud.pw \\
       --max-batch 64 --max-wait-ms 5 --providers CUDAExecutionProvider CPUExecutionProvider
 
@@ -44,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca", help="CA certificate: connect over TLS and verify the broker with it")
     parser.add_argument(
         "--models", type=Path, default=Path("models/fashion-mnist"), help="model dir or a .onnx file"
+    )
+    parser.add_argument(
+        "--task",
+        choices=["classify", "detect"],
+        default="classify",
+        help="classify: the cascade's offloads; detect: REACT's video frames (--models models/video-fmnist)",
     )
     parser.add_argument("--worker-id", default=None, help="unique name in replies (default host-pid)")
     parser.add_argument("--namespace", default=None, help="topic namespace (tests, staging)")
@@ -88,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         broker=broker,
         topics=topics,
         model_path=args.models,
+        task=args.task,
         worker_id=worker_id,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,

@@ -31,6 +31,7 @@ class WorkerConfig:
     topics: Topics
     model_path: Path
     worker_id: str
+    task: str = "classify"  # or "detect": REACT's video frames (cloud_worker.tasks)
     max_batch: int = 32
     max_wait_ms: float = 2.0
     providers: Sequence[str] = ("CPUExecutionProvider",)

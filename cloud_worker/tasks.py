@@ -1,20 +1,30 @@
 """What a cloud worker computes for a batch, and the reply each request gets.
 
-A task owns its model and its reply format; the worker owns everything else (the subscription, the queue,
-deadlines, acknowledgements). `Classify` answers the classification cascade's offloads with the cloud
-block's softmax (`device_agent.rule.softmax`, the one definition the device uses too).
+A task owns its model, the topic kind it serves and its reply format; the worker owns everything else (the
+subscription, the queue, deadlines, acknowledgements). `Classify` answers the classification cascade's
+offloads with the cloud block's softmax (`device_agent.rule.softmax`, the one definition the device uses
+too); `Detect` answers REACT's video frames with the cloud detector's boxes (`video.detector`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from cloud_worker.model import CloudSession
 from device_agent.rule import softmax
-from protocol.codec import CONTENT_TYPE_REPLY, OffloadReply, OffloadRequest, encode_reply
+from protocol.codec import (
+    CONTENT_TYPE_DETECTIONS,
+    CONTENT_TYPE_REPLY,
+    DetectionReply,
+    OffloadReply,
+    OffloadRequest,
+    encode_detections,
+    encode_reply,
+)
 
 
 @dataclass
@@ -31,10 +41,12 @@ class Served:
 class Classify:
     """The cloud block of the classification cascade: uint8 images in, class probabilities out."""
 
+    topic_kind = "offload"
     reply_content_type = CONTENT_TYPE_REPLY
 
     def __init__(self, session: CloudSession) -> None:
         self.session = session
+        self.path = session.path
         self.input_shape: Tuple[int, ...] = session.input_shape
         self.sample_bytes = session.sample_bytes
 
@@ -60,3 +72,58 @@ class Classify:
                 extra=served.extra,
             )
         )
+
+
+class Detect:
+    """The cloud detector of REACT: uint8 frames [1, H, W] in, boxes, scores and labels out."""
+
+    topic_kind = "frames"
+    reply_content_type = CONTENT_TYPE_DETECTIONS
+
+    def __init__(self, model_dir: Path, threads: Optional[int] = None, providers: Sequence[str] = ()) -> None:
+        from video.detector import Detector
+
+        self.detector = Detector.from_card(
+            Path(model_dir), "cloud", threads=threads or 1, providers=list(providers) or None
+        )
+        self.path = Path(model_dir)
+        height, width = self.detector.input_hw
+        self.input_shape: Tuple[int, ...] = (1, height, width)
+        self.sample_bytes = height * width
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        for n in batch_sizes:
+            self.run(np.zeros((n, *self.input_shape), dtype=np.uint8))
+
+    def run(self, images: np.ndarray) -> List[Any]:
+        return self.detector.detect_batch(images)
+
+    def reply(self, request: OffloadRequest, detections: List[Any], i: int, served: Served) -> bytes:
+        d = detections[i]
+        return encode_detections(
+            DetectionReply(
+                run_id=request.run_id,
+                device_id=request.device_id,
+                seq=request.seq,
+                boxes=d.boxes,
+                scores=d.scores,
+                labels=d.labels,
+                cloud_ms=served.cloud_ms,
+                worker_id=served.worker_id,
+                cloud_j=served.cloud_j,
+                energy_source=served.energy_source,
+                extra=served.extra,
+            )
+        )
+
+
+TASKS = ("classify", "detect")
+
+
+def make_task(name: str, model_path: Path, providers: Sequence[str], threads: Optional[int]) -> Any:
+    """The task a worker serves: `classify` (the cascade's cloud block) or `detect` (REACT's detector)."""
+    if name == "classify":
+        return Classify(CloudSession(model_path, providers, threads))
+    if name == "detect":
+        return Detect(model_path, threads, providers)
+    raise ValueError(f"unknown cloud task {name!r}; known: {', '.join(TASKS)}")

@@ -46,9 +46,8 @@ import paho.mqtt.client as mqtt
 from cloud_worker.batching import BatchQueue, Pending
 from cloud_worker.config import BACKOFF_MAX_S, BACKOFF_MIN_S, LoginRefused, WorkerConfig
 from cloud_worker.energy import BatchEnergy
-from cloud_worker.model import CloudSession
 from cloud_worker.requests import HEADER_SLACK_BYTES, Job, parse_offload
-from cloud_worker.tasks import Classify, Served
+from cloud_worker.tasks import Served, make_task
 from edgecascade.systemd import Watchdog
 from protocol.codec import ProtocolError
 from protocol.mqtt import PublishProperties, connect_properties, new_client, permanent_connack_refusal
@@ -74,7 +73,7 @@ class CloudWorker:
 
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.task = Classify(CloudSession(config.model_path, config.providers, config.threads))
+        self.task = make_task(config.task, config.model_path, config.providers, config.threads)
         self.task.warm_up(sorted({1, config.max_batch}))
         self.max_payload_bytes = self.task.sample_bytes + HEADER_SLACK_BYTES
         self._energy = BatchEnergy(config.meters, config.meter_options, config.idle_seconds)
@@ -96,7 +95,7 @@ class CloudWorker:
         self._thread: Optional[threading.Thread] = None
         self.fatal: Optional[str] = None  # why the broker will never let this worker in (LoginRefused)
         self._connack_ok = False  # the current connection got a successful CONNACK
-        self.subscription = config.topics.cloud_subscription(config.group)
+        self.subscription = config.topics.cloud_subscription(config.group, self.task.topic_kind)
         self.client_id = f"cloud-{config.worker_id}-{os.getpid()}"
         self._client = new_client(config.broker, self.client_id, on_connect=self._on_connect, manual_ack=True)
         self._client.on_message = self._on_message
@@ -133,8 +132,8 @@ class CloudWorker:
             "worker %s serving %s with %s on %s (max batch %d, max wait %.1f ms)",
             self.config.worker_id,
             self.subscription,
-            self.task.session.path,
-            self.task.session.providers,
+            self.task.path,
+            self.config.providers,
             self.config.max_batch,
             self.config.max_wait_ms,
         )

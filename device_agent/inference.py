@@ -23,7 +23,7 @@ from device_agent.energy import OpenWindow
 from device_agent.policies import Action
 from device_agent.runs import Stream
 from device_agent.samples import Sample, edge_view
-from device_agent.settlement import READY_BACKLOG
+from device_agent.sink import READY_BACKLOG
 from protocol import InferenceRecord, OffloadRequest, encode_offload
 
 logger = logging.getLogger(__name__)

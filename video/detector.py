@@ -7,6 +7,7 @@ one sort, and it keeps this module importable where only numpy and onnxruntime a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -121,6 +122,8 @@ class Detector:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No busy-waiting after a run: between frames the tracker, the fusion and MQTT need the core.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(path), options, providers=providers or ["CPUExecutionProvider"]
         )
@@ -142,7 +145,10 @@ class Detector:
             "max_detections": card["decoding"]["max_detections"],
         }
         params.update(overrides)
-        return cls(Path(model_dir) / entry["file"], threads=threads, **params)
+        path = Path(model_dir) / entry["file"]
+        if "sha256" in entry and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            raise ValueError(f"{path} does not match the sha256 in its card")
+        return cls(path, threads=threads, **params)
 
     def detect_batch(self, frames: np.ndarray) -> List[Detections]:
         """uint8 [B,H,W] or [B,1,H,W] -> one Detections per frame (micro-batching on the cloud)."""
