@@ -12,8 +12,10 @@ EPILOG = """examples:
   edgecascade bench --quick               # 1,000 samples per policy, no sweep (about 2 minutes)
   edgecascade bench --profile jetson --broker 10.0.0.2:1883 --credentials creds.json
   edgecascade bench --samples 300 --no-sweep --no-http-peer --results /tmp/r
-writes results/bench.db (an earlier one is kept as results/bench-<time>.db), results/report/*.png + report.md,
-and prints one row per policy and the targets.
+  edgecascade bench --task video --quick  # REACT: camera agent, cloud detector, mAP (about 1 minute)
+The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
+results/report/*.png + report.md, and prints one row per policy and the targets. The video task
+(bench/video_bench.py) writes results/video.db and prints one row per method and delay, and its targets.
 """
 
 
@@ -27,6 +29,12 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
+        "--task",
+        choices=["classify", "video"],
+        default="classify",
+        help="classify: the MEANet / HI cascade; video: REACT detection (models/video-fmnist)",
+    )
+    parser.add_argument(
         "--profile", default="x86", help="device profile: a name in bench/profiles or a .toml"
     )
     parser.add_argument("--quick", action="store_true", help="1,000 samples per policy, no sweep")
@@ -36,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sweep", dest="sweep", action="store_true", help="run the sweeps even with --quick")
     parser.add_argument("--no-http-peer", dest="http_peer", action="store_false", help="skip the HTTP peer")
-    parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"), help="model directory")
+    parser.add_argument("--models", type=Path, help="models (default models/fashion-mnist, video-fmnist)")
     parser.add_argument("--results", type=Path, default=Path("results"), help="where the db and report go")
     parser.add_argument("--broker", help="use this broker (host:port) instead of starting one")
     parser.add_argument("--credentials", type=Path, help="with --broker: JSON from `edgecascade broker`")
@@ -46,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "video":
+        from bench.video_bench import run_and_report
+
+        models = args.models or Path("models/video-fmnist")
+        return run_and_report(args.quick, models, args.results, None, None, args.json)
+    args.models = args.models or Path("models/fashion-mnist")
     from rich.console import Console
 
     from bench.run import BenchConfig, run_bench

@@ -139,9 +139,11 @@ class ServiceGroup:
 
 
 @contextlib.contextmanager
-def cloud_site(workdir: Path, db: Path, models: Path, workers: int = 1) -> Iterator[Tuple[Any, ServiceGroup]]:
-    """A broker (in this process), a collector into `db` and `workers` cloud workers (one intra-op thread
-    each, as on a shared box): the cloud side every benchmark with agents needs; all stopped on exit."""
+def cloud_site(
+    workdir: Path, db: Path, models: Path, workers: int = 1, task: str = "classify"
+) -> Iterator[Tuple[Any, ServiceGroup]]:
+    """A broker (in this process), a collector into `db` and `workers` cloud workers of `task` (one intra-op
+    thread each, as on a shared box): the cloud side every benchmark with agents needs; stopped on exit."""
     from broker.launcher import BrokerProcess
 
     with contextlib.ExitStack() as stack:
@@ -152,6 +154,6 @@ def cloud_site(workdir: Path, db: Path, models: Path, workers: int = 1) -> Itera
         services.start_collector(broker.credentials("collector"), db)
         for w in range(workers):
             services.start_cloud(
-                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1"]
+                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1", "--task", task]
             )
         yield broker, services

@@ -95,3 +95,51 @@ class DeviceLoop:
         """The offload of `sent_index` missed its deadline: send another."""
         if self.in_flight == sent_index:
             self.in_flight = None
+
+
+class CloudOnlyLoop:
+    """cloud-only: no detector runs on the device. The latest cloud answer is carried forward over the
+    frames buffered since it was sent (like REACT does) and then tracked frame by frame until the next one
+    comes: the "tracked" variant, the stronger of the two cloud-only baselines (bench/video_offline.py
+    measures both). The same interface as `DeviceLoop`."""
+
+    def __init__(self, tracker: Optional[FlowTracker] = None, config: Optional[LoopConfig] = None) -> None:
+        self.tracker = tracker or FlowTracker()
+        self.config = config or LoopConfig()
+        self.buffer: Deque[Tuple[int, np.ndarray]] = deque(maxlen=self.config.max_buffer)
+        self.held = Detections.empty()
+        self.in_flight: Optional[int] = None
+        self.pending: List[Tuple[int, Detections]] = []
+        self.answers_applied = 0
+
+    def process(self, index: int, frame: np.ndarray) -> FrameOutput:
+        previous = self.buffer[-1] if self.buffer else None
+        self.buffer.append((index, frame))
+        if self.pending:
+            sent, answer = max(self.pending, key=lambda p: p[0])  # the newest answer wins
+            self.pending = []
+            frames = [f for i, f in self.buffer if i >= sent]
+            boxes, _ok = forward_boxes(frames, answer.boxes, self.tracker, self.config.forward_step)
+            self.held = Detections(boxes, answer.scores, answer.labels, ["cloud"] * len(answer))
+            self.answers_applied += 1
+        elif previous is not None and len(self.held):
+            boxes, _ok = self.tracker.track(previous[1], frame, self.held.boxes)
+            self.held = Detections(boxes, self.held.scores, self.held.labels, ["cloud"] * len(self.held))
+        return FrameOutput(index, self.held, "cloud" if len(self.held) else "none")
+
+    def want_offload(self, index: int) -> bool:
+        if self.config.cloud_every is not None:
+            return index % self.config.cloud_every == 0
+        return self.in_flight is None
+
+    def mark_sent(self, index: int) -> None:
+        self.in_flight = index
+
+    def on_cloud_answer(self, sent_index: int, dets: Detections) -> None:
+        self.pending.append((sent_index, dets))
+        if self.in_flight == sent_index:
+            self.in_flight = None
+
+    def on_cloud_lost(self, sent_index: int) -> None:
+        if self.in_flight == sent_index:
+            self.in_flight = None
