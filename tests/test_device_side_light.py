@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-DEVICE_PACKAGES = ("device_agent", "protocol", "metering")
+DEVICE_PACKAGES = ("device_agent", "protocol", "metering", "video")
 HEAVY = ("torch", "torchvision", "sqlalchemy", "matplotlib")
 
 

@@ -51,7 +51,9 @@ from video.settings import VideoConfig, VideoSummary
 
 logger = logging.getLogger(__name__)
 
-Clip = Tuple[int, np.ndarray]  # (clip index, uint8 frames [T, H, W])
+Clip = Tuple[
+    int, Iterable[np.ndarray]
+]  # (clip index, uint8 frames [H, W]: an array [T, H, W] or an iterator)
 
 
 @dataclass
@@ -142,6 +144,7 @@ class VideoAgent:
         self._emit("run_end", RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map())
         if not self.link.drain(cfg.close_timeout_s):
             logger.warning("closing with %s still in the outbox (sent next start)", self.outbox.counts())
+        self.outbox_left = self.outbox.counts()
         self.link.close()
         self.energy.close()
         self.outbox.close()
