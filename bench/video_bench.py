@@ -118,7 +118,7 @@ def run_video_bench(
     log: Any = print,
 ) -> VideoBenchResult:
     from results_db import open_database
-    from results_db.video import evaluate_run
+    from results_db.video import evaluate_run, video_report
     from video.agent import VideoAgent
     from video.settings import VideoConfig
 
@@ -161,7 +161,7 @@ def run_video_bench(
                 engine,
                 run_id,
                 split,
-                method=setting.method,
+                method=setting.method + (" (worker SIGKILL)" if setting.kill_worker else ""),
                 detect_every=setting.detect_every if setting.method != "edge-only" else 1,
                 cloud_every=setting.cloud_every,
                 delay_ms=setting.delay_ms,
@@ -172,6 +172,7 @@ def run_video_bench(
                 f"{setting.label:<32} mAP@0.5 {100 * row['map50']:5.1f}  mAP {100 * row['map']:5.1f}  "
                 f"frames {row['frames']}/{row['expected_frames']}  cloud p50 {row['cloud_latency_p50_ms']}"
             )
+        video_report(engine, results / "report")
         engine.dispose()
     out.seconds = time.monotonic() - started
     out.targets = targets(out.rows, quick, out.seconds)

@@ -134,3 +134,30 @@ def plot_latency_cdf(cdfs: Dict[str, Tuple[List[float], List[float]]], path: Pat
         ax.legend(fontsize=8, loc="lower right")
     figure.savefig(path, format="png")
     return {name: cdfs[name] for name in sorted(cdfs)}
+
+
+def plot_video_map(rows: Sequence[Dict[str, Any]], path: Path) -> Dict[str, List[Tuple[float, float]]]:
+    """mAP@0.5 against the injected cloud delay, one line per method that uses the cloud (the best k / m
+    left out: one setting per method), the edge-only methods as flat references."""
+    figure = _new_figure()
+    ax = figure.add_subplot()
+    series: Dict[str, List[Tuple[float, float]]] = {}
+    for r in rows:
+        uses_cloud = r["method"] == "cloud-only" or (r["method"] == "react" and r["detect_every"] == 5)
+        if uses_cloud and r["cloud_every"] is None:
+            series.setdefault(r["method"], []).append((float(r["delay_ms"]), 100.0 * float(r["map50"])))
+    for i, (name, points) in enumerate(sorted(series.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=f"C{i}", label=name)
+    for j, method in enumerate(("edge-only", "edge+tracker")):
+        flat = [100.0 * r["map50"] for r in rows if r["method"] == method and r["detect_every"] in (1, 5)]
+        if flat:
+            ax.axhline(flat[0], color=f"C{j + 2}", linestyle="--", linewidth=1.2, label=f"{method}, no cloud")
+    ax.set_xlabel("injected cloud delay (ms)")
+    ax.set_ylabel("mAP@0.5 (%)")
+    ax.set_title("REACT: detection accuracy against cloud latency (synthetic video, test clips)")
+    ax.grid(True, alpha=0.25)
+    if series:
+        ax.legend(fontsize=8, loc="lower left")
+    figure.savefig(path, format="png")
+    return series
