@@ -15,7 +15,7 @@ import threading
 import time
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from device_agent.link import Link
 from device_agent.outbox import Also, Outbox
@@ -24,7 +24,11 @@ from protocol.mqtt import publish_properties
 
 logger = logging.getLogger(__name__)
 
-SETTLED_MEMORY = 100_000  # correlation ids remembered after settling, to tell late replies from strangers
+# Correlation ids are remembered after settling, to tell late and repeated replies from strangers, for as
+# long as a reply can still come: the broker drops an offload (and the worker its answer) at the expiry, so
+# a few deadlines' worth is enough. At most SETTLED_MEMORY of them: the state stays bounded at any rate.
+SETTLED_MEMORY = 10_000
+REMEMBER_DEADLINES = 4
 
 
 @dataclass
@@ -78,7 +82,8 @@ class OffloadTracker:
         self._window = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()
         self._pending: typing.OrderedDict[bytes, _Pending] = collections.OrderedDict()
-        self._settled: typing.OrderedDict[bytes, str] = collections.OrderedDict()
+        self._settled: typing.OrderedDict[bytes, Tuple[str, float]] = collections.OrderedDict()
+        self._remember_s = REMEMBER_DEADLINES * deadline_s
         self.stats: Dict[str, int] = {
             "offloaded": 0,
             "answered": 0,
@@ -156,7 +161,7 @@ class OffloadTracker:
         with self._lock:
             pending = self._pending.pop(key, None)
             if pending is None:
-                how = self._settled.get(key)
+                how = self._settled.get(key, ("", 0.0))[0]
                 if how == "fallback":
                     self.stats["late_replies"] += 1  # the edge answer stands; this one is only counted
                 elif how == "answered":
@@ -176,8 +181,12 @@ class OffloadTracker:
         self._on_settled(Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload)))
 
     def _remember(self, key: bytes, how: str) -> None:
-        self._settled[key] = how
-        if len(self._settled) > SETTLED_MEMORY:
+        now = time.monotonic()
+        self._settled[key] = (how, now)
+        while self._settled and (
+            len(self._settled) > SETTLED_MEMORY
+            or next(iter(self._settled.values()))[1] < now - self._remember_s
+        ):
             self._settled.popitem(last=False)
 
     # -- housekeeping (the link's thread) -------------------------------------------------------------
