@@ -68,6 +68,7 @@ def bare_loop(model_dir: Path, images: np.ndarray, providers: List[str], threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the agent's own sessions
     main = ort.InferenceSession(str(card.block_path("main")), opts, providers=providers)
     ext = ort.InferenceSession(str(card.block_path("extension")), opts, providers=providers)
     hard = np.zeros(card.num_classes, dtype=bool)
