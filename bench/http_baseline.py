@@ -23,6 +23,7 @@ import numpy as np
 
 from cloud_worker.model import CloudSession
 from device_agent.cascade import EdgeCascade
+from device_agent.rule import softmax
 from protocol.records import InferenceRecord
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         start = time.perf_counter()
         with self.server.model_lock:
-            probs = self.server.model.predict(image[None])[0]
+            probs = softmax(self.server.model.logits(image[None]))[0]
         cloud_ms = (time.perf_counter() - start) * 1e3
         reply = json.dumps(
             {"prediction": int(probs.argmax()), "p": float(probs.max()), "cloud_ms": cloud_ms}

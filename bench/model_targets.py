@@ -64,7 +64,7 @@ def evaluate(model_dir: Path, images: np.ndarray, labels: np.ndarray, batch: int
         decisions = cascade.decide(x)
         edge_pred.append(np.array([d.prediction for d in decisions]))
         complex_.append(np.array([d.complex for d in decisions]))
-        cloud_pred.append(cloud.predict(x).argmax(1))
+        cloud_pred.append(cloud.logits(x).argmax(1))
     seconds = time.perf_counter() - t0
     mp, ep, cx, cp = (np.concatenate(a) for a in (main_pred, edge_pred, complex_, cloud_pred))
     hard = np.isin(labels, cascade.card.hard_classes)

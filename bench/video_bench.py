@@ -4,14 +4,15 @@
     edgecascade bench --task video --quick    # 2 clips of 60 frames, the targets' runs only
     python -m bench.video_bench --json results/video.json
 
-One broker, collector and cloud detector worker (`edgecascade cloud --task detect`), as child processes; the
-camera agent (`video.agent.VideoAgent`) runs here, one run per method and setting, paced at the clips' 30 fps.
+One broker, collector and cloud detector worker (`edgecascade cloud --task detect`), as child processes;
+the camera agent (`device_agent.camera.CameraAgent`) runs here, one run per method and setting, paced at
+the clips' 30 fps.
 Methods: edge-only (the detector on every frame), edge+tracker (every k-th frame, tracked between),
 cloud-only (no detector on the device: the latest cloud answer carried forward and tracked — the stronger
 variant; bench/video_offline.py shows the held one too), and REACT (edge every k + tracker + fusion of the
 late cloud answers). The injected delay holds each cloud answer back until that long after its frame left
-(0, 100, 300, 1000 ms). Every frame becomes a row in `frames`; `results_db.video.evaluate_run` scores each
-run with pycocotools into `video_runs`; the figures come from `video_run_summary`. The test clips are
+(0, 100, 300, 1000 ms). Every frame becomes a row in `frames`; `bench.video_eval.evaluate_run` scores
+each run with pycocotools into `video_runs`; the figures come from `video_run_summary`. The test clips are
 generated from the Fashion-MNIST *test* split (seed 0, `edgecascade video make`), the detectors trained on
 clips from the train split only.
 """
@@ -117,10 +118,11 @@ def run_video_bench(
     settings: Optional[List[Setting]] = None,
     log: Any = print,
 ) -> VideoBenchResult:
+    from bench.video_eval import evaluate_run
+    from device_agent.camera import CameraAgent
+    from device_agent.camera_config import CameraConfig
     from results_db import open_database
-    from results_db.video import evaluate_run, video_report
-    from video.agent import VideoAgent
-    from video.settings import VideoConfig
+    from results_db.video import video_report
 
     started = time.monotonic()
     clips = clips or (2 if quick else 5)
@@ -134,7 +136,7 @@ def run_video_bench(
         engine = open_database(db)
         for n, setting in enumerate(settings or plan(quick)):
             run_id = f"{stamp}-{n:02d}"
-            config = VideoConfig(
+            config = CameraConfig(
                 device_id=DEVICE_ID,
                 broker=broker.credentials(DEVICE_ID),
                 model_dir=models,
@@ -147,7 +149,7 @@ def run_video_bench(
                 fps=split.fps,
                 meters=list(meters),
             )
-            agent = VideoAgent(config).start()
+            agent = CameraAgent(config).start()
             clip_iter = ((c, split.frames(c)) for c in range(clips))
             if setting.kill_worker:
                 summary = _run_with_kill(

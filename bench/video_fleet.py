@@ -3,7 +3,7 @@
     python -m bench.video_fleet                          # 1, 2, 4 and 6 cameras, 10 s of 30 fps video each
     python -m bench.video_fleet --cameras 1,2,4,8,12 --cloud-every 10 --json results/video-fleet.json
 
-N camera agents (`edgecascade video run`, separate processes, own accounts) stream the benchmark's test clips
+N camera agents (`edgecascade camera`, separate processes, own accounts) stream the benchmark's test clips
 at 30 fps with REACT (edge detector every 5th frame, tracker between) and send every `--cloud-every`-th frame
 to one cloud detector worker (`edgecascade cloud --task detect`, one intra-op thread). From the rows in SQL:
 the median and p90 of the cloud latency (a frame's departure to its answer's use on the device), answers per
@@ -47,7 +47,7 @@ def run_fleet(
         started = time.monotonic()
         for name in names:
             args = [
-                "video", "run",
+                "camera",
                 *services.login(broker.credentials(name), user_flag="--device-id"),
                 "--source", f"synthetic:{split.root}",
                 "--clips", str(clips),

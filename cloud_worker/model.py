@@ -93,12 +93,6 @@ class CloudSession:
         (out,) = self._session.run(["logits"], {"image": images})
         return np.asarray(out, dtype=np.float32)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, num_classes] (`device_agent.rule.softmax`, the device's own definition)."""
-        from device_agent.rule import softmax
-
-        return softmax(self.logits(images))
-
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """First runs allocate arenas and pick kernels; do it before announcing readiness."""
         for n in batch_sizes:

@@ -2,8 +2,8 @@
 
 A task owns its model, the topic kind it serves and its reply format; the worker owns everything else (the
 subscription, the queue, deadlines, acknowledgements). `Classify` answers the classification cascade's
-offloads with the cloud block's softmax (`device_agent.rule.softmax`, the one definition the device uses
-too); `Detect` answers REACT's video frames with the cloud detector's boxes (`video.detector`).
+offloads with the cloud block's logits (the device applies `device_agent.rule.softmax`, the one definition);
+`Detect` answers REACT's video frames with the cloud detector's boxes (`video.detector`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from cloud_worker.model import CloudSession
-from device_agent.rule import softmax
 from protocol.codec import (
     CONTENT_TYPE_DETECTIONS,
     CONTENT_TYPE_REPLY,
@@ -54,17 +53,17 @@ class Classify:
         self.session.warm_up(batch_sizes)
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities [N, classes] of a uint8 batch."""
-        return softmax(self.session.logits(images))
+        """Logits [N, classes] of a uint8 batch (the device turns them into probabilities, its own way)."""
+        return self.session.logits(images)
 
-    def reply(self, request: OffloadRequest, probs: np.ndarray, i: int, served: Served) -> bytes:
+    def reply(self, request: OffloadRequest, logits: np.ndarray, i: int, served: Served) -> bytes:
         return encode_reply(
             OffloadReply(
                 run_id=request.run_id,
                 device_id=request.device_id,
                 seq=request.seq,
-                prediction=int(probs[i].argmax()),
-                probs=probs[i],
+                prediction=int(logits[i].argmax()),
+                logits=logits[i],
                 cloud_ms=served.cloud_ms,
                 worker_id=served.worker_id,
                 cloud_j=served.cloud_j,

@@ -10,6 +10,7 @@ import numpy as np
 from device_agent.cascade import EdgeCascade
 from device_agent.durable import Origin
 from device_agent.policies import Decision, EdgeView, PolicyError
+from device_agent.rule import softmax_row
 from protocol import InferenceRecord, OffloadReply
 
 
@@ -89,7 +90,7 @@ def record_of(
     p_cloud = cloud_ms = cloud_j = None
     if exit_stage == "cloud" and reply is not None:
         prediction = int(reply.prediction)
-        probs = np.asarray(reply.probs).reshape(-1)
+        probs = softmax_row(np.asarray(reply.logits, dtype=np.float32).reshape(-1))
         p_cloud = float(probs[prediction]) if 0 <= prediction < probs.size else None
         cloud_ms, cloud_j = float(reply.cloud_ms), reply.cloud_j
     else:

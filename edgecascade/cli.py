@@ -19,6 +19,7 @@ from edgecascade import __version__
 # subcommand -> module that registers it (order = order in --help)
 SUBCOMMANDS = [
     ("agent", "device_agent.cli"),
+    ("camera", "device_agent.camera_cli"),
     ("cloud", "cloud_worker.cli"),
     ("collect", "results_db.cli"),
     ("train", "training.cli"),

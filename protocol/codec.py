@@ -52,7 +52,7 @@ class OffloadReply:
     device_id: str
     seq: int
     prediction: int
-    probs: np.ndarray
+    logits: np.ndarray  # the cloud model's raw scores: the device applies its own softmax (device_agent.rule)
     cloud_ms: float
     worker_id: str
     cloud_j: Optional[float] = None
@@ -157,7 +157,7 @@ def decode_offload(payload: bytes) -> OffloadRequest:
 
 
 def encode_reply(reply: OffloadReply) -> bytes:
-    probs = np.ascontiguousarray(reply.probs, dtype=np.float32)
+    logits = np.ascontiguousarray(reply.logits, dtype=np.float32)
     header = {
         "run": reply.run_id,
         "dev": reply.device_id,
@@ -168,9 +168,9 @@ def encode_reply(reply: OffloadReply) -> bytes:
         "j": None if reply.cloud_j is None else float(reply.cloud_j),
         "src": reply.energy_source,
         "x": reply.extra,
-        **_tensor_header(probs),
+        **_tensor_header(logits),
     }
-    return _frame(_KIND_REPLY, header, probs.tobytes())
+    return _frame(_KIND_REPLY, header, logits.tobytes())
 
 
 def decode_reply(payload: bytes) -> OffloadReply:
@@ -183,7 +183,7 @@ def decode_reply(payload: bytes) -> OffloadReply:
         device_id=_get(header, "dev", str),
         seq=_get(header, "seq", int),
         prediction=_get(header, "pred", int),
-        probs=_tensor_from(header, body),
+        logits=_tensor_from(header, body),
         cloud_ms=float(_get(header, "ms", (int, float))),
         worker_id=_get(header, "wk", str),
         cloud_j=None if cloud_j is None else float(cloud_j),

@@ -23,6 +23,7 @@ from device_agent.card import load_card
 from device_agent.cascade import EdgeCascade
 from device_agent.outbox import Outbox
 from device_agent.policies import Action, Decision, EdgeView, Policy, register_policy
+from device_agent.rule import softmax
 from protocol import (
     CONTENT_TYPE_OFFLOAD,
     InferenceRecord,
@@ -126,7 +127,7 @@ def test_round_trip(broker, cloud, shared_topics, tiny_models, tmp_path) -> None
     with DeviceAgent(config) as agent:
         record = agent.submit(image, label=3).result(10)
         assert tap.wait_for(lambda: b"online" in tap.status)
-    expected = CloudSession(tiny_models / "cloud.onnx").predict(image[None])[0]
+    expected = softmax(CloudSession(tiny_models / "cloud.onnx").logits(image[None]))[0]
     assert record.exit_stage == "cloud" and record.prediction == int(expected.argmax())
     assert record.p_cloud == pytest.approx(float(expected.max()), rel=1e-5)
     assert record.label == 3 and record.seq == 0 and record.p_main is None  # cloud-only runs nothing here
@@ -166,7 +167,7 @@ def test_every_policy_end_to_end(policy, broker, cloud, shared_topics, tiny_mode
     images = np.stack([image for image, _ in data])
     decisions = cascade.decide(images)
     main_probs = cascade.run_main(images).probs
-    cloud_pred = cloud_model.predict(images).argmax(axis=1)
+    cloud_pred = cloud_model.logits(images).argmax(axis=1)
     stages = [by_seq[i]["exit_stage"] for i in range(n)]
     for i in range(n):
         r = by_seq[i]

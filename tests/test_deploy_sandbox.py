@@ -124,7 +124,7 @@ models = cfg["models"]
 cascade = EdgeCascade(models, providers=["CPUExecutionProvider"])
 images = np.random.default_rng(0).integers(0, 256, (8, *cascade.input_shape), dtype=np.uint8)
 decisions = cascade.decide(images)
-probs = CloudSession(os.path.join(models, "cloud.onnx"), providers=["CPUExecutionProvider"]).predict(images)
+probs = CloudSession(os.path.join(models, "cloud.onnx"), providers=["CPUExecutionProvider"]).logits(images)
 
 import threading
 import paho.mqtt.client as mqtt

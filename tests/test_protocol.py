@@ -92,7 +92,7 @@ def test_reply_round_trip(
     back = decode_reply(encode_reply(reply))
     assert back.prediction == pred and back.cloud_ms == cloud_ms and back.cloud_j == cloud_j
     assert back.energy_source == "rapl" and back.worker_id == "w" and back.extra == extra
-    np.testing.assert_array_equal(back.probs, probs)
+    np.testing.assert_array_equal(back.logits, probs)
 
 
 def test_records_round_trip() -> None:

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 
 from bench.services import ServiceGroup
+from bench.video_eval import evaluate_run
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
+from device_agent.camera import CameraAgent
+from device_agent.camera_config import CameraConfig
 from device_agent.sources import load_idx_dataset
 from protocol import DetectionReply, ProtocolError, decode_detections, encode_detections
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig, open_database
-from results_db.video import evaluate_run
-from video.agent import VideoAgent
 from video.dataset import load_split, write_split
-from video.settings import VideoConfig
 from video.synth import SynthConfig
 
 pytestmark = pytest.mark.integration
@@ -60,7 +60,7 @@ def rows(db: Path, sql: str) -> list:
         return conn.execute(sql).fetchall()
 
 
-def agent_config(broker: BrokerProcess, topics: Topics, tmp_path: Path, **kw: Any) -> VideoConfig:
+def agent_config(broker: BrokerProcess, topics: Topics, tmp_path: Path, **kw: Any) -> CameraConfig:
     device = f"cam-{uuid.uuid4().hex[:6]}"
     base: dict = dict(
         device_id=device,
@@ -71,7 +71,7 @@ def agent_config(broker: BrokerProcess, topics: Topics, tmp_path: Path, **kw: An
         meters=["estimate"],
     )
     base.update(kw)
-    return VideoConfig(**base)
+    return CameraConfig(**base)
 
 
 def test_react_frames_reach_sql_and_are_scored(broker, site, clips, tmp_path) -> None:
@@ -81,7 +81,7 @@ def test_react_frames_reach_sql_and_are_scored(broker, site, clips, tmp_path) ->
     ).start()
     try:
         config = agent_config(broker, topics, tmp_path, method="react", extra_delay_ms=100)
-        agent = VideoAgent(config).start()
+        agent = CameraAgent(config).start()
         summary = agent.run((c, clips.frames(c)) for c in range(clips.sequences))
         agent.close()
     finally:
@@ -131,7 +131,7 @@ def test_a_cloud_worker_sigkilled_mid_run_loses_no_frame(broker, site, clips, tm
             ["--task", "detect", "--threads", "1", "--namespace", topics.root.split("/")[0]],
         )
         config = agent_config(broker, topics, tmp_path, method="react", deadline_s=0.5)
-        agent = VideoAgent(config).start()
+        agent = CameraAgent(config).start()
 
         def kill_once_answering() -> None:
             wait_for(lambda: agent.summary.answered >= 3, what="the first answers")
@@ -189,5 +189,5 @@ def test_an_opencv_video_file_becomes_grey_frames_of_the_models_size(tmp_path: P
 def test_the_camera_cli_refuses_a_bad_source(tmp_path: Path, capsys) -> None:
     from edgecascade.cli import main
 
-    code = main(["video", "run", "--broker", "127.0.0.1:1", "--device-id", "cam-01", "--source", "webcam"])
+    code = main(["camera", "--broker", "127.0.0.1:1", "--device-id", "cam-01", "--source", "webcam"])
     assert code == 2 and "--source must be synthetic:DIR" in capsys.readouterr().err

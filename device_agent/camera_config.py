@@ -1,4 +1,4 @@
-"""What a REACT camera agent runs with (`VideoConfig`, validated once) and reports (`VideoSummary`)."""
+"""What a REACT camera agent runs with (`CameraConfig`, validated once) and reports (`CameraSummary`)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ METHODS = ("edge-only", "edge+tracker", "cloud-only", "react")
 
 
 @dataclass(frozen=True)
-class VideoConfig:
-    """Everything a `VideoAgent` needs; validated when built."""
+class CameraConfig:
+    """Everything a `CameraAgent` needs; validated when built."""
 
     device_id: str
     broker: BrokerAddress
@@ -72,7 +72,7 @@ class VideoConfig:
 
 
 @dataclass
-class VideoSummary:
+class CameraSummary:
     run_id: str
     method: str
     frames: int = 0

@@ -29,6 +29,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from device_agent.camera_config import CameraConfig, CameraSummary
 from device_agent.card import sha256_file
 from device_agent.durable import Counter
 from device_agent.energy import DeviceEnergy, OpenWindow, baseline_record, window_record
@@ -47,7 +48,6 @@ from protocol.mqtt import BrokerUnusable, publish_properties
 from protocol.records import FrameRecord, RunEndRecord, RunRecord
 from video.detector import Detections, Detector
 from video.pipeline import CloudOnlyLoop, DeviceLoop, LoopConfig
-from video.settings import VideoConfig, VideoSummary
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ class _FrameState:
     compute_s: float
 
 
-class VideoAgent:
-    """`VideoAgent(VideoConfig(...)).start()`, `run(clips)`, `close()`."""
+class CameraAgent:
+    """`CameraAgent(CameraConfig(...)).start()`, `run(clips)`, `close()`."""
 
-    def __init__(self, config: VideoConfig) -> None:
+    def __init__(self, config: CameraConfig) -> None:
         self.config = config
         self.device_id = config.device_id
         self.run_id = (
@@ -84,10 +84,10 @@ class VideoAgent:
         # answers held for their injected delay: (available, arrival no, frame, dets, sent, cloud_ms, bytes)
         self._arrived: List[Tuple[float, int, int, Detections, float, float, int]] = []
         self._arrival_no = 0
-        self.summary = VideoSummary(self.run_id, config.method)
+        self.summary = CameraSummary(self.run_id, config.method)
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def start(self) -> VideoAgent:
+    def start(self) -> CameraAgent:
         cfg = self.config
         self.card: Dict[str, Any] = json.loads((cfg.model_dir / "card.json").read_text())
         self.detector = Detector.from_card(cfg.model_dir, "edge", threads=cfg.threads)
@@ -137,7 +137,7 @@ class VideoAgent:
             self._emit("idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map())
         return self
 
-    def close(self) -> VideoSummary:
+    def close(self) -> CameraSummary:
         cfg = self.config
         self.sink.flush(block=True)
         count = int(self.outbox.get_state(f"count/{self.sink.count_name}") or 0)
@@ -150,14 +150,14 @@ class VideoAgent:
         self.outbox.close()
         return self.summary
 
-    def __enter__(self) -> VideoAgent:
+    def __enter__(self) -> CameraAgent:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- the frames -----------------------------------------------------------------------------------
-    def run(self, clips: Iterable[Clip], stop: Optional[threading.Event] = None) -> VideoSummary:
+    def run(self, clips: Iterable[Clip], stop: Optional[threading.Event] = None) -> CameraSummary:
         """Every frame of every clip through the loop, paced at `fps`; a new loop (fresh state) per clip."""
         stop = stop or threading.Event()
         started = time.monotonic()
