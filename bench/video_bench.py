@@ -92,7 +92,7 @@ class VideoBenchResult:
 
 def ensure_split(root: Path, clips: int, frames: int) -> Any:
     """The benchmark's test clips (generated once, deterministic: seed 0, Fashion-MNIST test images)."""
-    from device_agent.sources import load_idx_dataset
+    from device_agent.sources import FASHION_MNIST_CLASSES, load_idx_dataset
     from video.dataset import load_split, write_split
     from video.synth import SynthConfig
 
@@ -103,7 +103,9 @@ def ensure_split(root: Path, clips: int, frames: int) -> Any:
     except FileNotFoundError:
         pass
     images, labels = load_idx_dataset("fashion-mnist", "test")
-    write_split(root, "test", clips, SynthConfig(frames=frames), 0, images, labels)
+    write_split(
+        root, "test", clips, SynthConfig(frames=frames), 0, images, labels, class_names=FASHION_MNIST_CLASSES
+    )
     return load_split(root)
 
 

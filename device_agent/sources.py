@@ -33,6 +33,19 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The ten Fashion-MNIST classes, label order (the dataset's own documentation): the one list every task uses.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 IMAGE_SUFFIXES = (".png", ".pgm", ".pnm")
 IMAGE_FORMATS = ("PNG", "PPM")  # Pillow's names; PPM covers PGM and PNM
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a model input is kilobytes: anything this big is not one
@@ -44,18 +57,22 @@ class ImageError(ValueError):
 
 
 # -- datasets --------------------------------------------------------------------------------------------
-def _read_idx(path: Path) -> np.ndarray:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:  # type: ignore[operator]
-        data = fh.read()
+def parse_idx(data: bytes, what: str = "IDX data") -> np.ndarray:
+    """An IDX file's array (the MNIST format: 0x0000, 0x08 = unsigned bytes, ndim, big-endian dims)."""
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+        raise ValueError(f"{what} is not an IDX file of unsigned bytes")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims}, body has {body.size} bytes")
+        raise ValueError(f"{what}: header says {dims}, body has {body.size} bytes")
     return body.reshape(dims)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:  # type: ignore[operator]
+        return parse_idx(fh.read(), str(path))
 
 
 def find_dataset_dir(name: str, search: Optional[Sequence[str]] = None) -> Path:

@@ -16,8 +16,9 @@ import torch
 
 from device_agent.card import load_card, sha256_file
 from device_agent.cascade import EdgeCascade
+from device_agent.sources import parse_idx
 from edgecascade.cli import main as cli_main
-from training.datasets import DatasetError, TensorSplit, carve_validation, read_idx
+from training.datasets import TensorSplit, carve_validation
 from training.engine import augment
 from training.reference import (
     calibrate_offload,
@@ -244,11 +245,11 @@ def test_missing_dataset_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.Cap
 
 def test_read_idx_rejects_other_formats() -> None:
     header = bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big")
-    assert read_idx(header + bytes([1, 2, 3])).tolist() == [1, 2, 3]
-    with pytest.raises(DatasetError):
-        read_idx(bytes([0, 0, 0x0D, 1]) + (3).to_bytes(4, "big") + bytes(12))  # float idx
-    with pytest.raises(DatasetError):
-        read_idx(header + bytes([1, 2]))  # truncated
+    assert parse_idx(header + bytes([1, 2, 3])).tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        parse_idx(bytes([0, 0, 0x0D, 1]) + (3).to_bytes(4, "big") + bytes(12))  # float idx
+    with pytest.raises(ValueError, match="header says"):
+        parse_idx(header + bytes([1, 2]))  # truncated
 
 
 def test_validation_split_is_seeded_and_disjoint() -> None:

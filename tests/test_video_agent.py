@@ -19,7 +19,7 @@ from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
 from device_agent.camera import CameraAgent
 from device_agent.camera_config import CameraConfig
-from device_agent.sources import load_idx_dataset
+from device_agent.sources import FASHION_MNIST_CLASSES, load_idx_dataset
 from protocol import DetectionReply, ProtocolError, decode_detections, encode_detections
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig, open_database
@@ -42,7 +42,7 @@ def wait_for(condition: Any, timeout_s: float = 60.0, what: str = "condition") -
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("clips")
     images, labels = load_idx_dataset("fashion-mnist", "test")
-    write_split(root, "test", 2, SynthConfig(frames=30), 7, images, labels)
+    write_split(root, "test", 2, SynthConfig(frames=30), 7, images, labels, class_names=FASHION_MNIST_CLASSES)
     return load_split(root)
 
 

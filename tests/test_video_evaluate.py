@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from device_agent.sources import FASHION_MNIST_CLASSES
 from video.detector import Detections
 from video.evaluate import coco_map
-from video.synth import CATEGORIES
+from video.synth import coco_categories
 
 pytest.importorskip("pycocotools")
 
@@ -25,7 +26,7 @@ def _gt() -> dict:
             {"id": n + 1, "image_id": i, "bbox": b, "area": b[2] * b[3], "category_id": c, "iscrowd": z}
             for n, (i, b, c, z) in enumerate(boxes)
         ],
-        "categories": CATEGORIES,
+        "categories": coco_categories(FASHION_MNIST_CLASSES),
     }
 
 

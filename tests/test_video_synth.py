@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_agent.sources import FASHION_MNIST_CLASSES
 from video.dataset import load_split, write_split
 from video.synth import SynthConfig, make_sequence, sequence_rng
 
@@ -70,7 +71,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
     images, labels = _sprites()
     config = SynthConfig(frames=12)
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        write_split(tmp_path / name, "test", 2, config, seed, images, labels)
+        write_split(
+            tmp_path / name, "test", 2, config, seed, images, labels, class_names=FASHION_MNIST_CLASSES
+        )
     assert _tree_digest(tmp_path / "a") == _tree_digest(tmp_path / "b")
     assert _tree_digest(tmp_path / "a")["seq_00000.npz"] != _tree_digest(tmp_path / "c")["seq_00000.npz"]
     split = load_split(tmp_path / "a")

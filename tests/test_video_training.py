@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("pycocotools")
 
+from device_agent.sources import FASHION_MNIST_CLASSES  # noqa: E402
 from video.dataset import write_split  # noqa: E402
 from video.synth import SynthConfig  # noqa: E402
 
@@ -23,8 +24,9 @@ def test_quick_training_then_publish_gives_a_card_and_working_onnx(tmp_path: Pat
 
     images, labels = _sprites()
     config = SynthConfig(frames=8)
-    write_split(tmp_path / "train", "train", 2, config, 0, images, labels)
-    write_split(tmp_path / "test", "test", 1, config, 0, images, labels)
+    names = FASHION_MNIST_CLASSES
+    write_split(tmp_path / "train", "train", 2, config, 0, images, labels, class_names=names)
+    write_split(tmp_path / "test", "test", 1, config, 0, images, labels, class_names=names)
     ckpt = tmp_path / "ckpt"
     args = ["train", "--kind", "both", "--quick", "--train", str(tmp_path / "train"), "--ckpt-dir", str(ckpt)]
     assert main(args) == 0

@@ -7,10 +7,8 @@ are fitted on — the test split is only ever evaluated.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import pickle
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -18,6 +16,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from device_agent.sources import FASHION_MNIST_CLASSES, load_idx_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -27,22 +27,7 @@ DEFAULT_DIRS = {
     "cifar100": "data/cifar100",
     "imagenet": "data/imagenet",
 }
-FMNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
-FMNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+FMNIST_CLASSES = list(FASHION_MNIST_CLASSES)
 # Per-channel mean/std of the raw pixels (0..255 scale), used inside the models' normalisation layer.
 STATS = {
     "fashion-mnist": ([72.94], [90.02]),
@@ -133,52 +118,15 @@ class DatasetBundle:
         return len(self.class_names)
 
 
-def _open_maybe_gz(directory: Path, stem: str) -> bytes:
-    for candidate in (directory / f"{stem}.gz", directory / stem):
-        if candidate.exists():
-            opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as fh:  # type: ignore[operator]
-                return fh.read()
-    raise FileNotFoundError(directory / f"{stem}.gz")
-
-
-def read_idx(data: bytes) -> np.ndarray:
-    """Parse an idx file (the MNIST format): magic 0x0000 0x08 ndim, big-endian dims, uint8 payload."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DatasetError("not an unsigned-byte idx file")
-    ndim = data[3]
-    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    payload = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if payload.size != int(np.prod(dims)):
-        raise DatasetError(f"idx payload has {payload.size} bytes, header says {dims}")
-    return payload.reshape(dims)
-
-
 def load_fashion_mnist_split(directory: Path, split: str) -> TensorSplit:
-    """One split ("train"/"test") from the four idx(.gz) files; torchvision's downloader as a fallback."""
-    img_stem, lbl_stem = FMNIST_FILES[split]
+    """One split ("train"/"test") from the four idx(.gz) files (`device_agent.sources` reads them)."""
     try:
-        images = read_idx(_open_maybe_gz(directory, img_stem))
-        labels = read_idx(_open_maybe_gz(directory, lbl_stem))
-    except FileNotFoundError:
-        images, labels = _download_fashion_mnist(directory, split)
-    return TensorSplit(
-        torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
-    )
-
-
-def _download_fashion_mnist(directory: Path, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    logger.warning("Fashion-MNIST idx files not in %s; trying torchvision's downloader", directory)
-    try:
-        from torchvision.datasets import FashionMNIST
-
-        ds = FashionMNIST(str(directory / "torchvision"), train=split == "train", download=True)
-    except Exception as exc:  # network errors come in many types; one message names the fix
+        images, labels = load_idx_dataset("fashion-mnist", split, search=[str(directory)])
+    except (FileNotFoundError, ValueError) as exc:
         raise DatasetError(
-            f"Fashion-MNIST not found in {directory} and the download failed ({exc}); "
-            "install the Debian package dataset-fashion-mnist or pass --data-dir with the four idx files"
-        ) from exc
-    return ds.data.numpy(), ds.targets.numpy()
+            f"{exc}; install the Debian package dataset-fashion-mnist or give --data-dir with the idx files"
+        ) from None
+    return TensorSplit(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _unpickle(path: Path) -> dict:

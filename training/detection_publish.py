@@ -14,12 +14,12 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from device_agent.sources import FASHION_MNIST_CLASSES
 from training.detection import load_checkpoint
 from training.detection_models import ExportWrapper
 from training.export import OPSET, count_costs
 from video.detector import DEFAULT_MAX_DETECTIONS, DEFAULT_NMS_IOU, DEFAULT_SCORE_THRESHOLD, Detector
 from video.evaluate import coco_map
-from video.synth import CLASS_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def publish(
         "schema": 1,
         "task": "video-detection",
         "dataset": "edgecascade synthetic Fashion-MNIST video (video/synth.py)",
-        "classes": list(CLASS_NAMES),
+        "classes": list(FASHION_MNIST_CLASSES),
         "category_ids": "label + 1 (COCO)",
         "input": {
             "name": "image",

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_make(args: argparse.Namespace) -> int:
-    from device_agent.sources import load_idx_dataset
+    from device_agent.sources import FASHION_MNIST_CLASSES, load_idx_dataset
     from video.dataset import write_split
     from video.synth import SynthConfig
 
@@ -79,7 +79,15 @@ def run_make(args: argparse.Namespace) -> int:
         progress = bar.update
     try:
         manifest = write_split(
-            args.out, args.split, args.sequences, config, args.seed, images, labels, progress
+            args.out,
+            args.split,
+            args.sequences,
+            config,
+            args.seed,
+            images,
+            labels,
+            progress,
+            class_names=FASHION_MNIST_CLASSES,
         )
     finally:
         if bar is not None:

@@ -20,11 +20,11 @@ import logging
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from video.synth import CATEGORIES, SynthConfig, make_sequence, sequence_rng
+from video.synth import SynthConfig, coco_categories, make_sequence, sequence_rng
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ def write_split(
     images: np.ndarray,
     labels: np.ndarray,
     progress: Optional[Callable[[int], None]] = None,
+    *,
+    class_names: Sequence[str],
 ) -> Dict[str, Any]:
     """Generate `sequences` sequences of `split` into `out_dir`; returns the manifest."""
     if sequences < 1:
@@ -88,7 +90,7 @@ def write_split(
         "info": {"description": f"edgecascade synthetic video, split {split}, seed {seed}"},
         "images": coco_images,
         "annotations": coco_annotations,
-        "categories": CATEGORIES,
+        "categories": coco_categories(class_names),
     }
     (out_dir / "annotations.json").write_text(json.dumps(coco, separators=(",", ":")))
     manifest = {

@@ -1,7 +1,7 @@
 """COCO mAP@0.5 and mAP@0.5:0.95 of per-frame detections, with pycocotools (bench/cloud side only).
 
 pycocotools is imported inside `coco_map`, so the device never needs it. Labels 0..9 are COCO categories
-1..10 (video.synth.CATEGORIES); ground-truth objects marked `iscrowd` are ignored regions, as in COCO.
+1..10 (video.synth.coco_categories); ground-truth objects marked `iscrowd` are ignored regions, as in COCO.
 """
 
 from __future__ import annotations

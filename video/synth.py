@@ -18,6 +18,7 @@ sequences only from the test split; `seed` decides everything else.
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -25,20 +26,12 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-# COCO category ids start at 1; label l (0..9) is category l + 1 everywhere in this package.
-CATEGORIES = [{"id": i + 1, "name": n, "supercategory": "fashion"} for i, n in enumerate(CLASS_NAMES)]
+
+def coco_categories(class_names: typing.Sequence[str]) -> List[Dict[str, Any]]:
+    """COCO categories of the sprites' classes: label l (0..9) is category id l + 1 everywhere here."""
+    return [{"id": i + 1, "name": n, "supercategory": "sprite"} for i, n in enumerate(class_names)]
+
+
 SPLIT_CODES = {"train": 0, "test": 1}
 
 
