@@ -73,20 +73,9 @@ class DeviceAgent:
         self._start_no = Counter(self.outbox, f"start/{self.run_id}", block=1).take()
         self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, self.card.raw)
         self._summary.energy_source = self.energy.source
-        self.link = Link(
-            cfg.broker,
-            cfg.topics,
-            self.device_id,
-            self.outbox,
-            self._on_reply,
-            session_expiry_s=cfg.session_expiry_s,
-            results_batch=cfg.results_batch,
-            flush_s=cfg.flush_s,
-            receipts=cfg.results_receipts,
-            receipt_timeout_s=cfg.receipt_timeout_s,
-            # Deadlines are swept each tick: within 5 % of the deadline is precise enough.
-            tick_s=max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20)),
-        )
+        # Deadlines are swept each tick: within 5 % of the deadline is precise enough.
+        tick_s = max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20))
+        self.link = Link.for_config(cfg, self.outbox, self._on_reply, tick_s)
         self.settlement = Settlement(
             run_id=self.run_id,
             device_id=self.device_id,

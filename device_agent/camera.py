@@ -105,19 +105,7 @@ class CameraAgent:
         self._analytic_j = AnalyticModel().energy_j(
             macs=edge["macs"], bytes_moved=4 * edge["params"] + height * width
         )
-        self.link = Link(
-            cfg.broker,
-            cfg.topics,
-            self.device_id,
-            self.outbox,
-            self._on_reply,
-            session_expiry_s=cfg.session_expiry_s,
-            results_batch=cfg.results_batch,
-            flush_s=cfg.flush_s,
-            receipts=cfg.results_receipts,
-            receipt_timeout_s=cfg.receipt_timeout_s,
-            tick_s=0.05,
-        )
+        self.link = Link.for_config(cfg, self.outbox, self._on_reply, tick_s=0.05)
         self.sink = RecordSink(
             run_id=self.run_id,
             outbox=self.outbox,

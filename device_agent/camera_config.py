@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from device_agent.config import check_positive
 from protocol.ids import check_device_id, check_run_id
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
@@ -59,12 +59,12 @@ class CameraConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.detect_every < 1 or (self.cloud_every is not None and self.cloud_every < 1):
             raise ValueError("detect_every and cloud_every must be at least 1")
-        for name in ("extra_delay_ms", "fps", "idle_seconds"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not (math.isfinite(self.deadline_s) and self.deadline_s > 0) or self.window_size < 1:
-            raise ValueError("deadline_s must be > 0 and window_size >= 1")
+        for name in ("extra_delay_ms", "fps", "idle_seconds", "connect_timeout_s", "close_timeout_s"):
+            check_positive(name, getattr(self, name), zero=True)
+        for name in ("deadline_s", "flush_s", "receipt_timeout_s"):
+            check_positive(name, getattr(self, name))
+        if self.window_size < 1 or self.results_batch < 1:
+            raise ValueError("window_size and results_batch must be at least 1")
 
     @property
     def uses_cloud(self) -> bool:

@@ -75,16 +75,16 @@ class AgentConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         for name in ("offload_deadline_s", "flush_s", "receipt_timeout_s", "window_max_s"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         for name in ("idle_seconds", "connect_timeout_s", "close_timeout_s"):
-            _positive(name, getattr(self, name), zero=True)
+            check_positive(name, getattr(self, name), zero=True)
         if self.outbox_wait_s is not None:
-            _positive("outbox_wait_s", self.outbox_wait_s, zero=True)
+            check_positive("outbox_wait_s", self.outbox_wait_s, zero=True)
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
 
 
-def _positive(name: str, value: Any, zero: bool = False) -> None:
+def check_positive(name: str, value: Any, zero: bool = False) -> None:
     """A finite number > 0 (>= 0 with `zero`): NaN and infinity are refused too."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero else value > 0)
     if not ok:

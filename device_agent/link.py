@@ -134,6 +134,23 @@ class Link:
         self.client.message_callback_add(self._reply_topic, self._on_message)
         self.client.message_callback_add(self._receipts_topic, self._on_receipt)
 
+    @classmethod
+    def for_config(cls, config: Any, outbox: Outbox, on_reply: ReplyHandler, tick_s: float) -> Link:
+        """The link of an agent's config (`AgentConfig` or `CameraConfig`: the same names)."""
+        return cls(
+            config.broker,
+            config.topics,
+            config.device_id,
+            outbox,
+            on_reply,
+            session_expiry_s=config.session_expiry_s,
+            results_batch=config.results_batch,
+            flush_s=config.flush_s,
+            receipts=config.results_receipts,
+            receipt_timeout_s=config.receipt_timeout_s,
+            tick_s=tick_s,
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect; a broker that is down now is retried in the background (the outbox holds the data).

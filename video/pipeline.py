@@ -39,7 +39,37 @@ class LoopConfig:
             raise ValueError("forward_step >= 1 and max_buffer >= 2")
 
 
-class DeviceLoop:
+class _CloudSide:
+    """What both loops do with the cloud: which frame to send, and the answers waiting to be applied."""
+
+    config: LoopConfig
+
+    def __init__(self) -> None:
+        self.in_flight: Optional[int] = None
+        self.pending: List[Tuple[int, Detections]] = []
+
+    def want_offload(self, index: int) -> bool:
+        """Should the frame just processed go to the cloud?"""
+        if self.config.cloud_every is not None:
+            return index % self.config.cloud_every == 0
+        return self.in_flight is None
+
+    def mark_sent(self, index: int) -> None:
+        self.in_flight = index
+
+    def on_cloud_answer(self, sent_index: int, dets: Detections) -> None:
+        """A cloud answer for frame `sent_index`; fused while processing the next frame."""
+        self.pending.append((sent_index, dets))
+        if self.in_flight == sent_index:
+            self.in_flight = None
+
+    def on_cloud_lost(self, sent_index: int) -> None:
+        """The offload of `sent_index` missed its deadline: send another."""
+        if self.in_flight == sent_index:
+            self.in_flight = None
+
+
+class DeviceLoop(_CloudSide):
     def __init__(
         self, detect: DetectFn, tracker: Optional[FlowTracker] = None, config: Optional[LoopConfig] = None
     ):
@@ -48,8 +78,7 @@ class DeviceLoop:
         self.config = config or LoopConfig()
         self.fusion = ReactFusion(self.config.fusion)
         self.buffer: Deque[Tuple[int, np.ndarray]] = deque(maxlen=self.config.max_buffer)
-        self.in_flight: Optional[int] = None
-        self.pending: List[Tuple[int, Detections]] = []
+        super().__init__()
         self.answers_applied = 0
         self.answers_too_old = 0
 
@@ -76,28 +105,8 @@ class DeviceLoop:
         boxes, _ok = forward_boxes(frames, dets.boxes, self.tracker, self.config.forward_step)
         return Detections(boxes, dets.scores, dets.labels, [])
 
-    def want_offload(self, index: int) -> bool:
-        """Should the frame just processed go to the cloud?"""
-        if self.config.cloud_every is not None:
-            return index % self.config.cloud_every == 0
-        return self.in_flight is None
 
-    def mark_sent(self, index: int) -> None:
-        self.in_flight = index
-
-    def on_cloud_answer(self, sent_index: int, dets: Detections) -> None:
-        """A cloud answer for frame `sent_index`; fused while processing the next frame."""
-        self.pending.append((sent_index, dets))
-        if self.in_flight == sent_index:
-            self.in_flight = None
-
-    def on_cloud_lost(self, sent_index: int) -> None:
-        """The offload of `sent_index` missed its deadline: send another."""
-        if self.in_flight == sent_index:
-            self.in_flight = None
-
-
-class CloudOnlyLoop:
+class CloudOnlyLoop(_CloudSide):
     """cloud-only: no detector runs on the device. The latest cloud answer is carried forward over the
     frames buffered since it was sent (like REACT does) and then tracked frame by frame until the next one
     comes: the "tracked" variant, the stronger of the two cloud-only baselines (bench/video_offline.py
@@ -108,8 +117,7 @@ class CloudOnlyLoop:
         self.config = config or LoopConfig()
         self.buffer: Deque[Tuple[int, np.ndarray]] = deque(maxlen=self.config.max_buffer)
         self.held = Detections.empty()
-        self.in_flight: Optional[int] = None
-        self.pending: List[Tuple[int, Detections]] = []
+        super().__init__()
         self.answers_applied = 0
 
     def process(self, index: int, frame: np.ndarray) -> FrameOutput:
@@ -126,20 +134,3 @@ class CloudOnlyLoop:
             boxes, _ok = self.tracker.track(previous[1], frame, self.held.boxes)
             self.held = Detections(boxes, self.held.scores, self.held.labels, ["cloud"] * len(self.held))
         return FrameOutput(index, self.held, "cloud" if len(self.held) else "none")
-
-    def want_offload(self, index: int) -> bool:
-        if self.config.cloud_every is not None:
-            return index % self.config.cloud_every == 0
-        return self.in_flight is None
-
-    def mark_sent(self, index: int) -> None:
-        self.in_flight = index
-
-    def on_cloud_answer(self, sent_index: int, dets: Detections) -> None:
-        self.pending.append((sent_index, dets))
-        if self.in_flight == sent_index:
-            self.in_flight = None
-
-    def on_cloud_lost(self, sent_index: int) -> None:
-        if self.in_flight == sent_index:
-            self.in_flight = None
