@@ -113,8 +113,8 @@ def soak(
 
 
 def verdict(readings: List[Reading], minutes: float) -> Dict[str, object]:
-    """Flatness over the last 20 minutes (the second half of a shorter run)."""
-    window_s = min(20 * 60.0, minutes * 30.0)
+    """Flatness over the last 20 minutes (the second half of a run shorter than 30 minutes)."""
+    window_s = 20 * 60.0 if minutes >= 30 else minutes * 30.0
     tail = [r for r in readings if r.t_s >= readings[-1].t_s - window_s]
     out: Dict[str, object] = {"window_min": window_s / 60.0, "readings": len(tail)}
     for name in ("rss_mib", "outbox_mib"):

@@ -118,6 +118,10 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power cut may lose the last commits but never corrupts the file.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # A bounded write-ahead log: checkpoint every 256 pages (1 MiB) and cut the file back to 1 MiB after
+        # each, so the file on flash does not keep the size of its largest burst (a broker outage's backlog).
+        self._db.execute("PRAGMA wal_autocheckpoint=256")
+        self._db.execute("PRAGMA journal_size_limit=1048576")
         self._db.executescript(_SCHEMA)
         self._depth = 0
         self._delta = (0, 0)  # (entries, bytes) added by the open transaction
