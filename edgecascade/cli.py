@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(sub)
+        # Expanded into flags before parsing (deploy.config): here only so that --help shows it.
+        sub.add_argument(
+            "--config", metavar="FILE.toml", help="read flags from a TOML file (keys = long options)"
+        )
         sub.set_defaults(func=command.run)
     return parser
 

@@ -48,7 +48,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
-    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below")
     parser.add_argument("--broker", help=f"host:port (default {_DEFAULTS['broker']})")
     parser.add_argument("--user", help=f"broker username (default {_DEFAULTS['user']})")
     parser.add_argument("--password-file", type=Path, help="file whose first line is the password")
@@ -69,22 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--session-expiry-s", type=int, help="how long the broker keeps our queue while away")
 
 
-def _load_config(path: Optional[Path]) -> Dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        import tomllib  # type: ignore[import-not-found,unused-ignore]
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
-    with path.open("rb") as fh:
-        data = tomllib.load(fh)
-    data = data.get("collect", data)  # a [collect] table or top-level keys
-    unknown = set(data) - set(_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(_DEFAULTS)}")
-    return dict(data)
-
-
 def _credential(name: str) -> Optional[str]:
     """A systemd credential (`LoadCredential=`), or None when the unit passes none of that name."""
     from protocol.mqtt import read_secret
@@ -97,9 +80,8 @@ def _credential(name: str) -> Optional[str]:
 
 
 def settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """Merge flags over the config file over systemd credentials over defaults."""
+    """Flags (a --config file has become flags: deploy.config) over systemd credentials over defaults."""
     merged = dict(_DEFAULTS)
-    merged.update(_load_config(args.config))
     for key in _DEFAULTS:
         value = getattr(args, key, None)
         if value is not None:

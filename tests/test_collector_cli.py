@@ -6,12 +6,15 @@ import argparse
 
 import pytest
 
+from deploy.config import expand_config_argv
 from edgecascade.cli import build_parser, main
 from results_db.cli import settings
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["collect", *argv])
+    """As `edgecascade` parses: --config expanded into flags first (deploy.config, the one loader)."""
+    parser = build_parser()
+    return parser.parse_args(expand_config_argv(["collect", *argv], parser))
 
 
 def test_flags_override_the_config_file_which_overrides_defaults(tmp_path) -> None:

@@ -161,17 +161,3 @@ def test_units_command_line_parses_with_the_real_cli(service: str, tmp_path: Pat
         assert args.source == "dataset:fashion-mnist:test" and args.no_progress is True
     if service == "cloud":
         assert args.worker_id == "cam01" and args.providers == ["CPUExecutionProvider"]
-
-
-def test_collectors_own_config_loader_reads_the_shipped_example(tmp_path: Path) -> None:
-    """`edgecascade collect` reads --config itself too: the example must suit that loader as well."""
-    from edgecascade.cli import build_parser
-    from results_db.cli import settings
-
-    args = build_parser().parse_args(unit_command("collect", tmp_path))  # no expansion: its own --config
-    merged = settings(args)
-    assert (merged["broker"], merged["user"], merged["batch_size"]) == (
-        "mqtt.example.net:1883",
-        "collector",
-        500,
-    )
