@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess
 from cloud_worker.model import CloudSession
 from cloud_worker.probe import Answer, OffloadProbe
@@ -60,73 +60,39 @@ def choose_model(explicit: Optional[str]) -> Tuple[Path, str]:
 
 
 def spawn_workers(
-    broker: BrokerProcess, topics: Topics, model: Path, count: int, extra_args: Sequence[str] = ()
-) -> List[subprocess.Popen]:
-    """`count` real `edgecascade cloud` processes, returned once each says it is subscribed."""
-    password_file = broker.workdir / "cloud.pw"
-    password_file.write_text(broker.credentials("cloud").password + "\n")
-    procs = []
-    for k in range(count):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgecascade", "cloud", "--broker", f"{broker.host}:{broker.port}"]
-            + ["--user", "cloud", "--password-file", str(password_file), "--models", str(model)]
-            + ["--worker-id", f"bench-w{k}", "--namespace", topics.root.split("/")[0], *extra_args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line.startswith("worker "):
-            raise RuntimeError(f"worker {k} did not start (exit {proc.poll()}): {line!r}")
-        procs.append(proc)
-    return procs
+    services: ServiceGroup,
+    broker: BrokerProcess,
+    topics: Topics,
+    model: Path,
+    count: int,
+    extra_args: Sequence[str] = (),
+) -> List[str]:
+    """`count` real `edgecascade cloud` processes (ServiceGroup: ready once each has said READY=1)."""
+    names = [f"bench-w{k}" for k in range(count)]
+    for name in names:
+        namespace = ["--namespace", topics.root.split("/")[0]]
+        services.start_cloud(name, broker.credentials("cloud"), model, name, [*namespace, *extra_args])
+    return names
 
 
-def stop_workers(procs: List[subprocess.Popen]) -> List[Dict[str, Any]]:
-    """SIGTERM each worker and collect the stats line it prints on the way out."""
+def stop_workers(services: ServiceGroup, names: List[str]) -> List[Dict[str, Any]]:
+    """SIGTERM each worker and read the stats line it prints on the way out (its log)."""
     stats = []
-    for proc in procs:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=30)
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    for name in names:
+        services.stop(name)
+        lines = [
+            ln for ln in (services.workdir / f"{name}.log").read_text().splitlines() if ln.startswith("{")
+        ]
         stats.append(json.loads(lines[-1]) if lines else {})
     return stats
 
 
-_FLOOR_RESPONDER = r"""
-import sys
-import numpy as np
-from protocol.codec import CONTENT_TYPE_REPLY, OffloadReply, encode_reply
-from protocol.mqtt import BrokerAddress, new_client
-from protocol.mqtt import PublishProperties
-host, port, password, subscription = sys.argv[1:5]
-address = BrokerAddress(host, int(port), "cloud", password)
-reply = encode_reply(OffloadReply("r", "d", 0, 0, np.full(10, 0.1, np.float32), 0.0, "floor", None, "none",
-                                  {"batch": 1, "queue_ms": 0.0}))
-def on_message(client, userdata, m):
-    props = PublishProperties(content_type=CONTENT_TYPE_REPLY, correlation_data=m.properties.CorrelationData)
-    client.publish(m.properties.ResponseTopic, reply, qos=1, properties=props)
-client = new_client(address, "floor", on_connect=lambda c, u, f, r, p: c.subscribe(subscription, qos=1))
-client.on_message = on_message
-client.on_subscribe = lambda *a: print("worker floor ready", flush=True)
-client.connect(address.host, address.port)
-client.loop_forever()
-"""
-
-
-def spawn_floor(broker: BrokerProcess, topics: Topics) -> subprocess.Popen:
-    """The do-nothing responder (see the module docstring)."""
+def spawn_floor(services: ServiceGroup, broker: BrokerProcess, topics: Topics) -> List[str]:
+    """The do-nothing responder (bench/floor_responder.py; see the module docstring)."""
     cloud = broker.credentials("cloud")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FLOOR_RESPONDER, cloud.host, str(cloud.port), cloud.password]
-        + [topics.cloud_subscription()],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().startswith("worker floor ready")
-    return proc
+    args = [cloud.host, str(cloud.port), cloud.password, topics.cloud_subscription()]
+    services.start("floor", args, module="bench.floor_responder")
+    return ["floor"]
 
 
 def sample_images(model: Path, n: int, seed: int = 0) -> np.ndarray:
@@ -187,11 +153,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
-    with BrokerProcess() as broker:
+    with BrokerProcess() as broker, tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
+        services = ServiceGroup(Path(tmp))
         workers = (
-            [spawn_floor(broker, topics)]
+            spawn_floor(services, broker, topics)
             if args.floor
-            else spawn_workers(broker, topics, model, args.workers, extra)
+            else spawn_workers(services, broker, topics, model, args.workers, extra)
         )
         try:
             probe = OffloadProbe(broker.credentials("bench-dev"), topics, "bench-dev").start(threaded=False)
@@ -203,10 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             finally:
                 probe.close()
         finally:
-            worker_stats = stop_workers(workers) if not args.floor else [{"floor": True}]
-            for proc in workers:
-                if proc.poll() is None:
-                    proc.kill()
+            worker_stats = stop_workers(services, workers) if not args.floor else [{"floor": True}]
+            services.close()
 
     measured = answers[warmup:]
     rtt = [a.round_trip_ms for a in measured]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from bench.offload_bench import choose_model, sample_images, spawn_workers, stop_workers
+from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess
 from cloud_worker.model import CloudSession
 from cloud_worker.probe import OffloadProbe
@@ -54,14 +56,16 @@ def fed_throughput(model: Path, batch: int, batches: int, threads: Optional[int]
     extra = ["--max-batch", str(batch), "--max-wait-ms", "2"]
     if threads:
         extra += ["--threads", str(threads)]
-    with BrokerProcess() as broker:
-        workers = spawn_workers(broker, topics, model, 1, extra)
+    with BrokerProcess() as broker, tempfile.TemporaryDirectory(prefix="tput-") as tmp:
+        services = ServiceGroup(Path(tmp))
+        workers = spawn_workers(services, broker, topics, model, 1, extra)
         try:
             with OffloadProbe(broker.credentials("tput-dev"), topics, "tput-dev") as probe:
                 futures = [probe.request(images[i], seq=i, expiry_s=None) for i in range(total)]
                 answers = [f.result(timeout=600) for f in futures]
         finally:
-            stats = stop_workers(workers)
+            stats = stop_workers(services, workers)
+            services.close()
     arrivals = sorted(a.received_ns / 1e9 for a in answers)
     steady = arrivals[batch - 1 :]
     rate = (len(steady) - 1) / (steady[-1] - steady[0])
