@@ -23,7 +23,7 @@ class LoginRefused(RuntimeError):
     """The broker refused this worker's login or its cloud subscription in a way no retry can heal."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorkerConfig:
     """How one cloud worker connects and serves (see `edgecascade cloud --help` for the CLI view)."""
 

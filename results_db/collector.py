@@ -65,7 +65,7 @@ STAT_KEYS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class CollectorConfig:
     """How the collector connects, where it writes, and how it batches."""
 
