@@ -1,8 +1,4 @@
-"""CLI of the video detectors: `python -m training.detection {train,publish}`.
-
-`register(subparsers, name)` is here too, so `edgecascade train-video` (or a `--task video` switch in
-training/cli.py) can be wired up with one line.
-"""
+"""CLI of the video detectors: `python -m training.detection {train,publish}`."""
 
 from __future__ import annotations
 
@@ -37,16 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def register(subparsers: argparse._SubParsersAction, name: str) -> None:
-    parser = subparsers.add_parser(
-        name,
-        help="Train the video detectors (REACT) and publish them",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    register_commands(parser)
-
-
 def register_commands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="detection_command", metavar="COMMAND", required=True)
     tr = sub.add_parser("train", help="train one detector (or both, one after the other)")
@@ -56,7 +42,7 @@ def register_commands(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--batch", type=int, default=32)
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--device", default="cpu", help="cpu or cuda (cuda when asked and present)")
+    tr.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     tr.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     tr.add_argument("--ckpt", type=Path, help="checkpoint file (one kind)")
     tr.add_argument("--ckpt-dir", type=Path, default=Path("build/video/ckpt"), help="for --kind both")
@@ -82,6 +68,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from training.detection import FrameBank, TrainConfig, train
 
     device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         logger.warning("CUDA asked for but not available: training on the CPU")
         device = "cpu"
