@@ -12,7 +12,7 @@ DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
 DEVICE_PACKAGES := device_agent protocol metering video
 PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video
 
-.PHONY: help setup test lint bench train report clean install fleet-sim
+.PHONY: help setup test lint bench train train-video report clean install fleet-sim
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +46,15 @@ bench: setup ## End-to-end metered benchmarks: classification, then REACT video 
 
 train: setup ## Retrain the committed Fashion-MNIST models into models/ (CUDA when present)
 	$(VENV)/bin/edgecascade train --out models/fashion-mnist
+
+train-video: setup ## Regenerate the synthetic clips and retrain the REACT detectors into models/video-fmnist (~21 min on 2 cores)
+	$(VENV)/bin/edgecascade video make --split train --sequences 800 --frames 24 --out build/video/train
+	$(VENV)/bin/edgecascade video make --split test --sequences 20 --frames 150 --out build/video/test
+	$(VENV)/bin/python -m training.detection train --kind edge --steps 4000 --threads 1 --ckpt build/video/ckpt/edge.pt & \
+	$(VENV)/bin/python -m training.detection train --kind cloud --steps 1500 --threads 1 --ckpt build/video/ckpt/cloud.pt; \
+	wait
+	$(VENV)/bin/python -m training.detection publish --edge build/video/ckpt/edge.pt --cloud build/video/ckpt/cloud.pt \
+	    --test build/video/test --out models/video-fmnist
 
 report: setup ## Report from results/bench.db into results/report
 	$(VENV)/bin/edgecascade report --db results/bench.db --out results/report
