@@ -33,6 +33,7 @@ def main(argv: List[str]) -> int:
 
     client = new_client(address, "cloud-floor", on_connect=lambda c, *_: c.subscribe(subscription, qos=1))
     client.on_message = on_message
+
     def on_subscribe(*_: Any) -> None:
         notify("READY=1")
 

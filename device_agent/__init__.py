@@ -1,6 +1,21 @@
 """The device side of edgecascade: the edge cascade on onnxruntime, offload policies, MQTT link and outbox.
 
-Python >= 3.8, no torch: a device installs `pip install .[device]`.
+Python >= 3.8, no torch: a device installs `pip install .[device]`. One owner per concept:
+
+    agent       DeviceAgent: wires the parts below, submit() -> Future[InferenceRecord]
+    inference   the windowed edge pass (cascade + meter) on the agent's inference thread
+    cascade     the ONNX main/extension sessions; rule: softmax, entropy, the exit decision
+    policies    which samples go to the cloud (MEANet, HI, cloud-only, edge-only); hi_online
+    offloads    in-flight cloud requests, deadlines and the fallback; settlement: a reply or fallback
+                becomes the final record
+    outbox      the durable SQLite queue of records and offloads; durable: counters and pass progress
+    sink        RecordSink: record on disk first, then the future resolves
+    link        the MQTT connection (paho-mqtt 2.x): publish, replies, reconnect with backoff
+    samples     one sample on its way, the EdgeView policies see; runs: a run's opening record and summary
+    sources     where samples come from (dataset pass, watched directory, array)
+    energy      joules per inference from metering; card: the model card the agent reports
+    camera      CameraAgent, the REACT device loop; camera_config, camera_cli
+    config      AgentConfig (frozen) and profiles; cli: `edgecascade agent`
 
     from device_agent import AgentConfig, DeviceAgent
     config = AgentConfig(device_id="cam-01", broker=address, model_dir=Path("models/fashion-mnist"))
