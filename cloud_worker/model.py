@@ -14,6 +14,8 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from video.providers import usable_providers
+
 logger = logging.getLogger(__name__)
 
 CLOUD_FILE = "cloud.onnx"
@@ -58,14 +60,10 @@ class CloudSession:
         data = self.path.read_bytes()
         if expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
             raise ModelError(f"{self.path} does not match the sha256 in its card: retrain or re-export")
-        available = set(ort.get_available_providers())
-        usable = [p for p in providers if p in available]
-        if not usable:
-            raise ModelError(
-                f"none of the providers {list(providers)} is available (have {sorted(available)})"
-            )
-        if len(usable) < len(providers):
-            logger.warning("skipping unavailable providers %s", [p for p in providers if p not in available])
+        try:
+            usable = usable_providers(providers, ort.get_available_providers())
+        except ValueError as exc:
+            raise ModelError(str(exc)) from None
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

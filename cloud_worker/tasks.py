@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from cloud_worker.model import CloudSession
+from cloud_worker.model import CloudSession, ModelError
 from protocol.codec import (
     CONTENT_TYPE_DETECTIONS,
     CONTENT_TYPE_REPLY,
@@ -38,7 +38,8 @@ class Served:
 
 
 class Classify:
-    """The cloud block of the classification cascade: uint8 images in, class probabilities out."""
+    """The cloud block of the classification cascade: uint8 images in, logits out (the device applies the
+    softmax)."""
 
     topic_kind = "offload"
     reply_content_type = CONTENT_TYPE_REPLY
@@ -74,17 +75,21 @@ class Classify:
 
 
 class Detect:
-    """The cloud detector of REACT: uint8 frames [1, H, W] in, boxes, scores and labels out."""
+    """The cloud detector of REACT: uint8 frames [1, H, W] in, boxes, scores and labels out. ModelError
+    when `model_dir` is not a usable detector directory (see `video.detector.Detector.from_card`)."""
 
     topic_kind = "frames"
     reply_content_type = CONTENT_TYPE_DETECTIONS
 
     def __init__(self, model_dir: Path, threads: Optional[int] = None, providers: Sequence[str] = ()) -> None:
-        from video.detector import Detector
+        from video.detector import Detector, DetectorError
 
-        self.detector = Detector.from_card(
-            Path(model_dir), "cloud", threads=threads or 1, providers=list(providers) or None
-        )
+        try:
+            self.detector = Detector.from_card(
+                Path(model_dir), "cloud", threads=threads or 1, providers=list(providers) or None
+            )
+        except DetectorError as exc:
+            raise ModelError(str(exc)) from None
         self.path = Path(model_dir)
         height, width = self.detector.input_hw
         self.input_shape: Tuple[int, ...] = (1, height, width)

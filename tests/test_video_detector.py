@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import shutil
+from pathlib import Path
 
-from video.detector import Detections, box_iou, decode, nms_classwise
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cloud_worker.model import CloudSession, ModelError
+from cloud_worker.tasks import Detect
+from video.detector import Detections, Detector, DetectorError, box_iou, decode, nms_classwise
 from video.pipeline import DeviceLoop, LoopConfig
 from video.tracking import FlowTracker, forward_boxes
+
+REPO = Path(__file__).resolve().parent.parent
+VIDEO_MODELS = REPO / "models" / "video-fmnist"
+# A provider onnxruntime knows of but this host lacks (CUDA on a CPU-only machine)
+MISSING_PROVIDER = next(p for p in ort.get_all_providers() if p not in ort.get_available_providers())
 
 
 def test_box_iou_and_classwise_nms() -> None:
@@ -80,3 +93,39 @@ def test_device_loop_runs_the_detector_every_k_and_fuses_late_cloud_answers() ->
     assert out.detections.labels.tolist() == [7]  # the cloud's class stuck to the track
     np.testing.assert_allclose(out.detections.boxes[0], [42, 30, 66, 54], atol=1.0)
     assert loop.in_flight == 4  # the next frame went out once the answer was back
+
+
+def test_a_provider_the_host_lacks_is_refused_not_quietly_the_cpu(tiny_models: Path) -> None:
+    """onnxruntime falls back to the CPU with a log line; the detector refuses, as the cloud model does."""
+    with pytest.raises(DetectorError, match=f"none of the providers .*{MISSING_PROVIDER}"):
+        Detector(VIDEO_MODELS / "edge.onnx", providers=[MISSING_PROVIDER])
+    with pytest.raises(ModelError, match=f"none of the providers .*{MISSING_PROVIDER}"):
+        CloudSession(tiny_models / "cloud.onnx", providers=[MISSING_PROVIDER])
+    # One that is there among those asked for is used, the others skipped.
+    detector = Detector(VIDEO_MODELS / "edge.onnx", providers=[MISSING_PROVIDER, "CPUExecutionProvider"])
+    assert detector.session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_directory_that_holds_no_detector_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """Before: KeyError 'models' for a classification model directory, FileNotFoundError for a missing one."""
+    cases = {
+        REPO / "models" / "fashion-mnist": "has no models: not a video detector's card",
+        tmp_path / "nowhere": "does not exist",
+        tmp_path: "has no card.json",
+    }
+    for model_dir, reason in cases.items():
+        with pytest.raises(DetectorError, match=reason):
+            Detector.from_card(model_dir, "cloud")
+        # The cloud worker's task turns it into the ModelError its CLI reports in one line.
+        with pytest.raises(ModelError, match=reason):
+            Detect(model_dir)
+    copy = tmp_path / "copy"
+    shutil.copytree(VIDEO_MODELS, copy)
+    card = json.loads((copy / "card.json").read_text())
+    (copy / "cloud.onnx").write_bytes(b"not the model")
+    with pytest.raises(DetectorError, match="does not match the sha256"):
+        Detector.from_card(copy, "cloud")
+    del card["decoding"]["nms_iou"]
+    (copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(DetectorError, match="has no decoding.nms_iou"):
+        Detector.from_card(copy, "edge")

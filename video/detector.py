@@ -12,15 +12,35 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
+
+from video.providers import usable_providers
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCORE_THRESHOLD = 0.05
 DEFAULT_NMS_IOU = 0.6
 DEFAULT_MAX_DETECTIONS = 50
+
+
+class DetectorError(ValueError):
+    """A detector that cannot be loaded: no card or model file, not a detector's card, a sha256 that does
+    not match, no usable provider. One line that says which."""
+
+
+def _card_field(card: Any, card_path: Path, *keys: str) -> Any:
+    """`card[keys[0]][keys[1]]...`, or DetectorError naming the first key that is missing."""
+    value = card
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict) or key not in value:
+            raise DetectorError(
+                f"{card_path} has no {'.'.join(keys[: depth + 1])}: not a video detector's card "
+                "(models/video-fmnist has one)"
+            )
+        value = value[key]
+    return value
 
 
 @dataclass
@@ -124,9 +144,11 @@ class Detector:
         options.inter_op_num_threads = 1
         # No busy-waiting after a run: between frames the tracker, the fusion and MQTT need the core.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(path), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        try:
+            usable = usable_providers(providers, ort.get_available_providers())
+        except ValueError as exc:
+            raise DetectorError(f"detector {path}: {exc}") from None
+        self.session = ort.InferenceSession(str(path), options, providers=usable)
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_inputs()[0].shape
         self.input_hw = [int(shape[2]), int(shape[3])]
@@ -136,18 +158,33 @@ class Detector:
 
     @classmethod
     def from_card(cls, model_dir: Path, kind: str, threads: int = 1, **overrides: Any) -> Detector:
-        """`kind` (edge or cloud) of a model directory, with the card's decoding parameters."""
-        card: Dict[str, Any] = json.loads((Path(model_dir) / "card.json").read_text())
-        entry = card["models"][kind]
+        """`kind` (edge or cloud) of a model directory, with the card's decoding parameters.
+
+        DetectorError when the directory, its card or the model file is missing, the card is not a video
+        detector's (a classification model directory), or the file does not match the card's sha256."""
+        model_dir = Path(model_dir)
+        card_path = model_dir / "card.json"
+        if not model_dir.is_dir():
+            raise DetectorError(f"detector directory {model_dir} does not exist")
+        try:
+            card: Any = json.loads(card_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DetectorError(f"{model_dir} has no card.json: not a detector directory") from None
+        except (OSError, ValueError) as exc:
+            raise DetectorError(f"cannot read the detector card {card_path}: {exc}") from None
+        entry = _card_field(card, card_path, "models", kind)
         params = {
-            "score_threshold": card["decoding"]["score_threshold"],
-            "nms_iou": card["decoding"]["nms_iou"],
-            "max_detections": card["decoding"]["max_detections"],
+            name: _card_field(card, card_path, "decoding", name)
+            for name in ("score_threshold", "nms_iou", "max_detections")
         }
         params.update(overrides)
-        path = Path(model_dir) / entry["file"]
-        if "sha256" in entry and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-            raise ValueError(f"{path} does not match the sha256 in its card")
+        path = model_dir / str(_card_field(card, card_path, "models", kind, "file"))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise DetectorError(f"cannot read the detector {path} named in {card_path}: {exc}") from None
+        if "sha256" in entry and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise DetectorError(f"{path} does not match the sha256 in its card")
         return cls(path, threads=threads, **params)
 
     def detect_batch(self, frames: np.ndarray) -> List[Detections]:
