@@ -86,30 +86,30 @@ def run(args: argparse.Namespace) -> int:
     from protocol.mqtt import BrokerAddress, read_secret
     from protocol.topics import Topics
 
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
         password = read_secret(args.password_file)
         broker = BrokerAddress.parse(args.broker, args.user, password, args.tls_ca)
         topics = Topics.namespaced(args.namespace) if args.namespace else Topics()
+        config = WorkerConfig(
+            broker=broker,
+            topics=topics,
+            model_path=args.models,
+            task=args.task,
+            worker_id=worker_id,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            providers=args.providers,
+            meters=args.meters,
+            idle_seconds=args.idle_seconds,
+            threads=args.threads,
+            receive_maximum=args.receive_maximum,
+            max_queue=args.max_queue,
+            max_expiry_s=args.max_expiry_s,
+        )
     except ValueError as exc:
         print(f"edgecascade cloud: {exc}", file=sys.stderr)
         return 2
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    config = WorkerConfig(
-        broker=broker,
-        topics=topics,
-        model_path=args.models,
-        task=args.task,
-        worker_id=worker_id,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        providers=args.providers,
-        meters=args.meters,
-        idle_seconds=args.idle_seconds,
-        threads=args.threads,
-        receive_maximum=args.receive_maximum,
-        max_queue=args.max_queue,
-        max_expiry_s=args.max_expiry_s,
-    )
     try:
         worker = CloudWorker(config)
     except (ModelError, ValueError) as exc:

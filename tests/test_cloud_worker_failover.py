@@ -215,3 +215,30 @@ def test_cli_refuses_a_missing_model_or_password_file(tmp_path: Path) -> None:
         [*base, "--password-file", str(tmp_path / "missing.pw")], cwd=REPO, capture_output=True, text=True
     )
     assert no_password.returncode == 2 and "password" in no_password.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--max-batch", "0"], "max_batch must be >= 1"),  # before: WorkerConfig's ValueError as a traceback
+        (["--max-expiry-s", "nan"], "max_expiry_s must be a positive number"),
+        (["--task", "detect", "--models", "models/fashion-mnist"], "not a video detector's card"),  # KeyError
+        (["--task", "detect", "--models", "nowhere"], "does not exist"),  # FileNotFoundError
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line_with_status_2(
+    tmp_path: Path, flags: List[str], reason: str
+) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_text("secret\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "edgecascade", "cloud", "--broker", "127.0.0.1:1"]
+        + ["--password-file", str(password_file), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert reason in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
