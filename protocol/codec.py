@@ -7,6 +7,7 @@ length and the size limit, and raises `ProtocolError` (one error type) for anyth
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -106,6 +107,17 @@ def _get(header: Dict[str, Any], key: str, types: Any) -> Any:
     return value
 
 
+def _finite(header: Dict[str, Any], key: str) -> float:
+    value = float(_get(header, key, (int, float)))
+    if not math.isfinite(value):
+        raise ProtocolError(f"header field {key!r} is {value}, not a finite number")
+    return value
+
+
+def _finite_or_nil(header: Dict[str, Any], key: str) -> Optional[float]:
+    return None if header.get(key) is None else _finite(header, key)
+
+
 def _tensor_header(array: np.ndarray) -> Dict[str, Any]:
     dtype = array.dtype.name
     if dtype not in _DTYPES:
@@ -175,18 +187,22 @@ def encode_reply(reply: OffloadReply) -> bytes:
 
 def decode_reply(payload: bytes) -> OffloadReply:
     header, body = _unframe(payload, _KIND_REPLY)
-    cloud_j = header.get("j")
-    if cloud_j is not None and (isinstance(cloud_j, bool) or not isinstance(cloud_j, (int, float))):
-        raise ProtocolError("header field 'j' must be a number or nil")
+    logits = _tensor_from(header, body)
+    if not np.isfinite(logits).all():
+        raise ProtocolError("logits hold non-finite numbers")
+    prediction = _get(header, "pred", int)
+    if not 0 <= prediction < logits.size:
+        raise ProtocolError(f"prediction {prediction} is not a class of the {logits.size} logits")
+    cloud_j = _finite_or_nil(header, "j")
     return OffloadReply(
         run_id=_get(header, "run", str),
         device_id=_get(header, "dev", str),
         seq=_get(header, "seq", int),
-        prediction=_get(header, "pred", int),
-        logits=_tensor_from(header, body),
-        cloud_ms=float(_get(header, "ms", (int, float))),
+        prediction=prediction,
+        logits=logits,
+        cloud_ms=_finite(header, "ms"),
         worker_id=_get(header, "wk", str),
-        cloud_j=None if cloud_j is None else float(cloud_j),
+        cloud_j=cloud_j,
         energy_source=_get(header, "src", str),
         extra=_get(header, "x", dict) if "x" in header else {},
     )
@@ -243,9 +259,7 @@ def decode_detections(payload: bytes) -> DetectionReply:
         raise ProtocolError(f"detections must be a float32 [N<={MAX_DETECTIONS}, 6] table, got {table.shape}")
     if not np.isfinite(table).all():
         raise ProtocolError("detections hold non-finite numbers")
-    cloud_j = header.get("j")
-    if cloud_j is not None and (isinstance(cloud_j, bool) or not isinstance(cloud_j, (int, float))):
-        raise ProtocolError("header field 'j' must be a number or nil")
+    cloud_j = _finite_or_nil(header, "j")
     return DetectionReply(
         run_id=_get(header, "run", str),
         device_id=_get(header, "dev", str),
@@ -253,9 +267,9 @@ def decode_detections(payload: bytes) -> DetectionReply:
         boxes=table[:, :4].copy(),
         scores=table[:, 4].copy(),
         labels=table[:, 5].astype(np.int64),
-        cloud_ms=float(_get(header, "ms", (int, float))),
+        cloud_ms=_finite(header, "ms"),
         worker_id=_get(header, "wk", str),
-        cloud_j=None if cloud_j is None else float(cloud_j),
+        cloud_j=cloud_j,
         energy_source=_get(header, "src", str),
         extra=_get(header, "x", dict) if "x" in header else {},
     )

@@ -15,12 +15,15 @@ from hypothesis.extra import numpy as hnp
 from protocol.codec import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    DetectionReply,
     OffloadReply,
     OffloadRequest,
     ProtocolError,
+    decode_detections,
     decode_offload,
     decode_records,
     decode_reply,
+    encode_detections,
     encode_offload,
     encode_records,
     encode_reply,
@@ -87,6 +90,7 @@ def test_offload_round_trip(tensor: np.ndarray, run_id: str, device_id: str, seq
 def test_reply_round_trip(
     probs: np.ndarray, pred: int, cloud_ms: float, cloud_j: Any, extra: Dict[str, Any]
 ) -> None:
+    pred %= probs.size  # a class of these logits (any other is refused: see below)
     extra = {k: v for k, v in extra.items() if not isinstance(v, int) or -(2**63) <= v < 2**64}
     reply = OffloadReply("r", "d", 1, pred, probs, cloud_ms, "w", cloud_j, "rapl", extra)
     back = decode_reply(encode_reply(reply))
@@ -221,3 +225,26 @@ def test_records_batch_count_must_match() -> None:
     _only_protocol_error(decode_records, _frame({"n": 3}, body, kind=3))
     _only_protocol_error(decode_records, _frame({"n": 2}, msgpack.packb([{"a": 1}, 5]), kind=3))
     _only_protocol_error(decode_records, _frame({"n": 1}, b"\xc1", kind=3))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_replies_with_non_finite_numbers_are_refused(bad: float) -> None:
+    """Before: NaN/Inf logits, times and joules decoded fine (only the detections table was checked)."""
+    logits = np.full(10, 0.5, dtype=np.float32)
+    logits[4] = bad
+    _only_protocol_error(decode_reply, encode_reply(OffloadReply("r", "d", 1, 3, logits, 1.5, "w")))
+    ok = np.zeros(10, dtype=np.float32)
+    for cloud_ms, cloud_j in ((bad, None), (1.5, bad)):
+        _only_protocol_error(
+            decode_reply, encode_reply(OffloadReply("r", "d", 1, 3, ok, cloud_ms, "w", cloud_j))
+        )
+    detections = DetectionReply("r", "d", 1, np.zeros((0, 4)), np.zeros(0), np.zeros(0), bad, "w")
+    _only_protocol_error(decode_detections, encode_detections(detections))
+
+
+@pytest.mark.parametrize("pred", [-1, 10, 2**40])
+def test_a_prediction_that_is_no_class_of_the_logits_is_refused(pred: int) -> None:
+    logits = np.zeros(10, dtype=np.float32)
+    with pytest.raises(ProtocolError, match="prediction"):
+        decode_reply(encode_reply(OffloadReply("r", "d", 1, pred, logits, 1.5, "w")))
+    assert decode_reply(encode_reply(OffloadReply("r", "d", 1, 9, logits, 1.5, "w"))).prediction == 9
