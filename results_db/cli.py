@@ -23,6 +23,9 @@ EPILOG = """examples:
 Settings come from the flags, then --config (TOML, the same names with underscores), then systemd
 credentials ($CREDENTIALS_DIRECTORY/mqtt-password, $CREDENTIALS_DIRECTORY/db-url), then $EDGECASCADE_DB_URL,
 then the defaults. The database is created or migrated on start. Final counters go to stdout as JSON.
+Exit status: 0 after SIGTERM/SIGINT; 2 for bad settings, an unusable database, or a login the broker refuses
+for good (bad password, not authorized, banned), at start or on a later reconnect; 1 when the writer fails
+(a fault of the database that does not pass, such as a missing table) for the supervisor to restart it.
 """
 
 _DEFAULTS: Dict[str, Any] = {

@@ -16,9 +16,14 @@ many refused (`protocol.Receipt`): a refused record is never reported as stored.
 records in its outbox until then, so a broker killed after its PUBACK but before delivering to us loses
 nothing: the device sends the batch again when no receipt comes.
 
-Threads: paho's network thread decodes and validates each message (and acks a refused one at once); one
-writer thread batches, writes and acks. The two overlap on two cores because sqlite3 and psycopg release the
-GIL while the database works.
+Threads: paho's network thread decodes and validates each message; one writer thread batches, writes (the
+refused records to `rejected_records`) and acks every message, a refused one too, once its transaction has
+committed. The two overlap on two cores because sqlite3 and psycopg release the GIL while the database
+works. A re-delivered refused record is kept once (`rejected_records` is keyed by topic and content).
+
+While the database is down, a batch is retried with back-off and never refused over it; a stop in the
+meantime leaves it unacknowledged for the broker to deliver again. A fault of the database itself that does
+not pass (SQLite's "no such table") stops the writer: the service exits for its supervisor to restart it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from edgecascade.systemd import Watchdog
 from protocol.codec import encode_receipt
@@ -54,7 +59,7 @@ logger = logging.getLogger(__name__)
 STAT_KEYS = (
     "messages",  # MQTT messages taken from the broker
     "received",  # records in well-formed messages
-    "inserted",  # data rows newly written (inferences, energy windows, idle baselines)
+    "inserted",  # data rows newly written (inferences, energy windows, idle baselines, frames)
     "duplicates",  # data rows already present: re-delivery
     "run_records",  # run / run_end records applied
     "rejected",  # records refused (invalid, wrong device, refused by the database) + undecodable messages
@@ -78,12 +83,17 @@ class CollectorConfig:
     session_expiry_s: int = 7 * 24 * 3600
     connect_timeout_s: float = 10.0
     retry_max_s: float = 5.0  # back-off ceiling while the database is unavailable
+    # How long stop() waits for the writer: a write hung in the database (a busy SQLite file, a server that
+    # does not answer) must not outlast systemd's TimeoutStopSec (30 s) and end in SIGKILL.
+    stop_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.flush_ms <= 0:
             raise ValueError(f"flush_ms must be > 0, got {self.flush_ms}")
+        if not self.stop_timeout_s > 0:
+            raise ValueError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s}")
 
 
 class Collector:
@@ -140,10 +150,18 @@ class Collector:
         return self
 
     def stop(self) -> None:
-        """Commit and acknowledge what has arrived, then disconnect (the session stays on the broker)."""
+        """Commit and acknowledge what has arrived, then disconnect (the session stays on the broker).
+
+        While the database is down nothing more is written: what is not committed stays unacknowledged,
+        and the broker delivers it again to the next collector of this session."""
         self._stop.set()
         if self._writer_thread is not None:
-            self._writer_thread.join()
+            self._writer_thread.join(self.config.stop_timeout_s)
+            if self._writer_thread.is_alive():
+                logger.warning(
+                    "the writer is still in the database after %.0fs; leaving its batch unacknowledged",
+                    self.config.stop_timeout_s,
+                )
             self._writer_thread = None
         if self._client is not None:
             self._client.disconnect()
@@ -244,7 +262,8 @@ class Collector:
                 rows += len(item.records)
             due = pending and (rows >= self.config.batch_size or time.monotonic() - oldest >= flush_s)
             if due or (pending and item is None and stopping):
-                self._flush(pending)
+                if not self._flush(pending):
+                    return  # stopped while the database was down: the rest stays unacknowledged
                 pending, rows = [], 0
             if stopping and item is None and not pending:
                 return
@@ -268,8 +287,11 @@ class Collector:
             )
         return item
 
-    def _flush(self, pending: List[Inbound]) -> None:
-        """Write the batch in one transaction, then ack; on a bad row, fall back to one message at a time."""
+    def _flush(self, pending: List[Inbound]) -> bool:
+        """Write the batch in one transaction, then ack; on a bad row, fall back to one message at a time.
+
+        False when stopped before the database took the batch: nothing of it acknowledged (the broker
+        delivers it again)."""
         assert self._writer is not None
         records = [r for item in pending for r in item.records]
         owner = [item for item in pending for _ in item.records]  # which message each record came in
@@ -283,23 +305,21 @@ class Collector:
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
                 # A passing fault: keep the batch and retry; never refuse (ack, receipt) records over it.
                 if is_transient(exc):
-                    self._count(db_retries=1)
-                    logger.warning(
-                        "database unavailable (%s); retrying in %.1fs", getattr(exc, "orig", exc), delay
-                    )
-                    self.watchdog.beat()
-                    time.sleep(delay)
+                    if not self._wait_to_retry(exc, delay):
+                        return False
                     delay = min(delay * 2, self.config.retry_max_s)
                     continue
+                if isinstance(exc, OperationalError):
+                    # Not a row's fault but the database's (SQLite: no such table): refusing every record
+                    # over it would empty the devices' outboxes into rejected_records. The writer dies, the
+                    # service exits for its supervisor, the broker keeps the batch.
+                    raise
                 # A row the database refuses (constraint, type, range: sqlite3 raises OverflowError for
                 # integers beyond 64 bits). Find the message that carries it; the others still land.
                 if len(pending) == 1:
-                    self._refuse(pending[0], exc)
-                    return
+                    return self._refuse(pending[0], exc)
                 logger.info("batch of %d messages refused (%s); writing them one by one", len(pending), exc)
-                for item in pending:
-                    self._flush([item])
-                return
+                return all(self._flush([item]) for item in pending)
         for item in pending:
             item.stored = len(item.records)
         for refusal in counts.refused:
@@ -317,28 +337,38 @@ class Collector:
             )
         self._tally(counts)
         self._ack(pending)
+        return True
 
-    def _refuse(self, item: Inbound, exc: Exception) -> None:
-        """The database refused this message's rows: keep them all in rejected_records instead."""
+    def _wait_to_retry(self, exc: BaseException, delay: float) -> bool:
+        """Count and log a passing database fault, wait `delay`; False if stopped meanwhile (or before)."""
+        self._count(db_retries=1)
+        logger.warning("database unavailable (%s); retrying in %.1fs", getattr(exc, "orig", exc), delay)
+        self.watchdog.beat()
+        return not self._stop.wait(delay)
+
+    def _refuse(self, item: Inbound, exc: Exception) -> bool:
+        """The database refused this message's rows: keep them all in rejected_records instead.
+        False when stopped before rejected_records took them (nothing acknowledged)."""
         assert self._writer is not None
         orig = getattr(exc, "orig", exc)
         logger.warning("database refused %d records on %s: %s", len(item.records), item.message.topic, orig)
         device_id = item.records[0]["device_id"] if item.records else None
-        item.rejected += [
+        rejected = item.rejected + [
             Rejected.of(item.message.topic, device_id, r, f"database: {orig}") for r in item.records
         ]
-        self._count(rejected=len(item.records), rejected_messages=1)
-        item.records = []
         while True:
             try:
-                self._writer.write([], item.rejected)
+                self._writer.write([], rejected)
                 break
             except SQLAlchemyError as again:
                 if not is_transient(again):
                     raise  # not even rejected_records takes it: let the service die and be restarted
-                self._count(db_retries=1)
-                time.sleep(self.config.retry_max_s)
+                if not self._wait_to_retry(again, self.config.retry_max_s):
+                    return False
+        self._count(rejected=len(item.records), rejected_messages=1)
+        item.rejected, item.records = rejected, []
         self._ack([item])
+        return True
 
     def _tally(self, counts: WriteCounts) -> None:
         self._count(
@@ -379,12 +409,13 @@ class Collector:
 
 
 def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:
-    """Run until `stop` is set, KeyboardInterrupt, or the writer dies; log the counters each minute."""
+    """Run until `stop` is set, KeyboardInterrupt, the writer dies (RuntimeError) or the broker refuses the
+    login for good, at start or on a reconnect (BrokerUnusable); log the counters each minute."""
     stop = stop or threading.Event()
     collector = Collector(config).start()
     last = time.monotonic()
     try:
-        while not stop.wait(1.0) and collector.healthy:
+        while not stop.wait(1.0) and collector.healthy and collector.refused is None:
             if time.monotonic() - last >= 60:
                 logger.info("collector stats: %s", collector.stats)
                 last = time.monotonic()
@@ -394,4 +425,6 @@ def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = Non
         collector.stop()
     if collector.failed is not None:
         raise RuntimeError("collector writer failed") from collector.failed
+    if collector.refused is not None:
+        raise BrokerUnusable(collector.refused)
     return collector.stats

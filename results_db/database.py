@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -121,39 +122,86 @@ def open_database(url_or_path: Union[str, Path, URL, None] = None, **engine_kwar
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database and Path(url.database).is_dir():
         raise DatabaseUnusable(f"{url.database} is a directory, not a SQLite database file")
+    engine: Optional[Engine] = None
     try:
         engine = create_db_engine(url, **engine_kwargs)
-        current = current_revision(engine)
-        head = head_revision()
-        if current is None:
-            with engine.connect() as connection:
-                tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
-            if tables:  # a database of someone else's: never write our tables into it
-                raise DatabaseUnusable(
-                    f"{shown} holds tables of another application ({', '.join(sorted(tables)[:5])}) and no "
-                    "edgecascade schema: give an empty or an edgecascade database"
-                )
-        elif current not in _known_revisions():
-            raise DatabaseUnusable(
-                f"{shown} is at schema revision {current!r}, which this version does not know"
-            )
-        if current != head:
-            logger.info("migrating %s to schema %s", shown, head)
-            upgrade(engine)
+        _migrate_to_head(engine, shown)
     except (NoSuchModuleError, ArgumentError) as exc:
+        _dispose(engine)
         raise DatabaseUnusable(f"cannot use {shown}: {exc}") from None
     except SQLAlchemyError as exc:
+        _dispose(engine)
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise DatabaseUnusable(f"cannot open the results database {shown}: {cause}") from None
+    except BaseException:  # DatabaseUnusable (not ours), or anything else: no pooled connection stays open
+        _dispose(engine)
+        raise
     return engine
+
+
+def _migrate_to_head(engine: Engine, shown: str) -> None:
+    """Refuse another application's database or an unknown revision; migrate ours to head."""
+    current = current_revision(engine)
+    head = head_revision()
+    if current is None:
+        with engine.connect() as connection:
+            tables = set(inspect(connection).get_table_names()) - {"alembic_version"}
+        if tables:  # a database of someone else's: never write our tables into it
+            raise DatabaseUnusable(
+                f"{shown} holds tables of another application ({', '.join(sorted(tables)[:5])}) and no "
+                "edgecascade schema: give an empty or an edgecascade database"
+            )
+    elif current not in _known_revisions():
+        raise DatabaseUnusable(f"{shown} is at schema revision {current!r}, which this version does not know")
+    if current != head:
+        logger.info("migrating %s to schema %s", shown, head)
+        upgrade(engine)
+
+
+def _dispose(engine: Optional[Engine]) -> None:
+    if engine is not None:
+        engine.dispose()
 
 
 def _known_revisions() -> set:
     return {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
+# SQLite's primary result codes of faults that pass: another writer holds the lock, memory, I/O, a full
+# disk, a file that cannot be opened right now. Everything else it raises as OperationalError (no such
+# table or column, a syntax error) is the schema's fault and stays until someone fixes it.
+_SQLITE_PASSING = {
+    5,  # SQLITE_BUSY
+    6,  # SQLITE_LOCKED
+    7,  # SQLITE_NOMEM
+    10,  # SQLITE_IOERR
+    13,  # SQLITE_FULL
+    14,  # SQLITE_CANTOPEN
+    15,  # SQLITE_PROTOCOL
+}
+_SQLITE_PASSING_WORDS = ("locked", "busy", "unable to open", "disk i/o", "disk is full", "out of memory")
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Database unavailable or locked, connection lost, pool exhausted: a fault that passes (retry it)."""
-    if isinstance(exc, (OperationalError, InterfaceError, PoolTimeoutError)):
+    """Database unavailable or locked, connection lost, pool exhausted: a fault that passes (retry it).
+
+    Not transient: SQLite's schema faults ("no such table"), which sqlite3 also raises as OperationalError,
+    and its InterfaceError (a value it cannot bind: SQLite has no connection to lose). PostgreSQL raises
+    schema faults as ProgrammingError, so each of its OperationalErrors (connection, server shutting down,
+    out of resources, lock or statement timeout) is transient."""
+    if isinstance(exc, PoolTimeoutError):
+        return True
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        orig = exc.orig
+        if isinstance(orig, sqlite3.Error):
+            return isinstance(orig, sqlite3.OperationalError) and _sqlite_passing(orig)
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def _sqlite_passing(error: sqlite3.OperationalError) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return (code & 0xFF) in _SQLITE_PASSING  # extended codes carry the primary one in the low byte
+    text = str(error).lower()
+    return any(word in text for word in _SQLITE_PASSING_WORDS)

@@ -13,11 +13,13 @@ wrote to it: records of another device for that run id are refused (a device can
 A row already present is a duplicate only if its content is the same: a row of the same key with another
 content is refused as a conflict, never taken as stored (an agent that once reused window numbers after a
 restart lost whole batches that way). Refused records are returned (`WriteCounts.refused`, by position in the
-input) and, with `rejected=`, kept in `rejected_records` in the same transaction.
+input) and, with `rejected=`, kept in `rejected_records` in the same transaction: once each, keyed by topic
+and content (`rejected_digest`), however often the broker or the device delivers the message again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import time
@@ -84,6 +86,12 @@ _INSERTS: Dict[str, Callable[[Table], Any]] = {
 }
 
 
+def rejected_digest(topic: str, record: bytes) -> str:
+    """The key of a kept refused record: sha256 of its topic, a NUL byte and its bytes (migration 0004
+    computes the same for the rows stored before it)."""
+    return hashlib.sha256(topic.encode("utf-8", "surrogatepass") + b"\0" + record).hexdigest()
+
+
 @dataclass
 class Refusal:
     """A record that cannot be stored where it belongs (`index`: its position in what was written)."""
@@ -130,11 +138,9 @@ class RecordWriter:
         insert = _INSERTS[dialect]
         placeholder = "?" if dialect == "sqlite" else "%s"  # sqlite3 is qmark, psycopg format style
         self._insert_sql = {kind: _insert_sql(kind, placeholder) for kind in DATA_TABLES}
-        self._select_sql = {
-            kind: f"SELECT {', '.join(_COLUMNS[kind])} FROM {DATA_TABLES[kind].name} WHERE "
-            + " AND ".join(f"{k} = {placeholder}" for k in NATURAL_KEYS[kind])
-            for kind in DATA_TABLES
-        }
+        self._placeholder = placeholder
+        self._json_is_text = dialect == "sqlite"  # psycopg hands JSONB back decoded, sqlite3 as text
+        self._reject = insert(REJECTED).on_conflict_do_nothing(index_elements=["digest"])
         device = insert(DEVICES)
         self._device_seen = device.on_conflict_do_update(
             index_elements=["device_id"], set_={"last_seen_unix": device.excluded.last_seen_unix}
@@ -196,9 +202,10 @@ class RecordWriter:
                     "kind": r.kind,
                     "reason": r.reason[:2000],
                     "record": body,
+                    "digest": rejected_digest(r.topic, body),
                 }
             )
-        connection.execute(REJECTED.insert(), rows)
+        connection.execute(self._reject, rows)  # a copy already kept (re-delivery) is skipped
 
     def write_in(self, connection: Connection, records: Sequence[Dict[str, Any]]) -> WriteCounts:
         """Write `records` inside the caller's transaction."""
@@ -296,25 +303,71 @@ class RecordWriter:
     def _conflicts(
         self, connection: Connection, kind: str, rows: List[Tuple[int, Dict[str, Any]]]
     ) -> List[Refusal]:
-        """The rows whose key is stored with another content (re-delivery is only ever the same content)."""
+        """The rows whose key is stored with another content (re-delivery is only ever the same content).
+
+        The insert's rowcount says how many rows were new, not which: the stored rows of the batch's keys
+        come back in one query per (run, device) and 500 keys, and those this transaction has just
+        inserted compare equal."""
         columns = _COLUMNS[kind]
         json_columns = _JSON_COLUMNS[kind]
         keys = NATURAL_KEYS[kind]
+        stored = self._stored(connection, kind, [record for _, record in rows])
         refused = []
         for index, record in rows:
-            stored = connection.exec_driver_sql(
-                self._select_sql[kind], tuple(record[k] for k in keys)
-            ).fetchone()
-            if stored is None:  # cannot be: it was refused as present
+            key = tuple(record[k] for k in keys)
+            row = stored.get(key)
+            if row is None:  # cannot be: it was refused as present
                 refused.append(Refusal(index, f"{kind} row neither inserted nor found"))
                 continue
-            for column, value in zip(columns, stored):
-                if column in json_columns and isinstance(value, str):
-                    value = json.loads(value)
-                if value != record[column]:
-                    key = ", ".join(f"{k}={record[k]!r}" for k in keys)
+            for column, value in zip(columns, row):
+                if column in json_columns:
+                    same = _json_normal(value, self._json_is_text) == _json_normal(record[column], False)
+                else:
+                    same = value == record[column]
+                if not same:
+                    shown = ", ".join(f"{k}={v!r}" for k, v in zip(keys, key))
                     refused.append(
-                        Refusal(index, f"conflicts with the stored {kind} row ({key}): {column} differs")
+                        Refusal(index, f"conflicts with the stored {kind} row ({shown}): {column} differs")
                     )
                     break
         return refused
+
+    def _stored(
+        self, connection: Connection, kind: str, records: List[Dict[str, Any]]
+    ) -> Dict[Tuple[Any, ...], Any]:
+        """The stored rows (all columns but id) of these records' natural keys, by key."""
+        columns = _COLUMNS[kind]
+        keys = NATURAL_KEYS[kind]
+        *prefix, last = keys  # the last key column varies within a run: IN (...) on it, = on the others
+        positions = [columns.index(k) for k in keys]
+        groups: Dict[Tuple[Any, ...], List[Any]] = defaultdict(list)
+        for record in records:
+            groups[tuple(record[k] for k in prefix)].append(record[last])
+        ph = self._placeholder
+        head = f"SELECT {', '.join(columns)} FROM {DATA_TABLES[kind].name} WHERE " + "".join(
+            f"{k} = {ph} AND " for k in prefix
+        )
+        found: Dict[Tuple[Any, ...], Any] = {}
+        for group, values in groups.items():
+            for start in range(0, len(values), 500):
+                chunk = values[start : start + 500]
+                sql = f"{head}{last} IN ({', '.join(ph for _ in chunk)})"
+                for row in connection.exec_driver_sql(sql, (*group, *chunk)):
+                    found[tuple(row[i] for i in positions)] = row
+        return found
+
+
+def _json_normal(value: Any, is_text: bool) -> Any:
+    """A JSON value as it compares: through a JSON round trip, every number a float (PostgreSQL's JSONB keeps
+    numbers as numeric and gives 1.5e300 back as an int; SQLite keeps the text)."""
+    return _floats(json.loads(value) if is_text and isinstance(value, str) else json.loads(json.dumps(value)))
+
+
+def _floats(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_floats(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -173,7 +173,9 @@ class IdleBaseline(Base):
 class RejectedRecord(Base):
     """A record the collector could not store where it belongs, kept with the reason instead of dropped:
     malformed (NaN, bad ids, missing fields), for another device's run, or conflicting with a stored row of
-    the same key. `record` is the record as it came (msgpack; an undecodable message's whole payload)."""
+    the same key. `record` is the record as it came (msgpack; an undecodable message's whole payload).
+    `digest` keys it by topic and content, so a re-delivered one is kept once (NULL: a later copy stored
+    before migration 0004)."""
 
     __tablename__ = "rejected_records"
 
@@ -184,6 +186,8 @@ class RejectedRecord(Base):
     kind: Mapped[Optional[str]] = mapped_column(Text)  # the record's type, when it has one
     reason: Mapped[str] = mapped_column(Text)
     record: Mapped[bytes] = mapped_column(LargeBinary)
+    # sha256 of topic and record (ingest.rejected_digest): a re-delivered refusal is kept once
+    digest: Mapped[Optional[str]] = mapped_column(String(64), index=True, unique=True)
 
 
 class Frame(Base):
@@ -218,8 +222,8 @@ class Frame(Base):
 
 
 class VideoRun(Base):
-    """A video run's accuracy against its ground truth (pycocotools), written by the benchmark or
-    `edgecascade video evaluate`: the method and its parameters, mAP@0.5 and mAP@0.5:0.95."""
+    """A video run's accuracy against its ground truth (pycocotools), written by the benchmark
+    (`bench.video_eval.evaluate_run`): the method and its parameters, mAP@0.5 and mAP@0.5:0.95."""
 
     __tablename__ = "video_runs"
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from results_db.database import (
+    DatabaseUnusable,
     alembic_config,
     current_revision,
     head_revision,
@@ -236,3 +237,62 @@ def test_every_record_field_has_its_column_and_every_column_its_field() -> None:
     run_columns = {c.name for c in Run.__table__.columns}
     assert set(RECORD_FIELDS["run"]) - {"run_id"} == set(RUN_FIELDS) and set(RUN_FIELDS) <= run_columns
     assert set(RECORD_FIELDS["run_end"]) <= run_columns | {"ended_unix", "samples"}
+
+
+def test_an_unusable_database_is_refused_with_no_connection_left_open(db_url: str, monkeypatch) -> None:
+    """open_database used to raise DatabaseUnusable with the engine's pooled connection still open."""
+    from results_db import database
+
+    engines = []
+
+    def recording_engine(*args, **kwargs):
+        engines.append(real_create(*args, **kwargs))
+        return engines[-1]
+
+    real_create = database.create_db_engine
+    monkeypatch.setattr(database, "create_db_engine", recording_engine)
+    other = database.create_db_engine(db_url)
+    with other.begin() as connection:  # another application's table
+        connection.exec_driver_sql("CREATE TABLE invoices (id INTEGER PRIMARY KEY)")
+    other.dispose()
+    with pytest.raises(DatabaseUnusable, match="another application"):
+        open_database(db_url)
+    assert engines[-1].pool.checkedin() == 0
+    with engines[-1].begin() as connection:  # ours after all, at a revision from the future
+        connection.exec_driver_sql("DROP TABLE invoices")
+        connection.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        connection.exec_driver_sql("INSERT INTO alembic_version VALUES ('9999')")
+    engines[-1].dispose()
+    with pytest.raises(DatabaseUnusable, match="'9999', which this version does not know"):
+        open_database(db_url)
+    assert engines[-1].pool.checkedin() == 0
+
+
+def test_a_locked_database_is_a_passing_fault_a_missing_table_is_not(tmp_path) -> None:
+    """The collector retries what `is_transient` calls passing; it used to retry "no such table" forever."""
+    import sqlite3
+
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    from results_db.database import is_transient
+
+    path = tmp_path / "results.db"
+    engine = open_database(path)
+    with pytest.raises(OperationalError) as missing, engine.connect() as connection:
+        connection.exec_driver_sql("SELECT * FROM no_such_table")
+    assert not is_transient(missing.value)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked") as locked:
+            sqlite3.connect(path, timeout=0).execute("DELETE FROM runs")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert is_transient(OperationalError("DELETE FROM runs", {}, locked.value))
+    # PostgreSQL's OperationalErrors are connection and resource faults (its schema faults are
+    # ProgrammingError); SQLite's InterfaceError is a value it cannot bind, no lost connection.
+    assert is_transient(OperationalError("INSERT", {}, Exception("server closed the connection")))
+    assert is_transient(InterfaceError("INSERT", {}, Exception("connection already closed")))
+    assert not is_transient(InterfaceError("INSERT", {}, sqlite3.InterfaceError("Error binding parameter")))
+    engine.dispose()
