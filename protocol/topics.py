@@ -52,10 +52,6 @@ class Topics:
     def all_results(self) -> str:
         return f"{self.root}/+/results"
 
-    @property
-    def all_frames(self) -> str:
-        return f"{self.root}/+/frames"
-
     def cloud_subscription(self, group: str = CLOUD_GROUP, kind: str = "offload") -> str:
         """Shared subscription: the broker hands each offload (`kind` offload) or video frame (`frames`) to
         exactly one worker of the group."""

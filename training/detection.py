@@ -8,7 +8,6 @@ any machine.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -156,10 +155,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     return run(args)
-
-
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

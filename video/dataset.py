@@ -20,7 +20,7 @@ import logging
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -137,10 +137,6 @@ class VideoSplit:
 
     def image_ids(self, sequence: int) -> List[int]:
         return [image_id(sequence, t, self.frames_per_sequence) for t in range(self.frames_per_sequence)]
-
-    def iter_sequences(self) -> Iterator[np.ndarray]:
-        for s in range(self.sequences):
-            yield self.frames(s)
 
     def annotations_by_image(self) -> Dict[int, List[Dict[str, Any]]]:
         out: Dict[int, List[Dict[str, Any]]] = {img["id"]: [] for img in self.coco["images"]}
