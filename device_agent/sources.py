@@ -62,6 +62,8 @@ def parse_idx(data: bytes, what: str = "IDX data") -> np.ndarray:
     if len(data) < 4 or data[0:2] != b"\0\0" or data[2] != 0x08:
         raise ValueError(f"{what} is not an IDX file of unsigned bytes")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{what}: its header is cut short ({len(data)} bytes for {ndim} dimensions)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
@@ -169,6 +171,7 @@ class Found:
     origin: Optional[Origin] = None  # mark it done with its record (the watcher's progress)
 
 
+RECONCILE_S = 30.0  # how often the remembered files are checked against the directory on disk
 UNREADABLE = "unreadable"  # the stamp of an entry that cannot even be stat()ed (a symlink loop)
 
 
@@ -200,6 +203,7 @@ def watch_directory(
             progress.mark_now(path.name, stamp)
         return Found(path, None)
 
+    reconciled = time.monotonic()
     while not stop.is_set():
         now = time.time()
         fresh: List[Tuple[int, str, str]] = []
@@ -225,6 +229,11 @@ def watch_directory(
             del done[name]
         if progress is not None:
             progress.forget(gone)
+            if time.monotonic() - reconciled >= RECONCILE_S:
+                # A file deleted while its offload was out is marked done again when its record lands:
+                # what is on disk, not only what is in `done`, must follow the directory.
+                reconciled = time.monotonic()
+                progress.forget([name for name in progress.done() if name not in present])
         for _, name, stamp in sorted(fresh):
             path = directory / name
             try:
