@@ -12,26 +12,26 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
 from device_agent.card import load_card
 from device_agent.cascade import EdgeCascade
 from device_agent.config import AgentConfig
-from device_agent.durable import Counter, Origin, SourceProgress, read_count
+from device_agent.durable import Origin, SourceProgress
 from device_agent.energy import DeviceEnergy, baseline_record
 from device_agent.inference import STOP, InferenceLoop
-from device_agent.link import BrokerUnusable, Link
+from device_agent.keys import source_stream
 from device_agent.offloads import OffloadTracker
-from device_agent.outbox import Outbox
 from device_agent.policies import make_policy
 from device_agent.runs import RunSummary, Stream, plain, run_record
+from device_agent.session import RunSession
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
@@ -46,9 +46,8 @@ class DeviceAgent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.device_id = config.device_id
-        self.run_id = (
-            config.run_id or f"{config.device_id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        )
+        self.session = RunSession(config)
+        self.run_id = self.session.run_id
         self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0}
         self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
         self._started_mono = 0.0
@@ -63,29 +62,33 @@ class DeviceAgent:
         self.policy = make_policy(cfg.policy, self.card)
         self.cascade = EdgeCascade(cfg.model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
         self.input_shape = tuple(self.card.input_shape)
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(
-            cfg.state_dir / f"outbox-{self.device_id}.sqlite",
-            max_entries=cfg.outbox_max_entries,
-            max_bytes=cfg.outbox_max_bytes,
-        )
-        # Every kind of number that names a record survives a restart (`durable`): a resumed run continues.
-        self._start_no = Counter(self.outbox, f"start/{self.run_id}", block=1).take()
         self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, self.card.raw)
+        try:
+            self._start_parts()
+        except BaseException:
+            self._teardown()
+            raise
+        self._thread = threading.Thread(target=self.loop.run, name=f"agent-{self.device_id}", daemon=True)
+        self._thread.start()
+        self.watchdog.ready(f"run {self.run_id}, policy {self.policy.name}")
+        logger.info("agent %s started run %s with policy %s", self.device_id, self.run_id, self.policy.name)
+        return self
+
+    def _start_parts(self) -> None:
+        cfg = self.config
         self._summary.energy_source = self.energy.source
         # Deadlines are swept each tick: within 5 % of the deadline is precise enough.
         tick_s = max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20))
-        self.link = Link.for_config(cfg, self.outbox, self._on_reply, tick_s)
+        self.session.open(self._on_reply, tick_s)
+        self.outbox, self.link = self.session.outbox, self.session.link
         self.settlement = Settlement(
             run_id=self.run_id,
             device_id=self.device_id,
             outbox=self.outbox,
-            results_topic=cfg.topics.results(self.device_id),
-            batches=Counter(self.outbox, "batch"),
+            sink=self.session.sink,
             policy=self.policy,
             energy=self.energy,
             summary=self._summary,
-            outbox_wait_s=cfg.outbox_wait_s,
         )
         self.offloads = OffloadTracker(
             self.link,
@@ -96,35 +99,28 @@ class DeviceAgent:
             self.settlement.offload_settled,
             max_inflight=cfg.max_inflight,
             deadline_s=cfg.offload_deadline_s,
+            outbox_wait_s=cfg.outbox_wait_s,
         )
-        self.loop = InferenceLoop(
-            self, Counter(self.outbox, self.run_id), Counter(self.outbox, f"window/{self.run_id}")
-        )
+        # Every kind of number that names a record survives a restart (`durable`): a resumed run continues.
+        self.loop = InferenceLoop(self, self.session.counter("sample"), self.session.counter("window"))
         self._summary.recovered_offloads = self.settlement.recover()
-        self._emit_once("run", run_record(self).to_map())
         self.link.hooks.append(self._housekeeping)
-        self.link.start()
-        if not self.link.wait_connected(cfg.connect_timeout_s) and self.link.refused is not None:
-            self.link.close()
-            self.energy.close()
-            self.outbox.close()
-            raise BrokerUnusable(self.link.refused)
-        if not self.link.connected.is_set():
-            logger.warning(
-                "broker %s:%d not reachable yet (%s): running from the outbox",
-                cfg.broker.host,
-                cfg.broker.port,
-                self.link.last_error or "no answer",
-            )
+        self.session.connect(
+            lambda: run_record(
+                cfg,
+                self.run_id,
+                policy=self.policy.name,
+                params=self.policy.params(),
+                meter=self.energy.source,
+                providers=cfg.providers,
+            ).to_map()
+        )
         idle = self.energy.measure_idle(cfg.idle_seconds)
         if idle is not None:
-            self._emit_once("idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map())
+            self.session.emit_once(
+                "idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map()
+            )
         self._started_mono = time.monotonic()
-        self._thread = threading.Thread(target=self.loop.run, name=f"agent-{self.device_id}", daemon=True)
-        self._thread.start()
-        self.watchdog.ready(f"run {self.run_id}, policy {self.policy.name}")
-        logger.info("agent %s started run %s with policy %s", self.device_id, self.run_id, self.policy.name)
-        return self
 
     def __enter__(self) -> DeviceAgent:
         return self.start()
@@ -133,36 +129,40 @@ class DeviceAgent:
         self.close()
 
     def close(self) -> RunSummary:
-        """Finish the queue, wait (bounded) for offloads and records, publish `run_end`, disconnect."""
+        """Finish the queue, wait (bounded) for offloads and records, publish `run_end`, disconnect.
+        The link, meter and outbox are closed even when an earlier step fails (its error is raised)."""
         if self._closed:
             return self._summary
         self._closed = True
         cfg = self.config
-        self.loop.queue.put(STOP)
-        if self._thread is not None:
-            self._thread.join()
-        self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
-        self.settlement.flush(block=True)
-        self._summary.seconds = time.monotonic() - self._started_mono
-        self._summary.late_replies = self.offloads.stats["late_replies"]
-        self._summary.policy_report = self.policy.report()
-        # `samples`: the run's records on disk over every process that took part in it (a resumed run).
-        count = read_count(self.outbox, self.settlement.count_name)
-        end = RunEndRecord(self.run_id, self.device_id, time.time(), count)
-        # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
-        self._emit_once("run_end", {**end.to_map(), "policy_report": plain(self._summary.policy_report)})
-        drained = self.link.drain(cfg.close_timeout_s)
-        left = self._summary.outbox_left = self.outbox.counts()
-        self._summary.refused_records = self.link.stats["refused_records"]
-        if not drained:
-            logger.warning(
-                "closing with %s entries still in the outbox %s (sent next start)", left, self.outbox.path
+        try:
+            self.loop.queue.put(STOP)
+            if self._thread is not None:
+                self._thread.join()
+            self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
+            self._summary.seconds = time.monotonic() - self._started_mono
+            self._summary.late_replies = self.offloads.stats["late_replies"]
+            self._summary.policy_report = self.policy.report()
+            # `samples` in run_end: the run's records on disk over every process that took part in it.
+            # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
+            report = plain(self._summary.policy_report)
+            self._summary.outbox_left = self.session.finish(
+                lambda count: {
+                    **RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map(),
+                    "policy_report": report,
+                }
             )
-        self.watchdog.stopping()
-        self.link.close()
-        self.energy.close()
-        self.outbox.close()
+            self._summary.refused_records = self.session.refused_records
+        finally:
+            self.watchdog.stopping()
+            self._teardown()
         return self._summary
+
+    def _teardown(self) -> None:
+        try:
+            self.session.close()
+        finally:
+            self.energy.close()
 
     # -- intake ---------------------------------------------------------------------------------------
     def submit(
@@ -176,12 +176,17 @@ class DeviceAgent:
         if problem is not None:
             future.set_exception(ValueError(problem))
             return future
-        if self._closed:
-            raise RuntimeError("agent is closed")
-        self.loop.queue.put(
-            (np.ascontiguousarray(arr), None if label is None else int(label), future, origin)
-        )
-        return future
+        item = (np.ascontiguousarray(arr), None if label is None else int(label), future, origin)
+        while True:
+            if self._closed:
+                raise RuntimeError("agent is closed")
+            if self._thread is None or not self._thread.is_alive():
+                raise RuntimeError("the agent's inference thread is gone (see the log)")
+            try:
+                self.loop.queue.put(item, timeout=0.5)
+                return future
+            except queue.Full:
+                continue
 
     def run_dataset(
         self,
@@ -193,8 +198,8 @@ class DeviceAgent:
 
         `source` names a replayable source (e.g. `dataset:fashion-mnist:test:1000`): its items are then
         tracked, and a run resumed with the same run id after a kill skips the ones already recorded (see
-        `durable`); `finish_source` ends the pass. The inference thread pulls the samples from the iterable
-        itself (submits wait meanwhile).
+        `durable`); `SourceProgress.finish_pass` (the CLI calls it) ends the pass. The inference thread
+        pulls the samples from the iterable itself (submits wait meanwhile).
         """
         summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
         progress_of = self.source_progress(source) if source else None
@@ -221,7 +226,7 @@ class DeviceAgent:
 
     def source_progress(self, source: str) -> SourceProgress:
         """The progress of a replayable source within this run."""
-        return SourceProgress(self.outbox, f"{self.run_id}/{source}")
+        return SourceProgress(self.outbox, source_stream(self.run_id, source))
 
     def watch(self, directory: Path, stop: threading.Event, poll_s: float = 0.2) -> RunSummary:
         """Run each image file that appears in `directory` (label from a `label<N>` in its name) until
@@ -257,10 +262,6 @@ class DeviceAgent:
         return summary
 
     # -- the rest -------------------------------------------------------------------------------------
-    def _emit_once(self, kind: str, record: Dict[str, Any]) -> None:
-        # One per start of the run: a resumed run's records never collide with the earlier process's.
-        self.settlement.emit(record, f"{kind}/{self.run_id}/{self.device_id}/{self._start_no}")
-
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
         self.offloads.on_reply(corr, payload)
 

@@ -23,20 +23,17 @@ import logging
 import math
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from device_agent.camera_config import CameraConfig, CameraSummary
-from device_agent.card import sha256_file
-from device_agent.durable import Counter
 from device_agent.energy import DeviceEnergy, OpenWindow, baseline_record, window_record
-from device_agent.link import Link
-from device_agent.outbox import Outbox
-from device_agent.runs import code_revision
-from device_agent.sink import Finished, RecordSink, energy_key
+from device_agent.keys import correlation, entry_key
+from device_agent.runs import run_record
+from device_agent.session import RunSession
+from device_agent.sink import Finished
 from protocol import (
     CONTENT_TYPE_OFFLOAD,
     OffloadRequest,
@@ -44,8 +41,8 @@ from protocol import (
     decode_detections,
     encode_offload,
 )
-from protocol.mqtt import BrokerUnusable, publish_properties
-from protocol.records import FrameRecord, RunEndRecord, RunRecord
+from protocol.mqtt import publish_properties
+from protocol.records import FrameRecord, RunEndRecord
 from video.detector import Detections, Detector
 from video.pipeline import CloudOnlyLoop, DeviceLoop, LoopConfig
 
@@ -76,15 +73,16 @@ class CameraAgent:
     def __init__(self, config: CameraConfig) -> None:
         self.config = config
         self.device_id = config.device_id
-        self.run_id = (
-            config.run_id or f"{config.device_id}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        )
+        self.session = RunSession(config)
+        self.run_id = self.session.run_id
         self._lock = threading.Lock()
         self._sent: Dict[bytes, _Sent] = {}
         # answers held for their injected delay: (available, arrival no, frame, dets, sent, cloud_ms, bytes)
         self._arrived: List[Tuple[float, int, int, Detections, float, float, int]] = []
         self._arrival_no = 0
         self.summary = CameraSummary(self.run_id, config.method)
+        self.outbox_left: Dict[str, int] = {}
+        self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> CameraAgent:
@@ -92,51 +90,71 @@ class CameraAgent:
         self.card: Dict[str, Any] = json.loads((cfg.model_dir / "card.json").read_text())
         self.detector = Detector.from_card(cfg.model_dir, "edge", threads=cfg.threads)
         edge = self.card["models"]["edge"]
-        cfg.state_dir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(cfg.state_dir / f"outbox-{self.device_id}.sqlite")
-        self._start_no = Counter(self.outbox, f"start/{self.run_id}", block=1).take()
-        self._frames = Counter(self.outbox, self.run_id)
-        self._windows = Counter(self.outbox, f"window/{self.run_id}")
-        self.energy = DeviceEnergy(cfg.meters, cfg.meter_options)
-        from metering import AnalyticModel
-
         height, width = self.detector.input_hw
         # Per detector run: its MACs and, as the bytes it moves, its weights (float32) and the frame.
-        self._analytic_j = AnalyticModel().energy_j(
-            macs=edge["macs"], bytes_moved=4 * edge["params"] + height * width
-        )
-        self.link = Link.for_config(cfg, self.outbox, self._on_reply, tick_s=0.05)
-        self.sink = RecordSink(
-            run_id=self.run_id,
-            outbox=self.outbox,
-            results_topic=cfg.topics.results(self.device_id),
-            batches=Counter(self.outbox, "batch"),
-            outbox_wait_s=cfg.outbox_wait_s,
-        )
-        self.link.hooks.append(lambda connected: self.sink.flush(block=False))
-        self._emit("run", self._run_record().to_map())
-        self.link.start()
-        if not self.link.wait_connected(cfg.connect_timeout_s) and self.link.refused is not None:
-            self.link.close()
-            self.outbox.close()
-            raise BrokerUnusable(self.link.refused)
-        idle = self.energy.measure_idle(cfg.idle_seconds)
-        if idle is not None:
-            self._emit("idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map())
+        costs = {
+            "blocks": {"edge": {"macs": edge["macs"], "bytes_moved": 4 * edge["params"] + height * width}}
+        }
+        self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, costs)
+        try:
+            self._start_parts()
+        except BaseException:
+            self._teardown()
+            raise
         return self
 
-    def close(self) -> CameraSummary:
+    def _start_parts(self) -> None:
         cfg = self.config
-        self.sink.flush(block=True)
-        count = int(self.outbox.get_state(f"count/{self.sink.count_name}") or 0)
-        self._emit("run_end", RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map())
-        if not self.link.drain(cfg.close_timeout_s):
-            logger.warning("closing with %s still in the outbox (sent next start)", self.outbox.counts())
-        self.outbox_left = self.outbox.counts()
-        self.link.close()
-        self.energy.close()
-        self.outbox.close()
+        self.session.open(self._on_reply, tick_s=0.05)
+        if self.session.start_no > 0:
+            # Frames are not tracked like a dataset's items: a second start would record every frame again.
+            raise ValueError(
+                f"run id {self.run_id!r} has run on this device before: a camera run is not resumed"
+            )
+        self.outbox, self.link, self.sink = self.session.outbox, self.session.link, self.session.sink
+        self._frames = self.session.counter("sample")
+        self._windows = self.session.counter("window")
+        self.link.hooks.append(lambda connected: self.sink.flush(block=False))
+        self.session.connect(
+            lambda: run_record(
+                cfg,
+                self.run_id,
+                policy=cfg.method,
+                params={
+                    "detect_every": cfg.detect_every,
+                    "cloud_every": cfg.cloud_every,
+                    "extra_delay_ms": cfg.extra_delay_ms,
+                    "fps": cfg.fps,
+                },
+                meter=self.energy.source,
+                providers=self.detector.session.get_providers(),
+                task="video",
+            ).to_map()
+        )
+        idle = self.energy.measure_idle(cfg.idle_seconds)
+        if idle is not None:
+            self.session.emit_once(
+                "idle_baseline", baseline_record(idle, self.run_id, self.device_id).to_map()
+            )
+
+    def close(self) -> CameraSummary:
+        """Records to the outbox, `run_end`, the outbox drained (bounded); closed even when that fails."""
+        if self._closed:
+            return self.summary
+        self._closed = True
+        try:
+            self.outbox_left = self.session.finish(
+                lambda count: RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map()
+            )
+        finally:
+            self._teardown()
         return self.summary
+
+    def _teardown(self) -> None:
+        try:
+            self.session.close()
+        finally:
+            self.energy.close()
 
     def __enter__(self) -> CameraAgent:
         return self.start()
@@ -169,9 +187,10 @@ class CameraAgent:
                 state = self._frame(loop, clip, index, np.ascontiguousarray(frame))
                 window.add(state.compute_s)
                 members.append(state)
-                if window.count >= self.config.window_size:
-                    self._close_window(window, members)
+                if self._due(window):
+                    closing = window
                     window = None
+                    self._close_window(closing, members)
             if window is not None:
                 self._close_window(window, members)
             if stop.is_set():
@@ -179,6 +198,10 @@ class CameraAgent:
         self.summary.seconds = time.monotonic() - started
         self.sink.flush(block=True)
         return self.summary
+
+    def _due(self, window: OpenWindow) -> bool:
+        cfg = self.config
+        return window.count >= cfg.window_size or time.monotonic() - window.opened >= cfg.window_max_s
 
     def _new_loop(self) -> Any:
         cfg = self.config
@@ -211,9 +234,7 @@ class CameraAgent:
             bytes_up = self._offload(clip, index, seq, frame)
             if bytes_up:
                 loop.mark_sent(index)
-        ran_detector = self.config.method != "cloud-only" and index % loop.config.detect_every == 0
-        self.summary.frames += 1
-        self.summary.edge_ms.append(compute_s * 1000.0)
+        self.summary.add_frame(compute_s * 1000.0)
         dets = output.detections
         boxes = [
             [round(float(v), 2) for v in box] + [round(float(score), 4), int(label)]
@@ -236,7 +257,7 @@ class CameraAgent:
             cloud_ms=cloud_ms,
             device_j_gross=None,
             device_j_net=None,
-            device_j_analytic=self._analytic_j if ran_detector else 0.0,
+            device_j_analytic=self.energy.analytic_j(["edge"]) if loop.ran_detector else 0.0,
             energy_source=self.energy.source,
             ts_unix=time.time(),
         ).to_map()
@@ -247,10 +268,10 @@ class CameraAgent:
         seq = self._windows.take()
         if energy.window is not None:
             record = window_record(energy.window, self.run_id, self.device_id, seq).to_map()
-            self.sink.add(Finished(energy_key("energy_window", self.run_id, self.device_id, seq), record))
+            self.sink.add(Finished(entry_key("energy_window", self.run_id, self.device_id, seq), record))
         for state, (gross_j, net_j) in zip(members, energy.per_inference):
             state.record["device_j_gross"], state.record["device_j_net"] = gross_j, net_j
-            key = f"frame/{self.run_id}/{self.device_id}/{state.record['seq']}"
+            key = entry_key("frame", self.run_id, self.device_id, state.record["seq"])
             self.sink.add(Finished(key, state.record, counted=True))
 
     # -- the cloud ------------------------------------------------------------------------------------
@@ -260,7 +281,7 @@ class CameraAgent:
         payload = encode_offload(
             OffloadRequest(self.run_id, self.device_id, seq, frame[None], time.time_ns())
         )
-        corr = f"{self.run_id}/{seq}".encode()
+        corr = correlation(self.run_id, seq)
         wait_s = cfg.deadline_s + cfg.extra_delay_ms / 1000.0
         props = publish_properties(
             content_type=CONTENT_TYPE_OFFLOAD,
@@ -313,30 +334,3 @@ class CameraAgent:
             frames = [self._sent.pop(corr).frame for corr in late]
         self.summary.lost += len(frames)
         return frames
-
-    # -- records --------------------------------------------------------------------------------------
-    def _run_record(self) -> RunRecord:
-        import onnxruntime
-
-        cfg = self.config
-        return RunRecord(
-            run_id=self.run_id,
-            device_id=self.device_id,
-            policy=cfg.method,
-            policy_params={
-                "detect_every": cfg.detect_every,
-                "cloud_every": cfg.cloud_every,
-                "extra_delay_ms": cfg.extra_delay_ms,
-                "fps": cfg.fps,
-            },
-            profile=cfg.profile,
-            dataset=cfg.dataset,
-            split=cfg.split,
-            model_sha256=sha256_file(cfg.model_dir / "card.json"),
-            code_revision=code_revision(),
-            host={"onnxruntime": onnxruntime.__version__, "meter": self.energy.source, "task": "video"},
-            started_unix=time.time(),
-        )
-
-    def _emit(self, kind: str, record: Dict[str, Any]) -> None:
-        self.sink.emit(record, f"{kind}/{self.run_id}/{self.device_id}/{self._start_no}")

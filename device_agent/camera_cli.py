@@ -60,11 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit codes as `edgecascade agent`'s: 0 done; 1 the collector refused records, or the run failed; 2 bad
+    arguments or a broker, model or state directory that cannot work; 3 results still wait in the outbox."""
     import signal
     import threading
 
     from device_agent.camera import CameraAgent
     from device_agent.camera_config import CameraConfig
+    from device_agent.cli import delivery_exit_code
+    from device_agent.outbox import OutboxFull, OutboxInUse
     from protocol.mqtt import BrokerAddress, BrokerUnusable, read_secret
     from protocol.topics import Topics
     from video.sources import capture_frames, parse_video_source, synthetic_clips
@@ -98,16 +102,29 @@ def run(args: argparse.Namespace) -> int:
             dataset=args.source,
         )
         agent = CameraAgent(config).start()
-    except (ValueError, OSError, KeyError, BrokerUnusable) as exc:
+    except (ValueError, OSError, KeyError, BrokerUnusable, OutboxInUse) as exc:
         print(f"edgecascade camera: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         summary = agent.run(clips, stop)
-    finally:
         agent.close()
+    except (OutboxFull, RuntimeError, OSError) as exc:  # no room for hours, a failing disk or source
+        print(f"edgecascade camera: {exc}", file=sys.stderr)
+        try:
+            agent.close()
+        except Exception as again:
+            print(f"edgecascade camera: closing failed too: {again}", file=sys.stderr)
+        return 3 if isinstance(exc, OutboxFull) else 1
     out = summary.as_dict()
     out["outbox_left"] = agent.outbox_left
+    out["refused_records"] = agent.session.refused_records
     print(json.dumps(out))
-    return 3 if out["outbox_left"].get("record") else 0
+    return delivery_exit_code(
+        "edgecascade camera",
+        refused=agent.session.refused,
+        refused_records=agent.session.refused_records,
+        records_left=agent.outbox_left.get("record", 0),
+        broker=config.broker,
+    )

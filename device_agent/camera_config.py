@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from device_agent.config import check_positive
 from protocol.ids import check_device_id, check_run_id
@@ -14,6 +15,7 @@ from protocol.topics import Topics
 # edge-only: the detector on every frame; edge+tracker: every k-th, tracked between; cloud-only: no detector,
 # the latest cloud answer carried forward and tracked; react: edge every k-th + tracker + cloud fusion.
 METHODS = ("edge-only", "edge+tracker", "cloud-only", "react")
+EDGE_MS_KEPT = 10_000  # per-frame edge times a summary keeps (its p50 is over these)
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,8 @@ class CameraConfig:
     meters: List[str] = field(default_factory=lambda: ["rapl", "estimate"])
     meter_options: Dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 0.0
-    window_size: int = 30  # frames per energy window (one second at 30 fps)
+    window_size: int = 30  # frames per energy window (one second at 30 fps) ...
+    window_max_s: float = 1.0  # ... and at most this long open (a slow source)
     results_batch: int = 100
     flush_s: float = 0.2
     results_receipts: bool = True
@@ -45,6 +48,8 @@ class CameraConfig:
     connect_timeout_s: float = 10.0
     close_timeout_s: float = 30.0
     outbox_wait_s: Optional[float] = 300.0
+    outbox_max_entries: int = 200_000
+    outbox_max_bytes: int = 512 * 1024 * 1024
     dataset: str = "synthetic-video"
     split: str = "test"
     profile: str = "x86"
@@ -61,10 +66,11 @@ class CameraConfig:
             raise ValueError("detect_every and cloud_every must be at least 1")
         for name in ("extra_delay_ms", "fps", "idle_seconds", "connect_timeout_s", "close_timeout_s"):
             check_positive(name, getattr(self, name), zero=True)
-        for name in ("deadline_s", "flush_s", "receipt_timeout_s"):
+        for name in ("deadline_s", "flush_s", "receipt_timeout_s", "window_max_s"):
             check_positive(name, getattr(self, name))
-        if self.window_size < 1 or self.results_batch < 1:
-            raise ValueError("window_size and results_batch must be at least 1")
+        for name in ("window_size", "results_batch", "outbox_max_entries", "outbox_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def uses_cloud(self) -> bool:
@@ -82,7 +88,11 @@ class CameraSummary:
     late: int = 0  # answers that came after their frame was given up, or for an earlier clip
     seconds: float = 0.0
     behind_s: float = 0.0  # the most the loop ever ran behind the source's clock
-    edge_ms: List[float] = field(default_factory=list, repr=False)
+    edge_ms: Deque[float] = field(default_factory=lambda: deque(maxlen=EDGE_MS_KEPT), repr=False)
+
+    def add_frame(self, edge_ms: float) -> None:
+        self.frames += 1
+        self.edge_ms.append(edge_ms)  # the latest only: a camera runs for months
 
     @property
     def fps(self) -> float:
@@ -101,5 +111,5 @@ class CameraSummary:
             "seconds": round(self.seconds, 3),
             "fps": round(self.fps, 2),
             "behind_s": round(self.behind_s, 3),
-            "edge_ms_p50": ms[len(ms) // 2] if ms else None,
+            "edge_ms_p50": ms[len(ms) // 2] if ms else None,  # of the last EDGE_MS_KEPT frames
         }

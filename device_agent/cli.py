@@ -154,10 +154,12 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit codes: 0 done; 1 nothing could be processed (every sample failed or was refused); 2 bad
-    arguments or a broker/model that cannot work; 3 done, but results still wait in the outbox (the broker
-    or collector was not reached in time: they are sent on the next start)."""
+    """Exit codes: 0 done; 1 nothing could be processed (every sample failed or was refused), the collector
+    refused records, or the agent failed; 2 bad arguments or a broker, model or state directory that cannot
+    work; 3 results still wait in the outbox (the broker or collector was not reached in time, or the outbox
+    filled up: they are sent on the next start)."""
     from device_agent import DeviceAgent
+    from device_agent.outbox import OutboxFull, OutboxInUse
     from device_agent.sources import load_idx_dataset
     from protocol.mqtt import BrokerUnusable
 
@@ -176,27 +178,19 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         agent = DeviceAgent(config).start()
-    except (ValueError, OSError, BrokerUnusable) as exc:  # a missing model dir or card, bad params, TLS
+    except (ValueError, OSError, BrokerUnusable, OutboxInUse) as exc:  # no model or card, bad params, TLS
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
     try:
-        if kind == "dataset":
-            progress = agent.source_progress(args.source)
-            while True:
-                samples = zip(images, (int(y) for y in labels))
-                summary = agent.run_dataset(
-                    _until(samples, stop, args.rate), progress=not args.no_progress, source=args.source
-                )
-                if stop.is_set():
-                    break
-                progress.finish_pass()  # every item is recorded: the next pass (or start) runs anew
-                if not args.loop:
-                    break
-        else:
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
-            summary = agent.watch(source["path"], stop)
-    finally:
+        summary = _serve(agent, args, kind, source, (images, labels) if kind == "dataset" else None, stop)
         final = agent.close()
+    except (OutboxFull, RuntimeError, OSError) as exc:  # no room for hours, a dead loop, a failing disk
+        print(f"edgecascade agent: {exc}", file=sys.stderr)
+        try:
+            agent.close()  # (idempotent: closes what is still open)
+        except Exception as again:
+            logger.error("closing after the failure failed too: %s", again)
+        return 3 if isinstance(exc, OutboxFull) else 1
     out = (final if args.loop else summary).as_dict()
     out["outbox_left"] = final.outbox_left
     out["refused_records"] = final.refused_records
@@ -205,29 +199,62 @@ def run(args: argparse.Namespace) -> int:
     return _exit_code(summary, final, config, agent.link.refused)
 
 
+def _serve(
+    agent: Any, args: argparse.Namespace, kind: str, source: Dict[str, Any], data: Any, stop: Any
+) -> Any:
+    """The source through the agent until it ends (every pass, with --loop) or SIGTERM; its summary."""
+    if kind != "dataset":
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        return agent.watch(source["path"], stop)
+    images, labels = data
+    progress = agent.source_progress(args.source)
+    while True:
+        samples = zip(images, (int(y) for y in labels))
+        summary = agent.run_dataset(
+            _until(samples, stop, args.rate), progress=not args.no_progress, source=args.source
+        )
+        if stop.is_set():
+            return summary
+        progress.finish_pass()  # every item is recorded: the next pass (or start) runs anew
+        if not args.loop:
+            return summary
+
+
 def _exit_code(summary: Any, final: Any, config: Any, refused: Any = None) -> int:
-    if refused:
-        print(f"edgecascade agent: {refused}", file=sys.stderr)
-        return 2
-    if summary.samples == 0 and (summary.failed or summary.rejected_inputs):
+    if summary.samples == 0 and (summary.failed or summary.rejected_inputs) and not refused:
         print(
             f"edgecascade agent: no sample could be processed ({summary.failed} failed, "
             f"{summary.rejected_inputs} not an image the model takes)",
             file=sys.stderr,
         )
         return 1
-    if final.refused_records:
+    return delivery_exit_code(
+        "edgecascade agent",
+        refused=refused,
+        refused_records=final.refused_records,
+        records_left=final.outbox_left.get("record", 0),
+        broker=config.broker,
+    )
+
+
+def delivery_exit_code(
+    prog: str, *, refused: Any, refused_records: int, records_left: int, broker: Any
+) -> int:
+    """How a device's results fared, as the exit code every device command documents: 2 the broker refused
+    us for good, 1 the collector refused records, 3 records still wait in the outbox, else 0."""
+    if refused:
+        print(f"{prog}: {refused}", file=sys.stderr)
+        return 2
+    if refused_records:
         print(
-            f"edgecascade agent: the collector refused {final.refused_records} records "
-            "(see its rejected_records table)",
+            f"{prog}: the collector refused {refused_records} records (see its rejected_records table)",
             file=sys.stderr,
         )
         return 1
-    if final.outbox_left.get("record"):
+    if records_left:
         print(
-            f"edgecascade agent: {final.outbox_left['record']} records still wait in the outbox "
-            f"(broker {config.broker.host}:{config.broker.port} or the collector not reached); "
-            "they are sent on the next start",
+            f"{prog}: {records_left} records still wait in the outbox (broker {broker.host}:{broker.port} "
+            "or the collector not reached); they are sent on the next start",
             file=sys.stderr,
         )
         return 3

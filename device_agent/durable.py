@@ -11,7 +11,8 @@ describes (the outbox's `also=`), so that after a SIGKILL what the state says an
   outcome on disk — as a record, or as an offload, whose leftover becomes a `fallback` record on the next
   start. A restart skips those and redoes the others, so a kill loses no item and records none twice.
   A dataset source makes passes: a pass that ended is complete, and the next start makes a new one.
-- `bump_count`: a run's records on disk, counted where they are written (`run_end` reports it).
+- `bump_records`: a run's records on disk, counted where they are written (`run_end` reports it).
+- `remember_run`: the state of the last `KEEP_RUNS` runs is kept, older runs' is dropped (bounded state).
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from device_agent.keys import RUN_STATE, run_state, source_stream
 from device_agent.outbox import Outbox
 
 # (stream, item, stamp): one item of one source. `stamp` tells a file rewritten under the same name.
 Origin = Tuple[str, str, str]
+
+KEEP_RUNS = 100  # runs whose state a device keeps (to resume them, or count their records)
 
 _PROGRESS_DDL = (
     "CREATE TABLE IF NOT EXISTS progress (stream TEXT NOT NULL, item TEXT NOT NULL, "
@@ -33,11 +37,11 @@ _PROGRESS_DDL = (
 
 
 class Counter:
-    """Numbers of one kind that a restarted process never hands out again (thread-safe)."""
+    """Numbers of one kind (of one run) that a restarted process never hands out again (thread-safe)."""
 
-    def __init__(self, outbox: Outbox, name: str, block: int = 1024) -> None:
+    def __init__(self, outbox: Outbox, kind: str, run_id: Optional[str] = None, block: int = 1024) -> None:
         self._outbox = outbox
-        self._name = f"seq/{name}"
+        self._name = f"seq/{kind}" if run_id is None else run_state(f"seq/{kind}", run_id)
         self._block = block
         self._lock = threading.Lock()
         self._next = int(outbox.get_state(self._name) or 0)
@@ -46,28 +50,69 @@ class Counter:
     def take(self) -> int:
         with self._lock:
             value = self._next
-            self._next += 1
-            if self._next > self._reserved:
-                self._reserved = value + self._block
-                self._outbox.set_state(self._name, str(self._reserved))
+            if value + 1 > self._reserved:
+                # On disk first: a failed write reserves nothing, and hands out no number.
+                reserved = value + self._block
+                with self._outbox.transaction() as cur:
+                    cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (self._name,))
+                    # Never backwards, whoever wrote it last.
+                    cur.execute(
+                        "UPDATE state SET value = ? WHERE name = ? AND CAST(value AS INTEGER) < ?",
+                        (str(reserved), self._name, reserved),
+                    )
+                self._reserved = reserved
+            self._next = value + 1
             return value
 
 
-def bump_count(name: str, delta: int) -> Callable[[sqlite3.Cursor], None]:
-    """Statements that add `delta` to counter `name` (for `also=`; no UPSERT: Jetson's SQLite is 3.22)."""
+def bump_records(run_id: str, delta: int) -> Callable[[sqlite3.Cursor], None]:
+    """Statements that add `delta` to a run's record count (for `also=`; no UPSERT: Jetson's SQLite is
+    3.22)."""
+    name = run_state("count/records", run_id)
 
     def run(cur: sqlite3.Cursor) -> None:
-        cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (f"count/{name}",))
-        cur.execute(
-            "UPDATE state SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT) WHERE name = ?",
-            (delta, f"count/{name}"),
-        )
+        if delta:
+            cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (name,))
+            cur.execute(
+                "UPDATE state SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT) WHERE name = ?",
+                (delta, name),
+            )
 
     return run
 
 
-def read_count(outbox: Outbox, name: str) -> int:
-    return int(outbox.get_state(f"count/{name}") or 0)
+def read_records(outbox: Outbox, run_id: str) -> int:
+    """A run's records on disk, over every process that took part in it (`run_end` reports it)."""
+    return int(outbox.get_state(run_state("count/records", run_id)) or 0)
+
+
+def remember_run(outbox: Outbox, run_id: str, keep: int = KEEP_RUNS) -> List[str]:
+    """Note that `run_id` starts now and forget the state of all but the `keep` runs started last, so that a
+    device's state stays bounded however often it restarts; the runs forgotten."""
+    order = Counter(outbox, "runs", block=1).take()  # starts in order, whatever the clock does
+    with outbox.transaction() as cur:
+        cur.execute(
+            "INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)",
+            (run_state("started", run_id), str(order)),
+        )
+    rows = outbox.read("SELECT name, value FROM state WHERE substr(name, 1, 8) = 'started/'")
+    newest_first = sorted(rows, key=lambda row: int(row[1]), reverse=True)
+    old = [str(name)[len("started/") :] for name, _ in newest_first[keep:]]
+    for run in old:
+        forget_run(outbox, run)
+    return old
+
+
+def forget_run(outbox: Outbox, run_id: str) -> None:
+    """Drop everything `durable` keeps of one run: it can no longer be resumed."""
+    names = [run_state(what, run_id) for what in RUN_STATE + ("started",)]
+    streams = source_stream(run_id, "")  # every source stream of the run, and their pass state
+    passes = run_state("pass", streams)
+    with outbox.transaction() as cur:
+        cur.executemany("DELETE FROM state WHERE name = ?", [(n,) for n in names])
+        cur.execute("DELETE FROM state WHERE substr(name, 1, ?) = ?", (len(passes), passes))
+        cur.execute(_PROGRESS_DDL)
+        cur.execute("DELETE FROM progress WHERE substr(stream, 1, ?) = ?", (len(streams), streams))
 
 
 def mark_done(origins: Iterable[Optional[Origin]]) -> Callable[[sqlite3.Cursor], None]:
@@ -141,11 +186,11 @@ class SourceProgress:
                 )
 
     def _pass_state(self) -> Dict[str, Any]:
-        raw = self._outbox.get_state(f"pass/{self.stream}")
+        raw = self._outbox.get_state(run_state("pass", self.stream))
         return json.loads(raw) if raw else {"pass": 0, "complete": False}
 
     def _write_pass(self, cur: sqlite3.Cursor, state: Dict[str, Any]) -> None:
         cur.execute(
             "INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)",
-            (f"pass/{self.stream}", json.dumps(state)),
+            (run_state("pass", self.stream), json.dumps(state)),
         )

@@ -66,8 +66,9 @@ class InferenceLoop:
                 break
             if isinstance(item, Stream):
                 if window is not None:
-                    self._close(window, members)
+                    closing = window
                     window = None
+                    self._close(closing, members)
                 self._pull(item)
                 continue
             if window is None:
@@ -78,10 +79,15 @@ class InferenceLoop:
                 window.add(sample.compute_s)
                 members.append(sample)
             if self._due(window) or self.queue.empty():
-                self._close(window, members)
+                closing = window
                 window = None
+                self._close(closing, members)
                 if self.queue.empty():
                     self.agent.link.wake()  # idle: flush now, so that waiting callers hear back soon
+                try:
+                    self._backpressure()
+                except Exception:  # e.g. OutboxFull: the records stay in memory; the next window tries again
+                    logger.exception("the backlog of records could not be written to the outbox")
             watchdog.beat()
         if window is not None:
             self._close(window, members)
@@ -113,20 +119,24 @@ class InferenceLoop:
                     window.add(sample.compute_s)
                     members.append(sample)
                 if self._due(window):
-                    self._close(window, members)
+                    closing = window
                     window = None
+                    self._close(closing, members)
+                    self._backpressure()
                 self.agent.watchdog.beat()
                 count += 1
                 if stream.progress and count % 1000 == 0:
                     rate = count / (time.monotonic() - started)
                     print(f"{count} samples, {rate:.0f}/s", file=sys.stderr, flush=True)
-        except Exception as exc:  # the caller's iterable failed: its run_dataset raises it
-            logger.exception("sample source failed")
+        except Exception as exc:  # the iterable failed, or the outbox had no room: run_dataset raises it
+            logger.exception("the stream of samples stopped")
             stream.error = exc
         finally:
             if window is not None:
                 self._close(window, members)
             stream.exhaust()
+            if stream.error is not None:
+                stream.done.set()  # its started samples are recorded later (or at close): nothing waits
             self.agent.link.wake()
 
     def _process(
@@ -172,8 +182,11 @@ class InferenceLoop:
         energy = window.close()
         self.agent.stats["windows"] += 1
         self.agent.settlement.window_closed(energy, self.windows.take(), members)
-        # Records reach the outbox from the link thread's housekeeping (every tick): a SQLite commit costs
-        # ~1 ms here, which this thread should spend on inferences. Only a backlog (a full outbox) makes
-        # this thread write, and wait for room: backpressure instead of unbounded memory.
+
+    def _backpressure(self) -> None:
+        """Records reach the outbox from the link thread's housekeeping (every tick): a SQLite commit costs
+        ~1 ms here, which this thread should spend on inferences. Only a backlog (a full outbox) makes this
+        thread write, and wait for room (OutboxFull after `outbox_wait_s`): backpressure instead of
+        unbounded memory."""
         if self.agent.settlement.backlog >= READY_BACKLOG:
             self.agent.settlement.flush(block=True)

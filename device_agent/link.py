@@ -376,15 +376,19 @@ class Link:
             entries = self.outbox.take("record", self.results_batch)
             if not entries:
                 return
-            records = [r for e in entries for r in msgpack.unpackb(e.payload, raw=False)]
-            token = self._token_prefix + next(self._token_seq).to_bytes(8, "big")
-            properties = publish_properties(
-                content_type=CONTENT_TYPE_RESULTS,
-                response_topic=self._receipts_topic if self.receipts else None,
-                correlation_data=token if self.receipts else None,
-            )
-            info = self.client.publish(
-                self.topics.results(self.device_id), encode_records(records), qos=1, properties=properties
-            )
+            try:
+                records = [r for e in entries for r in msgpack.unpackb(e.payload, raw=False)]
+                token = self._token_prefix + next(self._token_seq).to_bytes(8, "big")
+                properties = publish_properties(
+                    content_type=CONTENT_TYPE_RESULTS,
+                    response_topic=self._receipts_topic if self.receipts else None,
+                    correlation_data=token if self.receipts else None,
+                )
+                info = self.client.publish(
+                    self.topics.results(self.device_id), encode_records(records), qos=1, properties=properties
+                )
+            except BaseException:  # not on the wire: back in line (the error is logged by the tick)
+                self.outbox.release([e.id for e in entries])
+                raise
             self._batches[token] = _Batch(info, [e.id for e in entries], len(records))
             self.stats["batches"] += 1

@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from device_agent.keys import correlation, entry_key
 from device_agent.link import Link
 from device_agent.outbox import Also, Outbox
 from protocol import CONTENT_TYPE_OFFLOAD, OffloadReply, ProtocolError, Topics, decode_reply
@@ -68,11 +69,13 @@ class OffloadTracker:
         max_inflight: int = 64,
         deadline_s: float = 2.0,
         resend_s: Optional[float] = None,
+        outbox_wait_s: Optional[float] = None,
     ) -> None:
         self.link = link
         self.outbox = outbox
         self.run_id = run_id
         self.deadline_s = deadline_s
+        self.outbox_wait_s = outbox_wait_s  # waiting for room in a full outbox, then OutboxFull
         # Sent once more when unanswered this long: a cloud worker that died with our request in flight
         # takes it with its clean session (see cloud_worker.worker); a survivor in the group answers the copy.
         self.resend_s = deadline_s / 2 if resend_s is None else resend_s
@@ -82,6 +85,7 @@ class OffloadTracker:
         self._window = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()
         self._pending: typing.OrderedDict[bytes, _Pending] = collections.OrderedDict()
+        self._settling = 0  # out of `_pending`, their `on_settled` still running: not idle yet
         self._settled: typing.OrderedDict[bytes, Tuple[str, float]] = collections.OrderedDict()
         self._remember_s = REMEMBER_DEADLINES * deadline_s
         self.stats: Dict[str, int] = {
@@ -98,7 +102,7 @@ class OffloadTracker:
         }
 
     def correlation(self, seq: int) -> bytes:
-        return f"{self.run_id}/{seq}".encode()
+        return correlation(self.run_id, seq)
 
     def offload(
         self, sample: Any, seq: int, payload: bytes, partial_record: Dict[str, Any], also: Also = None
@@ -111,15 +115,20 @@ class OffloadTracker:
             self.stats["window_waits"] += 1
             self._window.acquire()
         deadline_mono = time.monotonic() + self.deadline_s
-        outbox_id = self.outbox.put(
-            f"offload/{self.run_id}/{partial_record['device_id']}/{seq}",
-            "offload",
-            self._topic,
-            b"",
-            meta=partial_record,
-            deadline_unix=time.time() + self.deadline_s,
-            also=also,
-        )
+        try:
+            outbox_id = self.outbox.put(
+                entry_key("offload", self.run_id, partial_record["device_id"], seq),
+                "offload",
+                self._topic,
+                b"",
+                meta=partial_record,
+                deadline_unix=time.time() + self.deadline_s,
+                timeout=self.outbox_wait_s,
+                also=also,
+            )
+        except BaseException:  # not queued: its slot in the window is free again
+            self._window.release()
+            raise
         if outbox_id is None:  # this key was offloaded before: never twice
             self._window.release()
             raise ValueError(f"sample {seq} of run {self.run_id} was already offloaded")
@@ -176,9 +185,19 @@ class OffloadTracker:
                 return
             self._remember(key, "answered")
             self.stats["answered"] += 1
+            self._settling += 1
         self._window.release()
         rtt_ms = None if pending.sent_mono is None else (time.monotonic() - pending.sent_mono) * 1000.0
-        self._on_settled(Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload)))
+        self._settle([Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload))])
+
+    def _settle(self, outcomes: typing.List[Settled]) -> None:
+        """Hand outcomes (counted in `_settling` by the caller, under the lock) to the agent."""
+        try:
+            for settled in outcomes:
+                self._on_settled(settled)
+        finally:
+            with self._lock:
+                self._settling -= len(outcomes)
 
     def _remember(self, key: bytes, how: str) -> None:
         now = time.monotonic()
@@ -201,6 +220,7 @@ class OffloadTracker:
                     del self._pending[key]
                     self._remember(key, "fallback")
                     self.stats["fallbacks"] += 1
+                    self._settling += 1
                     expired.append(pending)
                 elif not connected:
                     continue
@@ -212,18 +232,19 @@ class OffloadTracker:
                     pending.resent = True
                     self.stats["resent"] += 1
                     to_send.append((key, pending))
-        for pending in expired:
+        for _ in expired:
             self._window.release()
-            self._on_settled(Settled(pending.sample, pending.outbox_id, None))
+        self._settle([Settled(pending.sample, pending.outbox_id, None) for pending in expired])
         for key, pending in to_send:
             self._send(key, pending)
 
     def in_flight(self) -> int:
+        """Offloads not yet settled: awaiting an answer, or being settled right now."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._settling
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every offload is settled (answered or fallen back)."""
+        """Wait until every offload is settled (answered or fallen back) and its record is with the sink."""
         deadline = time.monotonic() + timeout
         while self.in_flight():
             if time.monotonic() >= deadline:

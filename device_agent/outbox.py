@@ -22,6 +22,7 @@ and raises `OutboxFull` when none appears in time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import sqlite3
 import threading
@@ -62,6 +63,10 @@ Also = Optional[Callable[[sqlite3.Cursor], None]]  # extra statements for the sa
 
 class OutboxFull(RuntimeError):
     """The outbox is at its bound and nothing was acknowledged in time: the broker has been away too long."""
+
+
+class OutboxInUse(RuntimeError):
+    """Another process has this outbox open: two agents with one device id and state directory."""
 
 
 class OutboxConflict(RuntimeError):
@@ -111,18 +116,14 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries
         self.max_bytes = max_bytes
+        self._holder = _lock_exclusively(self.path.with_name(self.path.name + ".lock"))
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)
-        # One connection shared under a lock: every operation is a few statements long.
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a power cut may lose the last commits but never corrupts the file.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        # A bounded write-ahead log: checkpoint every 256 pages (1 MiB) and cut the file back to 1 MiB after
-        # each, so the file on flash does not keep the size of its largest burst (a broker outage's backlog).
-        self._db.execute("PRAGMA wal_autocheckpoint=256")
-        self._db.execute("PRAGMA journal_size_limit=1048576")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = _open_db(self.path)
+        except BaseException:
+            self._holder.close()
+            raise
         self._depth = 0
         self._delta = (0, 0)  # (entries, bytes) added by the open transaction
         with self._lock:
@@ -369,8 +370,39 @@ class Outbox:
         return True
 
     def close(self) -> None:
+        """Idempotent."""
         with self._lock:
             self._db.close()
+            self._holder.close()  # and with it the lock
+
+
+def _open_db(path: Path) -> sqlite3.Connection:
+    # One connection, shared under the outbox's lock: every operation is a few statements long.
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+    db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a power cut may lose the last commits but never corrupts the file.
+    db.execute("PRAGMA synchronous=NORMAL")
+    # A bounded write-ahead log: checkpoint every 256 pages (1 MiB) and cut the file back to 1 MiB after
+    # each, so the file on flash does not keep the size of its largest burst (a broker outage's backlog).
+    db.execute("PRAGMA wal_autocheckpoint=256")
+    db.execute("PRAGMA journal_size_limit=1048576")
+    db.executescript(_SCHEMA)
+    return db
+
+
+def _lock_exclusively(path: Path) -> Any:
+    """An open file holding an exclusive lock on `path`, or OutboxInUse. Two processes on one outbox would
+    hand out the same sequence numbers and take each other's MQTT session (the client id is the device id)."""
+    holder = open(path, "a+")  # noqa: SIM115 (held open for the outbox's life: the lock lives with it)
+    try:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder.close()
+        raise OutboxInUse(
+            f"{path.with_suffix('')} is in use by another process (is another agent running as this device, "
+            "with this --state-dir?)"
+        ) from exc
+    return holder
 
 
 def _entry(row: Tuple[Any, ...]) -> Entry:

@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -131,27 +131,38 @@ class Stream:
                 self.done.set()
 
 
-def run_record(agent: Any) -> RunRecord:
-    """The `run` record that opens a run (or announces its resumption)."""
+def run_record(
+    config: Any,
+    run_id: str,
+    *,
+    policy: str,
+    params: Dict[str, Any],
+    meter: str,
+    providers: Sequence[str],
+    **host: Any,
+) -> RunRecord:
+    """The `run` record that opens a run (or announces its resumption); `config` is an `AgentConfig` or a
+    `CameraConfig`, `host` adds facts about the device (e.g. `task="video"`)."""
     import onnxruntime
 
     return RunRecord(
-        run_id=agent.run_id,
-        device_id=agent.device_id,
-        policy=agent.policy.name,
-        policy_params=plain(agent.policy.params()),
-        profile=agent.config.profile,
-        dataset=agent.config.dataset,
-        split=agent.config.split,
-        model_sha256=sha256_file(agent.config.model_dir / "card.json"),
+        run_id=run_id,
+        device_id=config.device_id,
+        policy=policy,
+        policy_params=plain(params),
+        profile=config.profile,
+        dataset=config.dataset,
+        split=config.split,
+        model_sha256=sha256_file(config.model_dir / "card.json"),
         code_revision=code_revision(),
         host={
             "hostname": socket.gethostname(),
             "machine": platform.machine(),
             "python": platform.python_version(),
             "onnxruntime": onnxruntime.__version__,
-            "providers": list(agent.config.providers),
-            "meter": agent.energy.source,
+            "providers": list(providers),
+            "meter": meter,
+            **host,
         },
         started_unix=time.time(),
     )

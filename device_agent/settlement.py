@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, List, Optional
+from typing import Any, List
 
-from device_agent.durable import Counter
 from device_agent.energy import WindowEnergy, window_record
+from device_agent.keys import entry_key
 from device_agent.offloads import Settled
 from device_agent.outbox import Outbox
 from device_agent.policies import Outcome, Policy
 from device_agent.runs import RunSummary
 from device_agent.samples import Sample, record_of
-from device_agent.sink import Finished, RecordSink, energy_key
+from device_agent.sink import Finished, RecordSink
 from protocol import InferenceRecord, validate_record
 
 logger = logging.getLogger(__name__)
@@ -39,12 +39,10 @@ class Settlement:
         run_id: str,
         device_id: str,
         outbox: Outbox,
-        results_topic: str,
-        batches: Counter,
+        sink: RecordSink,
         policy: Policy,
         energy: Any,
         summary: RunSummary,
-        outbox_wait_s: Optional[float],
     ) -> None:
         self.run_id = run_id
         self.device_id = device_id
@@ -54,16 +52,8 @@ class Settlement:
         self.summary = summary
         self.records = 0
         self._lock = threading.Lock()
-        self.sink = RecordSink(
-            run_id=run_id,
-            outbox=outbox,
-            results_topic=results_topic,
-            batches=batches,
-            outbox_wait_s=outbox_wait_s,
-        )
-        self.count_name = self.sink.count_name
-        self.flush = self.sink.flush
-        self.emit = self.sink.emit
+        self.sink = sink
+        self.flush = sink.flush
 
     # -- outcomes -------------------------------------------------------------------------------------
     def edge_exit(self, sample: Sample) -> None:
@@ -86,7 +76,7 @@ class Settlement:
         """A closed energy window: its record (none without a meter figure) and each member's joules."""
         if energy.window is not None:
             record = window_record(energy.window, self.run_id, self.device_id, window_seq).to_map()
-            key = energy_key("energy_window", self.run_id, self.device_id, window_seq)
+            key = entry_key("energy_window", self.run_id, self.device_id, window_seq)
             self.sink.add(Finished(key, validate_record(record)))
         for sample, (gross_j, net_j) in zip(members, energy.per_inference):
             with self._lock:
@@ -121,7 +111,7 @@ class Settlement:
                 return
             sample.finished = True
         result = self.record(sample, sample.exit_stage)
-        key = f"inference/{self.run_id}/{self.device_id}/{sample.seq}"
+        key = entry_key("inference", self.run_id, self.device_id, sample.seq)
         sample.image = None  # the record is all we keep
         self.sink.add(
             Finished(
@@ -142,8 +132,8 @@ class Settlement:
         with self._lock:
             self.summary.add(result)
             self.records += 1
-        if sample.future is not None:
-            sample.future.set_result(result)
+        if sample.future is not None and sample.future.set_running_or_notify_cancel():
+            sample.future.set_result(result)  # (a caller who cancelled it does not want it)
         if sample.sink is not None:
             sample.sink(result)
 

@@ -13,11 +13,13 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -245,8 +247,16 @@ def test_a_broker_never_reached_exits_3_and_keeps_the_records(
     )  # fmt: skip
     assert code == 3
     captured = capsys.readouterr()
-    # 20 inferences, their energy window, the run and run_end records
-    assert json.loads(captured.out)["outbox_left"]["record"] == 23
+    from device_agent.outbox import Outbox
+
+    box = Outbox(tmp_path / "outbox-cam-01.sqlite")
+    kinds = collections.Counter(
+        r["type"] for e in box.take("record", 1000) for r in msgpack.unpackb(e.payload)
+    )
+    box.close()
+    # every inference, its energy window(s) (a loaded host may split 20 samples in two), run and run_end
+    assert kinds["inference"] == 20 and kinds["run"] == kinds["run_end"] == 1 and kinds["energy_window"] >= 1
+    assert json.loads(captured.out)["outbox_left"]["record"] == sum(kinds.values())
     assert f"broker 127.0.0.1:{port} or the collector not reached" in captured.err
 
 
@@ -324,10 +334,13 @@ def test_records_the_collector_refused_are_reported_never_taken_for_stored(
             properties=props,
         )
 
+    subscribed = threading.Event()
     refusing.on_message = refuse
+    refusing.on_subscribe = lambda *_: subscribed.set()
     refusing.connect(broker.host, broker.port)
     refusing.subscribe(topics.results(device), qos=1)
     refusing.loop_start()
+    assert subscribed.wait(10), "the refusing collector's SUBACK"
     try:
         config = AgentConfig(
             device_id=device,
@@ -347,4 +360,44 @@ def test_records_the_collector_refused_are_reported_never_taken_for_stored(
         refusing.loop_stop()
         refusing.disconnect()
     assert final.outbox_left == {"record": 0, "offload": 0}
-    assert final.refused_records == 23  # 20 inferences, their energy window, run and run_end: all refused
+    # 20 inferences, their energy window(s), run and run_end: all refused
+    assert final.refused_records == 20 + agent.stats["windows"] + 2
+
+
+def test_an_outbox_that_stays_full_stops_the_pass_with_outbox_full_and_loses_no_window(
+    tiny_models: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The broker is gone for longer than the outbox lasts. Before: the full outbox killed the inference
+    thread from inside its `finally` (run_dataset: "thread is gone"), after recording one energy window
+    twice; close() then left the link, meter and outbox open."""
+    from tinymodels import tiny_images
+
+    from broker.launcher import find_free_port
+    from device_agent import AgentConfig, DeviceAgent, inference
+    from device_agent.outbox import Outbox, OutboxFull
+    from protocol.mqtt import BrokerAddress
+
+    monkeypatch.setattr(inference, "READY_BACKLOG", 16)  # the backlog at which the loop writes itself
+    config = AgentConfig(
+        device_id="cam-full",
+        broker=BrokerAddress("127.0.0.1", find_free_port(), "cam-full", ""),  # nobody listens there
+        model_dir=tiny_models,
+        state_dir=tmp_path,
+        policy={"name": "edge-only"},
+        meters=["estimate"],
+        idle_seconds=0.0,
+        window_size=4,
+        outbox_max_entries=3,
+        outbox_wait_s=0.2,
+        connect_timeout_s=0.2,
+        close_timeout_s=0.2,
+    )
+    agent = DeviceAgent(config).start()
+    with pytest.raises(OutboxFull):
+        agent.run_dataset([(image, 1) for image in tiny_images(200)])
+    assert agent._thread is not None and agent._thread.is_alive()  # the loop still serves
+    held = [f.key for f in agent.settlement.sink._ready]
+    assert len(held) == len(set(held)) and sum(k.startswith("energy_window/") for k in held) >= 1
+    with pytest.raises(OutboxFull):
+        agent.close()  # run_end cannot be written either: said so, and everything is closed
+    Outbox(tmp_path / "outbox-cam-full.sqlite").close()  # the lock was released with it

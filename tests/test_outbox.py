@@ -133,25 +133,3 @@ def test_wait_empty(tmp_path: Path) -> None:
     threading.Timer(0.05, lambda: box.ack([e.id for e in box.take("record", 1)])).start()
     assert box.wait_empty("record", 5)
     assert box.oldest_pending("record") is None
-
-
-def test_settled_offloads_are_forgotten_by_count_and_by_age(tmp_path: Path, monkeypatch) -> None:
-    """The soak found the agent's memory growing ~0.3 MiB/min: every settled offload's correlation id was
-    kept up to 100,000 of them. Now at most SETTLED_MEMORY, and none older than a few deadlines."""
-    from device_agent import offloads
-    from protocol.topics import Topics
-
-    class Clock:
-        now = 1000.0
-
-    monkeypatch.setattr(offloads.time, "monotonic", lambda: Clock.now)
-    link = type("Link", (), {"connected": threading.Event()})()
-    tracker = offloads.OffloadTracker(
-        link, Outbox(tmp_path / "o.sqlite"), Topics(), "dev", "run", lambda s: None, deadline_s=2.0
-    )
-    for i in range(offloads.SETTLED_MEMORY + 500):
-        tracker._remember(str(i).encode(), "answered")
-    assert len(tracker._settled) == offloads.SETTLED_MEMORY
-    Clock.now += offloads.REMEMBER_DEADLINES * 2.0 + 1.0
-    tracker._remember(b"late", "fallback")
-    assert list(tracker._settled) == [b"late"]

@@ -132,22 +132,49 @@ def test_a_cloud_worker_sigkilled_mid_run_loses_no_frame(broker, site, clips, tm
         )
         config = agent_config(broker, topics, tmp_path, method="react", deadline_s=0.5)
         agent = CameraAgent(config).start()
+        killed = threading.Event()
+        failures: list = []
 
         def kill_once_answering() -> None:
-            wait_for(lambda: agent.summary.answered >= 3, what="the first answers")
-            services.kill("cloud-0")  # no goodbye: its in-flight frames are gone with it
+            try:
+                wait_for(lambda: agent.summary.answered >= 3, what="the first answers")
+                services.kill("cloud-0")  # no goodbye: its in-flight frames are gone with it
+                killed.set()
+            except BaseException as exc:  # seen by the test, not lost in this thread
+                failures.append(exc)
 
         killer = threading.Thread(target=kill_once_answering)
         killer.start()
-        summary = agent.run((c, clips.frames(c)) for c in range(clips.sequences))
+        # The clips twice (4 s at 30 fps): the kill lands seconds before the end, many deadlines of 0.5 s.
+        played = [(c, clips.frames(c)) for c in range(clips.sequences)] * 2
+        summary = agent.run(iter(played))
         killer.join(30)
         agent.close()
     finally:
         services.close()
-    frames = clips.sequences * clips.frames_per_sequence
+    assert not failures and killed.is_set(), failures
+    frames = len(played) * clips.frames_per_sequence
     wait_for(lambda: rows(db, "SELECT COUNT(*) FROM frames")[0][0] == frames, what="every frame's row")
-    assert summary.answered >= 3 and summary.lost >= 1  # answers stopped; the device carried on at the edge
+    # answers stopped with the worker, and the frames it held were given up: the device carried on
+    assert summary.answered >= 3 and summary.lost >= 1
     assert rows(db, "SELECT COUNT(DISTINCT seq) FROM frames") == [(frames,)]
+
+
+def test_a_camera_run_id_is_not_started_twice(broker, site, clips, tmp_path) -> None:
+    """Frames are not tracked like a dataset's items: a second start of one run would record every frame
+    twice (the review found `video_run_summary` counting both copies)."""
+    topics, _db = site
+    config = agent_config(broker, topics, tmp_path, method="edge-only", run_id="cam-run-once", fps=0)
+    agent = CameraAgent(config).start()
+    agent.run([(0, clips.frames(0)[:3])])
+    agent.close()
+    refused = CameraAgent(config)
+    with pytest.raises(ValueError, match="has run on this device before"):
+        refused.start()
+    # The refused start let go of the outbox and its lock (`refused` is still alive: not garbage collected),
+    # so a new run on this device starts (it raised OutboxInUse before).
+    CameraAgent(agent_config(broker, topics, tmp_path, method="edge-only", fps=0)).start().close()
+    assert refused.session.outbox.path.exists()
 
 
 def test_detections_travel_and_bad_tables_are_refused() -> None:

@@ -47,6 +47,7 @@ class _CloudSide:
     def __init__(self) -> None:
         self.in_flight: Optional[int] = None
         self.pending: List[Tuple[int, Detections]] = []
+        self.ran_detector = False  # whether the edge detector ran on the frame processed last
 
     def want_offload(self, index: int) -> bool:
         """Should the frame just processed go to the cloud?"""
@@ -86,7 +87,9 @@ class DeviceLoop(_CloudSide):
         """Edge detector or tracker on this frame, then any cloud answer that came in; the fused output."""
         previous = self.buffer[-1] if self.buffer else None
         self.buffer.append((index, frame))
+        self.ran_detector = False
         if index % self.config.detect_every == 0 or previous is None:
+            self.ran_detector = True
             self.fusion.on_edge(index, self.detect(index, frame))
         elif len(self.fusion.tracks):
             boxes, ok = self.tracker.track(previous[1], frame, self.fusion.boxes())
