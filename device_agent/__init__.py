@@ -3,12 +3,15 @@
 Python >= 3.8, no torch: a device installs `pip install .[device]`. One owner per concept:
 
     agent       DeviceAgent: wires the parts below, submit() -> Future[InferenceRecord]
+    session     RunSession: one run's outbox, numbers, sink and link, shared with the camera agent
+    keys        every name a device gives things: run ids, outbox keys, correlation ids, per-run state
     inference   the windowed edge pass (cascade + meter) on the agent's inference thread
     cascade     the ONNX main/extension sessions; rule: softmax, entropy, the exit decision
     policies    which samples go to the cloud (MEANet, HI, cloud-only, edge-only); hi_online
     offloads    in-flight cloud requests, deadlines and the fallback; settlement: a reply or fallback
                 becomes the final record
-    outbox      the durable SQLite queue of records and offloads; durable: counters and pass progress
+    outbox      the durable SQLite queue of records and offloads (one process each); durable: counters,
+                pass progress, the runs remembered (the last 100)
     sink        RecordSink: record on disk first, then the future resolves
     link        the MQTT connection (paho-mqtt 2.x): publish, replies, reconnect with backoff
     samples     one sample on its way, the EdgeView policies see; runs: a run's opening record and summary

@@ -1,22 +1,17 @@
 """Store-and-forward: a bounded on-disk outbox for offloads and result records (stdlib sqlite3, WAL).
 
-Every result record and every offload is written here before it goes to the broker, and leaves only when it
-is settled: a record batch on the collector's receipt (on the broker's PUBACK without receipts), an offload
-on the cloud's reply or at its deadline (its record, answer or `fallback`, enters in the same transaction).
-While the broker is unreachable entries simply wait; a restarted agent finds them on disk.
+Every result record and offload is written here before it goes to the broker, and leaves only when settled:
+a record batch on the collector's receipt (on the broker's PUBACK without receipts), an offload on the cloud's
+reply or at its deadline (its record, answer or `fallback`, enters in the same transaction). While the broker
+is unreachable entries wait; a restarted agent finds them on disk. One process per outbox (`OutboxInUse`).
 
-Each entry has a key that its writer makes unique for good (from sequence numbers that survive a restart,
-`device_agent.durable`). A key can be pending once: putting it again with the same payload is a harmless
-duplicate (refused and counted), with another payload an `OutboxConflict` — never a silent drop. Nothing is
-kept of an entry once it has left: the collector's unique keys, which compare content, settle re-delivery.
-A record entry may carry several records (`items`; the agent writes the records that finish together as one
-entry: one insert per flush instead of one per sample).
-
-Writers may run their own statements in the transaction of a put or commit (`also`): what `durable` keeps
-about a source's progress must change exactly when the records that prove it do.
-
-The outbox is bounded in entries and payload bytes; `put` waits for room (backpressure on the inference loop)
-and raises `OutboxFull` when none appears in time.
+An entry's key is unique for good (numbers that survive a restart, `device_agent.durable`). A key is pending
+once: put again with the same payload it is a harmless duplicate (refused, counted), with another payload an
+`OutboxConflict`, never a silent drop. Nothing is kept of an entry once it has left: the collector's unique
+keys, which compare content, settle re-delivery. A record entry may carry several records (`items`).
+Writers may add their own statements to a put's or commit's transaction (`also`): what `durable` keeps about
+a source's progress changes exactly when the records that prove it do. Bounded in entries and payload bytes:
+`put` waits for room (backpressure on the inference loop), then raises `OutboxFull`.
 """
 
 from __future__ import annotations
@@ -55,8 +50,7 @@ CREATE INDEX IF NOT EXISTS entries_pending ON entries (kind, inflight, id);
 CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 DROP TABLE IF EXISTS done;
 """
-# (`done` held a tombstone per acknowledged key in earlier versions: unbounded, and it refused new records
-# whose keys happened to collide with old ones. Dropped on open.)
+# (`done`: a tombstone per acknowledged key in earlier versions, unbounded. Dropped on open.)
 
 Also = Optional[Callable[[sqlite3.Cursor], None]]  # extra statements for the same transaction
 
@@ -105,13 +99,7 @@ class NewEntry:
 class Outbox:
     """A bounded, durable queue of messages for the broker, keyed for idempotence. Thread-safe."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        max_entries: int = 200_000,
-        max_bytes: int = 512 * 1024 * 1024,
-    ) -> None:
+    def __init__(self, path: Path, *, max_entries: int = 200_000, max_bytes: int = 512 * 1024 * 1024) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_entries = max_entries

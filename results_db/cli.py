@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -97,7 +98,7 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from protocol.mqtt import BrokerAddress, BrokerUnusable, read_secret
     from protocol.topics import Topics
-    from results_db.collector import CollectorConfig, run_collector
+    from results_db.collector import CollectorConfig
     from results_db.database import DatabaseUnusable
 
     try:
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        stats = run_collector(config, stop)
+        stats = serve(config, stop)
     except (DatabaseUnusable, BrokerUnusable) as exc:
         print(f"edgecascade collect: {exc}", file=sys.stderr)
         return 2
@@ -147,3 +148,27 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(stats, sort_keys=True))
     return 0
+
+
+def serve(config: Any, stop: threading.Event) -> Dict[str, int]:
+    """Run a `Collector` until `stop` is set, KeyboardInterrupt, the writer dies (RuntimeError) or the broker
+    refuses the login for good, at start or on a reconnect (BrokerUnusable); log the counters each minute."""
+    from protocol.mqtt import BrokerUnusable
+    from results_db.collector import Collector
+
+    collector = Collector(config).start()
+    last = time.monotonic()
+    try:
+        while not stop.wait(1.0) and collector.healthy and collector.refused is None:
+            if time.monotonic() - last >= 60:
+                logger.info("collector stats: %s", collector.stats)
+                last = time.monotonic()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        collector.stop()
+    if collector.failed is not None:
+        raise RuntimeError("collector writer failed") from collector.failed
+    if collector.refused is not None:
+        raise BrokerUnusable(collector.refused)
+    return collector.stats

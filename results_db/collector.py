@@ -1,29 +1,22 @@
 """The collector: result records from MQTT into SQL, committed before they are acknowledged.
 
-It subscribes `<root>/+/results` with QoS 1 on a persistent session (clean_start=False and a session expiry),
-so the broker queues results while the collector is away. paho runs with `manual_ack`: a PUBACK goes out only
-after the transaction holding the message's records has committed, so a crash between receipt and commit
-makes the broker re-deliver, and the unique keys make re-delivery write nothing twice (a row of the same key
-is a duplicate only with the same content, see `ingest`). A malformed message, an invalid record (NaN, bad
-ids, ...), a record whose device_id is not the topic's device, another device's run, a row the database
-refuses: each is counted, logged with its topic and kept in `rejected_records` with the reason, in the
-transaction of its batch; then acknowledged, so that it does not block the queue. Unacknowledged messages
-also bound memory: the broker sends at most `max_inflight_messages` (1000) of them before it waits for acks.
+It subscribes `<root>/+/results` with QoS 1 on a persistent session (clean_start=False, a session expiry), so
+the broker queues results while it is away. paho runs with `manual_ack`: the PUBACK goes out only after the
+transaction holding the message's records has committed, so a crash in between makes the broker re-deliver,
+and the unique keys make re-delivery write nothing twice (same key is a duplicate only with the same content,
+see `ingest`). A malformed message, an invalid record (NaN, bad ids), a record of another device or another
+device's run, a row the database refuses: each is counted, logged with its topic and kept once in
+`rejected_records` (keyed by topic and content) in its batch's transaction, then acknowledged so that it does
+not block the queue. The broker sends at most `max_inflight_messages` (1000) unacknowledged: bounded memory.
 
-End to end: a device that asks for it (ResponseTopic = its `receipts` topic, CorrelationData = a batch
-token) gets a receipt once the batch is committed, which says how many of its records were stored and how
-many refused (`protocol.Receipt`): a refused record is never reported as stored. The device keeps the
-records in its outbox until then, so a broker killed after its PUBACK but before delivering to us loses
-nothing: the device sends the batch again when no receipt comes.
+A device that asks (ResponseTopic = its `receipts` topic, CorrelationData = a batch token) gets a receipt
+after the commit, saying how many records were stored and how many refused (`protocol.Receipt`); it keeps
+them in its outbox until then: a broker killed after its PUBACK but before delivering to us loses nothing.
 
-Threads: paho's network thread decodes and validates each message; one writer thread batches, writes (the
-refused records to `rejected_records`) and acks every message, a refused one too, once its transaction has
-committed. The two overlap on two cores because sqlite3 and psycopg release the GIL while the database
-works. A re-delivered refused record is kept once (`rejected_records` is keyed by topic and content).
-
-While the database is down, a batch is retried with back-off and never refused over it; a stop in the
-meantime leaves it unacknowledged for the broker to deliver again. A fault of the database itself that does
-not pass (SQLite's "no such table") stops the writer: the service exits for its supervisor to restart it.
+Threads: paho's network thread decodes and validates; one writer thread batches, writes and acks. They overlap
+on two cores because sqlite3 and psycopg release the GIL while the database works. While the database is down
+a batch is retried with back-off, never refused over it (a stop meanwhile leaves it unacknowledged); a fault
+of the database that does not pass (SQLite's "no such table") stops the writer, for systemd to restart us.
 """
 
 from __future__ import annotations
@@ -83,8 +76,7 @@ class CollectorConfig:
     session_expiry_s: int = 7 * 24 * 3600
     connect_timeout_s: float = 10.0
     retry_max_s: float = 5.0  # back-off ceiling while the database is unavailable
-    # How long stop() waits for the writer: a write hung in the database (a busy SQLite file, a server that
-    # does not answer) must not outlast systemd's TimeoutStopSec (30 s) and end in SIGKILL.
+    # stop() waits this long for a writer hung in the database: less than systemd's TimeoutStopSec (30 s)
     stop_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -406,25 +398,3 @@ class Collector:
         properties = publish_properties(correlation_data=message.correlation)
         client.publish(own, encode_receipt(item.receipt()), qos=1, properties=properties)
         self._count(receipts=1)
-
-
-def run_collector(config: CollectorConfig, stop: Optional[threading.Event] = None) -> Dict[str, int]:
-    """Run until `stop` is set, KeyboardInterrupt, the writer dies (RuntimeError) or the broker refuses the
-    login for good, at start or on a reconnect (BrokerUnusable); log the counters each minute."""
-    stop = stop or threading.Event()
-    collector = Collector(config).start()
-    last = time.monotonic()
-    try:
-        while not stop.wait(1.0) and collector.healthy and collector.refused is None:
-            if time.monotonic() - last >= 60:
-                logger.info("collector stats: %s", collector.stats)
-                last = time.monotonic()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        collector.stop()
-    if collector.failed is not None:
-        raise RuntimeError("collector writer failed") from collector.failed
-    if collector.refused is not None:
-        raise BrokerUnusable(collector.refused)
-    return collector.stats

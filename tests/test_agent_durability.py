@@ -393,11 +393,15 @@ def test_an_outbox_that_stays_full_stops_the_pass_with_outbox_full_and_loses_no_
         close_timeout_s=0.2,
     )
     agent = DeviceAgent(config).start()
-    with pytest.raises(OutboxFull):
-        agent.run_dataset([(image, 1) for image in tiny_images(200)])
-    assert agent._thread is not None and agent._thread.is_alive()  # the loop still serves
-    held = [f.key for f in agent.settlement.sink._ready]
-    assert len(held) == len(set(held)) and sum(k.startswith("energy_window/") for k in held) >= 1
-    with pytest.raises(OutboxFull):
-        agent.close()  # run_end cannot be written either: said so, and everything is closed
+    try:
+        with pytest.raises(OutboxFull):
+            agent.run_dataset([(image, 1) for image in tiny_images(200)])
+        assert agent._thread is not None and agent._thread.is_alive()  # the loop still serves
+        sink = agent.settlement.sink
+        with sink._flush_lock:  # not while the link thread's flush has them out, trying the outbox
+            held = [f.key for f in sink._ready]
+        assert len(held) == len(set(held)) and sum(k.startswith("energy_window/") for k in held) >= 1
+    finally:
+        with pytest.raises(OutboxFull):
+            agent.close()  # run_end cannot be written either: said so, and everything is closed
     Outbox(tmp_path / "outbox-cam-full.sqlite").close()  # the lock was released with it
