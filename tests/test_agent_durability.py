@@ -17,11 +17,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import msgpack
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from broker.launcher import BrokerProcess
 from device_agent.sources import load_idx_dataset
@@ -31,14 +32,6 @@ from results_db import Collector, CollectorConfig
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def rows(db: Path, sql: str) -> List[Any]:

@@ -12,25 +12,17 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Set
 
 import pytest
+from waiting import wait_for
 
 from broker.launcher import BrokerProcess
 from protocol.mqtt import BrokerAddress, connect_properties, new_client
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _wait_for(condition: Any, what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _launch(workdir: Path, *extra: str) -> subprocess.Popen:
@@ -80,7 +72,7 @@ def test_a_restart_keeps_passwords_and_port_and_clients_reconnect(tmp_path: Path
     client.loop_start()
     second = None
     try:
-        _wait_for(lambda: len(connects) == 1, "the first connection")
+        wait_for(lambda: len(connects) == 1, what="the first connection")
         first.send_signal(signal.SIGTERM)
         assert first.wait(10) == 0
         second = _launch(workdir, "--credentials-out", str(creds_file))
@@ -88,7 +80,7 @@ def test_a_restart_keeps_passwords_and_port_and_clients_reconnect(tmp_path: Path
         assert (again["host"], again["port"]) == (info["host"], info["port"])
         assert json.loads(creds_file.read_text())["passwords"] == creds["passwords"]
         assert sorted(again["users"]) == ["cam-01", "cloud", "collector"]
-        _wait_for(lambda: len(connects) >= 2, "the reconnect after the restart")
+        wait_for(lambda: len(connects) >= 2, what="the reconnect after the restart")
         assert all(not r.is_failure for r in connects), connects
         assert (workdir / "credentials.json").stat().st_mode & 0o077 == 0
     finally:
@@ -108,7 +100,7 @@ def test_mosquitto_stops_with_its_launcher(tmp_path: Path, signum: int) -> None:
     assert "mosquitto" in Path(f"/proc/{mosquitto}/cmdline").read_text()
     launcher.send_signal(signum)
     launcher.wait(10)
-    _wait_for(lambda: not _alive(mosquitto), f"mosquitto {mosquitto} to exit after the launcher's {signum!r}")
+    wait_for(lambda: not _alive(mosquitto), what=f"mosquitto {mosquitto} to exit after {signum!r}")
 
 
 def test_a_broker_started_from_a_short_lived_thread_outlives_that_thread(tmp_path: Path) -> None:

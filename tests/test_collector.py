@@ -13,12 +13,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Iterator, List
 
 import paho.mqtt.client as mqtt
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import ProgrammingError
+from waiting import wait_for
 
 from broker.launcher import BrokerProcess
 from protocol.codec import Receipt, decode_receipt, encode_records
@@ -28,15 +29,6 @@ from results_db import Collector, CollectorConfig
 from results_db.synthetic import full_run, inference_records
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
-    """Poll until `condition()` holds; fail (not a timing assertion: a generous deadline) otherwise."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture

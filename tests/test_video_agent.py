@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from waiting import wait_for
 
 from bench.services import ServiceGroup
 from bench.video_eval import evaluate_run
@@ -29,13 +29,6 @@ from video.synth import SynthConfig
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models" / "video-fmnist"
-
-
-def wait_for(condition: Any, timeout_s: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
