@@ -136,8 +136,11 @@ class DeviceAgent:
         self._closed = True
         cfg = self.config
         try:
-            self.loop.queue.put(STOP)
-            if self._thread is not None:
+            if self._thread is not None and self._thread.is_alive():
+                # A loop that died cannot take STOP from a full queue: put only to a live one, which
+                # empties it (bounded, should it die meanwhile, by its longest wait for the outbox).
+                wait = None if cfg.outbox_wait_s is None else cfg.outbox_wait_s + 60.0
+                self.loop.queue.put(STOP, timeout=wait)
                 self._thread.join()
             self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
             self._summary.seconds = time.monotonic() - self._started_mono

@@ -106,7 +106,7 @@ class CameraAgent:
     def _start_parts(self) -> None:
         cfg = self.config
         self.session.open(self._on_reply, tick_s=0.05)
-        if self.session.start_no > 0:
+        if self.session.has_run_before():
             # Frames are not tracked like a dataset's items: a second start would record every frame again.
             raise ValueError(
                 f"run id {self.run_id!r} has run on this device before: a camera run is not resumed"

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from device_agent.camera import CameraAgent
     from device_agent.camera_config import CameraConfig
-    from device_agent.cli import delivery_exit_code
+    from device_agent.cli import close_after_failure, delivery_exit_code
     from device_agent.outbox import OutboxFull, OutboxInUse
     from protocol.mqtt import BrokerAddress, BrokerUnusable, read_secret
     from protocol.topics import Topics
@@ -105,18 +105,20 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError, KeyError, BrokerUnusable, OutboxInUse) as exc:
         print(f"edgecascade camera: {exc}", file=sys.stderr)
         return 2
+    except OutboxFull as exc:  # still full from the last run, and the broker still away
+        print(f"edgecascade camera: {exc}", file=sys.stderr)
+        return 3
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a clean stop: run_end, the outbox drained
+        signal.signal(signum, lambda *_: stop.set())
     try:
         summary = agent.run(clips, stop)
         agent.close()
-    except (OutboxFull, RuntimeError, OSError) as exc:  # no room for hours, a failing disk or source
-        print(f"edgecascade camera: {exc}", file=sys.stderr)
-        try:
-            agent.close()
-        except Exception as again:
-            print(f"edgecascade camera: closing failed too: {again}", file=sys.stderr)
-        return 3 if isinstance(exc, OutboxFull) else 1
+    except BaseException as exc:
+        code = close_after_failure("edgecascade camera", agent, exc)
+        if code is None:
+            raise
+        return code
     out = summary.as_dict()
     out["outbox_left"] = agent.outbox_left
     out["refused_records"] = agent.session.refused_records

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -175,22 +176,24 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # a clean stop: run_end, the outbox drained
+        signal.signal(signum, lambda *_: stop.set())
     try:
         agent = DeviceAgent(config).start()
     except (ValueError, OSError, BrokerUnusable, OutboxInUse) as exc:  # no model or card, bad params, TLS
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
+    except OutboxFull as exc:  # still full from the last run, and the broker still away
+        print(f"edgecascade agent: {exc}", file=sys.stderr)
+        return 3
     try:
         summary = _serve(agent, args, kind, source, (images, labels) if kind == "dataset" else None, stop)
         final = agent.close()
-    except (OutboxFull, RuntimeError, OSError) as exc:  # no room for hours, a dead loop, a failing disk
-        print(f"edgecascade agent: {exc}", file=sys.stderr)
-        try:
-            agent.close()  # (idempotent: closes what is still open)
-        except Exception as again:
-            logger.error("closing after the failure failed too: %s", again)
-        return 3 if isinstance(exc, OutboxFull) else 1
+    except BaseException as exc:
+        code = close_after_failure("edgecascade agent", agent, exc)
+        if code is None:
+            raise
+        return code
     out = (final if args.loop else summary).as_dict()
     out["outbox_left"] = final.outbox_left
     out["refused_records"] = final.refused_records
@@ -204,7 +207,6 @@ def _serve(
 ) -> Any:
     """The source through the agent until it ends (every pass, with --loop) or SIGTERM; its summary."""
     if kind != "dataset":
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
         return agent.watch(source["path"], stop)
     images, labels = data
     progress = agent.source_progress(args.source)
@@ -235,6 +237,26 @@ def _exit_code(summary: Any, final: Any, config: Any, refused: Any = None) -> in
         records_left=final.outbox_left.get("record", 0),
         broker=config.broker,
     )
+
+
+def close_after_failure(prog: str, agent: Any, exc: BaseException) -> Optional[int]:
+    """A run failed with `exc`: one line for what a device command expects (no room for hours, a dead loop,
+    a failing disk), the agent closed all the same (after OutboxFull without waiting for room again), and the
+    exit code: 3 outbox full, 1 the others; None for anything else, which the caller re-raises."""
+    from device_agent.outbox import OutboxFull
+
+    expected = isinstance(exc, (OutboxFull, RuntimeError, OSError, sqlite3.Error))
+    if expected:
+        print(f"{prog}: {exc}", file=sys.stderr)
+    if isinstance(exc, OutboxFull):
+        agent.session.stop_waiting_for_room()
+    try:
+        agent.close()  # idempotent: closes what is still open
+    except Exception as again:
+        logger.error("closing after the failure failed too: %s", again)
+    if not expected:
+        return None
+    return 3 if isinstance(exc, OutboxFull) else 1
 
 
 def delivery_exit_code(

@@ -65,6 +65,27 @@ class Counter:
             return value
 
 
+GLOBAL_COUNTERS = ("batch", "runs")  # `seq/<kind>` of the counters that belong to no run
+
+
+def upgrade_state(outbox: Outbox) -> None:
+    """Rename the state of versions before 2026-12: a run's sample counter was `seq/<run_id>` (now
+    `seq/sample/<run_id>`), so that an upgraded device resumes its run without reusing sample numbers."""
+    rows = outbox.read("SELECT name, value FROM state WHERE substr(name, 1, 4) = 'seq/'")
+    old = [(n, v) for n, v in rows if "/" not in n[4:] and n[4:] not in GLOBAL_COUNTERS]
+    if not old:
+        return
+    with outbox.transaction() as cur:
+        for name, value in old:
+            new = run_state("seq/sample", name[4:])
+            cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (new,))
+            cur.execute(
+                "UPDATE state SET value = ? WHERE name = ? AND CAST(value AS INTEGER) < ?",
+                (str(value), new, int(value)),
+            )
+            cur.execute("DELETE FROM state WHERE name = ?", (name,))
+
+
 def bump_records(run_id: str, delta: int) -> Callable[[sqlite3.Cursor], None]:
     """Statements that add `delta` to a run's record count (for `also=`; no UPSERT: Jetson's SQLite is
     3.22)."""

@@ -1,7 +1,8 @@
 """The names a device gives things, defined once: run ids, outbox keys, correlation ids, per-run state.
 
-Outbox keys are `<kind>/<run_id>/<device_id>/<number>` with numbers from `durable.Counter`, so a key is
-unique for good (the collector's unique keys are the same triple). Per-run state is named
+Offload and run-level entries are keyed `<kind>/<run_id>/<device_id>/<number>`, result batches
+`batch/<number>`, with numbers from `durable.Counter`, so a key is unique for good (a record's own key, the
+collector's unique key, is the same run/device/number triple). Per-run state is named
 `<what>/<run_id>[/...]`; run ids hold no '/' (`protocol.ids`), so a run's state is found by prefix.
 """
 

@@ -17,6 +17,7 @@ a source's progress changes exactly when the records that prove it do. Bounded i
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import sqlite3
@@ -107,17 +108,19 @@ class Outbox:
         self._holder = _lock_exclusively(self.path.with_name(self.path.name + ".lock"))
         self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)
-        try:
-            self._db = _open_db(self.path)
-        except BaseException:
-            self._holder.close()
-            raise
         self._depth = 0
         self._delta = (0, 0)  # (entries, bytes) added by the open transaction
-        with self._lock:
-            # Whatever was on the wire when the last process died was never acknowledged: send it again.
-            self._db.execute("UPDATE entries SET inflight = 0 WHERE inflight != 0")
-            self._recount()
+        try:
+            self._db = _open_db(self.path)
+            with self._lock:
+                # Whatever was on the wire when the last process died was never acknowledged: send it again.
+                self._db.execute("UPDATE entries SET inflight = 0 WHERE inflight != 0")
+                self._recount()
+        except BaseException:
+            if hasattr(self, "_db"):
+                self._db.close()
+            self._holder.close()
+            raise
         self.refused_duplicates = 0
         self.waited_for_room = 0
 
@@ -268,11 +271,13 @@ class Outbox:
         *,
         timeout: Optional[float] = None,
         also: Also = None,
+        bounded: bool = True,
     ) -> Tuple[int, int]:
         """Remove entries, add others and run `also`, in one transaction (settled offloads leave as their
-        records enter), waiting up to `timeout` s for room for the net growth; (removed, added)."""
+        records enter), waiting up to `timeout` s for room for the net growth; (removed, added).
+        `bounded=False` skips the wait: for a replacement that must happen before anything can drain."""
         with self._room:
-            if add:
+            if add and bounded:
                 self._wait_room(add, timeout, freed=self._sizes(remove))
             with self._tx() as cur:
                 removed = 0
@@ -289,13 +294,12 @@ class Outbox:
         return removed, sum(i is not None for i in ids)
 
     def _sizes(self, ids: Sequence[int]) -> Tuple[int, int]:
-        size = 0
-        count = 0
-        for i in ids:
-            row = self._db.execute("SELECT LENGTH(payload) FROM entries WHERE id = ?", (i,)).fetchone()
-            if row is not None:
-                count, size = count + 1, size + int(row[0])
-        return count, size
+        """(entries, bytes) of those of `ids` still here."""
+        rows = [
+            self._db.execute("SELECT LENGTH(payload) FROM entries WHERE id = ?", (i,)).fetchone() for i in ids
+        ]
+        found = [int(row[0]) for row in rows if row is not None]
+        return len(found), sum(found)
 
     def oldest_pending(self, kind: str) -> Optional[float]:
         """Creation time of the oldest entry of `kind` not on the wire."""
@@ -307,10 +311,8 @@ class Outbox:
 
     def all_of(self, kind: str) -> List[Entry]:
         with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM entries WHERE kind = ? ORDER BY id",
-                (kind,),
-            ).fetchall()
+            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM entries WHERE kind = ? ORDER BY id", (kind,))
+            rows = cursor.fetchall()
         return [_entry(r) for r in rows]
 
     # -- small persistent state (sequence numbers, progress: device_agent.durable) -----------------------
@@ -327,10 +329,6 @@ class Outbox:
         with self._lock:
             row = self._db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
         return None if row is None else str(row[0])
-
-    def set_state(self, name: str, value: str) -> None:
-        with self._lock, self._tx() as cur:
-            cur.execute("INSERT OR REPLACE INTO state (name, value) VALUES (?, ?)", (name, value))
 
     # -- introspection --------------------------------------------------------------------------------
     def usage(self) -> Tuple[int, int]:
@@ -386,6 +384,8 @@ def _lock_exclusively(path: Path) -> Any:
         fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         holder.close()
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise  # not another holder (ENOLCK on a file system without locks): say what it is
         raise OutboxInUse(
             f"{path.with_suffix('')} is in use by another process (is another agent running as this device, "
             "with this --state-dir?)"

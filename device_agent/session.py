@@ -1,9 +1,9 @@
 """One run of one device, as every agent (classification or camera) has it: outbox, numbers, sink, link.
 
 `RunSession` owns the steps both agents share, in the order that keeps them honest:
-- `open`: the outbox (one process per device: `OutboxInUse`), the run remembered and old runs' state
-  forgotten (`durable.remember_run`), the number of this start, the record sink and the MQTT link;
-- `connect`: the link up, or `BrokerUnusable` for what no retry heals; only then the `run` record, so that a
+- `open`: the outbox (one process per device: `OutboxInUse`), the record sink and the MQTT link;
+- `connect`: the link up, or `BrokerUnusable` for what no retry heals; only then the run remembered (old
+  runs' state forgotten, `durable.remember_run`), the number of this start and the `run` record, so that a
   device refused by the broker, restarted by systemd every 10 s, leaves no trail of empty runs;
 - `finish`: every finished record to the outbox, `run_end` with the run's count, the outbox drained (bounded);
 - `close`: the link and the outbox closed, whatever failed before.
@@ -15,8 +15,8 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Optional
 
-from device_agent.durable import Counter, read_records, remember_run
-from device_agent.keys import entry_key, new_run_id
+from device_agent.durable import Counter, read_records, remember_run, upgrade_state
+from device_agent.keys import entry_key, new_run_id, run_state
 from device_agent.link import Link, ReplyHandler
 from device_agent.outbox import Outbox
 from device_agent.sink import RecordSink
@@ -44,11 +44,7 @@ class RunSession:
             max_bytes=cfg.outbox_max_bytes,
         )
         try:
-            forgotten = remember_run(self.outbox, self.run_id)
-            if forgotten:
-                logger.info("forgot the state of %d old runs: %s", len(forgotten), ", ".join(forgotten))
-            # One per start of the run: a resumed run's run/run_end never collide with an earlier process's.
-            self.start_no = Counter(self.outbox, "start", self.run_id, block=1).take()
+            upgrade_state(self.outbox)
             self.sink = RecordSink(
                 run_id=self.run_id,
                 outbox=self.outbox,
@@ -66,6 +62,14 @@ class RunSession:
         """Numbers of `kind` (`sample`, `window`) within this run, never reused across its processes."""
         return Counter(self.outbox, kind, self.run_id)
 
+    def has_run_before(self) -> bool:
+        """Whether an earlier process of this run id numbered a sample (a frame) on this device."""
+        return self.outbox.get_state(run_state("seq/sample", self.run_id)) is not None
+
+    def stop_waiting_for_room(self) -> None:
+        """After OutboxFull: closing must not wait `outbox_wait_s` again (systemd's stop timeout is 60 s)."""
+        self.sink.outbox_wait_s = 0.0
+
     def connect(self, run_record: Callable[[], Dict[str, Any]]) -> None:
         """Start the link; BrokerUnusable when the broker refuses us for good. A broker that is merely down
         is retried in the background (the outbox holds everything). Then the `run` record."""
@@ -80,6 +84,12 @@ class RunSession:
                 cfg.broker.port,
                 self.link.last_error or "no answer",
             )
+        # Only now is this start part of the run: a start the broker refuses leaves no state behind.
+        forgotten = remember_run(self.outbox, self.run_id)
+        if forgotten:
+            logger.info("forgot the state of %d old runs: %s", len(forgotten), ", ".join(forgotten))
+        # One per start of the run: a resumed run's run/run_end never collide with an earlier process's.
+        self.start_no = Counter(self.outbox, "start", self.run_id, block=1).take()
         self.emit_once("run", run_record())
 
     def emit_once(self, kind: str, record: Dict[str, Any]) -> None:

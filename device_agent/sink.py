@@ -75,8 +75,9 @@ class RecordSink:
     def flush(self, block: bool) -> None:
         """Everything finished to the outbox in one commit (see the module docstring), then `on_stored`.
 
-        When the commit fails (no room in time, a full disk) every record stays here for the next flush;
-        the error is raised, except for a non-blocking flush that found no room."""
+        When the commit fails (no room in time, a full disk, a record that cannot be packed) every record
+        stays here for the next flush; the error is raised, except for a non-blocking flush that found no
+        room."""
         if not self._flush_lock.acquire(blocking=block):
             return
         try:
@@ -84,23 +85,8 @@ class RecordSink:
                 ready, self._ready = self._ready, []
             if not ready:
                 return
-            step = self.max_records
-            entries = [
-                NewEntry(
-                    f"batch/{self.batches.take()}",
-                    "record",
-                    self.results_topic,
-                    msgpack.packb([r.record for r in ready[i : i + step]], use_bin_type=True),
-                    items=len(ready[i : i + step]),
-                )
-                for i in range(0, len(ready), step)
-            ]
-            also = chain(
-                mark_done(r.origin for r in ready), bump_records(self.run_id, sum(r.counted for r in ready))
-            )
-            offloads = [r.offload_id for r in ready if r.offload_id is not None]
             try:
-                self.outbox.commit(offloads, entries, timeout=self.outbox_wait_s if block else 0, also=also)
+                self._commit(ready, block)
             except BaseException as exc:
                 with self._lock:  # kept, in order, for the next try
                     self._ready[:0] = ready
@@ -115,6 +101,24 @@ class RecordSink:
                     r.on_stored()
                 except Exception:  # one caller's callback must not keep the others from hearing back
                     logger.exception("callback of stored record %s failed", r.key)
+
+    def _commit(self, ready: List[Finished], block: bool) -> None:
+        step = self.max_records
+        entries = [
+            NewEntry(
+                f"batch/{self.batches.take()}",
+                "record",
+                self.results_topic,
+                msgpack.packb([r.record for r in ready[i : i + step]], use_bin_type=True),
+                items=len(ready[i : i + step]),
+            )
+            for i in range(0, len(ready), step)
+        ]
+        also = chain(
+            mark_done(r.origin for r in ready), bump_records(self.run_id, sum(r.counted for r in ready))
+        )
+        offloads = [r.offload_id for r in ready if r.offload_id is not None]
+        self.outbox.commit(offloads, entries, timeout=self.outbox_wait_s if block else 0, also=also)
 
     def emit(self, record: Dict[str, Any], key: str) -> None:
         """A run / run_end / baseline record straight to the outbox, as an entry of its own."""
@@ -135,4 +139,6 @@ class RecordSink:
             self.results_topic,  # an outbox belongs to one device: its results go where ours go
             msgpack.packb([record], use_bin_type=True),
         )
-        self.outbox.commit([remove], [batch], also=bump_records(str(record["run_id"]), 1))
+        # Beyond the byte bound if need be: this runs at start, before the link can free any room, and it
+        # replaces an entry one for one (at most the offload window's worth): waiting would never end.
+        self.outbox.commit([remove], [batch], also=bump_records(str(record["run_id"]), 1), bounded=False)

@@ -289,6 +289,10 @@ def test_a_login_the_broker_refuses_exits_2_at_once(
     assert code == 2 and time.monotonic() - started < 8  # well before the 10 s connect timeout
     err = capsys.readouterr().err
     assert "refused 'cam-refused'" in err and ("not authorized" in err or "bad username or password" in err)
+    # A refused start is no start of a run: under systemd's restarts it would push real runs out of the
+    # device's memory of runs (durable.KEEP_RUNS).
+    state = sqlite3.connect(tmp_path / "s" / "outbox-cam-refused.sqlite").execute("SELECT name FROM state")
+    assert [name for (name,) in state if name.startswith(("started/", "seq/start/"))] == []
 
 
 def test_the_collector_exits_2_on_a_refused_login(broker: BrokerProcess, tmp_path: Path, capsys) -> None:

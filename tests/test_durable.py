@@ -4,13 +4,21 @@ outbox, and the state of old runs does not pile up (review of issue 13: each of 
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, List
 
 import msgpack
 import pytest
 
-from device_agent.durable import Counter, SourceProgress, bump_records, read_records, remember_run
+from device_agent.durable import (
+    Counter,
+    SourceProgress,
+    bump_records,
+    read_records,
+    remember_run,
+    upgrade_state,
+)
 from device_agent.keys import source_stream
 from device_agent.outbox import Outbox, OutboxInUse
 from device_agent.sink import Finished, RecordSink
@@ -59,6 +67,53 @@ def test_a_failed_flush_keeps_every_record_for_the_next_one(tmp_path: Path) -> N
     assert stored == [0, 1, 2, 3, 4, 5]  # in the order they finished
     assert [r["i"] for r in records_in(box)] == [0, 1, 2, 3, 4, 5]
     assert read_records(box, "run-1") == 6
+    box.close()
+
+
+def test_a_record_that_cannot_be_packed_keeps_the_others_too(tmp_path: Path) -> None:
+    """The batch was built after the records had left memory: a packing error dropped them all."""
+    box = Outbox(tmp_path / "o.sqlite")
+    sink = sink_of(box)
+    sink.add(Finished("a", {"i": 0}))
+    sink.add(Finished("b", {"i": object()}))  # msgpack cannot pack it
+    with pytest.raises(TypeError):
+        sink.flush(block=True)
+    assert sink.backlog == 2 and box.counts() == {"record": 0, "offload": 0}
+    box.close()
+
+
+def test_a_leftover_offload_is_recorded_at_start_even_with_the_outbox_full_of_bytes(tmp_path: Path) -> None:
+    """Recovery runs before the link can free room: waiting for room there hung every start for good."""
+    box = Outbox(tmp_path / "o.sqlite", max_bytes=64)
+    box.put("offload/run-1/cam/7", "offload", "t/o", b"", meta={"seq": 7})
+    box.put("batch/old", "record", "t", b"x" * 64)  # the byte bound reached
+    [leftover] = box.all_of("offload")
+    sink = sink_of(box)
+    done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (sink.put_recovered(leftover.id, {"run_id": "run-1", "seq": 7}), done.set()),
+        daemon=True,
+    )
+    worker.start()
+    assert done.wait(10), "put_recovered waited for room that nothing could free"
+    assert box.counts() == {"record": 2, "offload": 0} and read_records(box, "run-1") == 1
+    box.close()
+
+
+def test_the_sample_counter_of_an_older_version_is_continued(tmp_path: Path) -> None:
+    """Before 2026-12 a run's sample counter was `seq/<run>`: an upgraded device resuming its run must not
+    hand out those sample numbers again (the collector would refuse them as conflicts)."""
+    box = Outbox(tmp_path / "o.sqlite")
+    with box.transaction() as cur:
+        cur.executemany(
+            "INSERT INTO state (name, value) VALUES (?, ?)",
+            [("seq/run-old", "2048"), ("seq/batch", "4096"), ("seq/window/run-old", "1024")],
+        )
+    upgrade_state(box)
+    upgrade_state(box)  # idempotent
+    assert Counter(box, "sample", "run-old").take() == 2048
+    assert box.get_state("seq/run-old") is None
+    assert box.get_state("seq/batch") == "4096" and box.get_state("seq/window/run-old") == "1024"
     box.close()
 
 

@@ -108,14 +108,15 @@ def test_everything_survives_a_restart_and_unacknowledged_sends_go_again(tmp_pat
     box.put("off", "offload", "t/o", b"img", meta={"seq": 1}, deadline_unix=5.0)
     on_wire = box.take("record", 2)
     box.ack([on_wire[0].id])
-    box.set_state("seq/run", "1024")
+    with box.transaction() as cur:
+        cur.execute("INSERT INTO state (name, value) VALUES ('seq/window/run', '1024')")
     box.close()  # the process dies with k1 on the wire, never acknowledged
 
     again = Outbox(path)
     assert again.counts() == {"record": 3, "offload": 1}
     assert again.usage() == (4, 6)
     assert [e.key for e in again.take("record", 10)] == ["k1", "k2", "k3"]
-    assert again.get_state("seq/run") == "1024" and again.get_state("nothing") is None
+    assert again.get_state("seq/window/run") == "1024" and again.get_state("nothing") is None
     mode = sqlite3.connect(str(path)).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
 

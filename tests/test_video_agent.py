@@ -170,6 +170,23 @@ def test_a_camera_run_id_is_not_started_twice(broker, site, clips, tmp_path) -> 
     assert refused.session.outbox.path.exists()
 
 
+def test_a_start_the_broker_refused_does_not_use_up_the_camera_run_id(broker, site, clips, tmp_path) -> None:
+    """The start number was taken before the login: one wrong password used the run id up for good."""
+    import dataclasses
+
+    from protocol.mqtt import BrokerUnusable
+
+    topics, _db = site
+    config = agent_config(broker, topics, tmp_path, method="edge-only", run_id="cam-run-retry", fps=0)
+    wrong = dataclasses.replace(config, broker=dataclasses.replace(config.broker, password="wrong"))
+    with pytest.raises(BrokerUnusable):
+        CameraAgent(wrong).start()
+    agent = CameraAgent(config).start()  # the password fixed, the same run id
+    agent.run([(0, clips.frames(0)[:3])])
+    agent.close()
+    assert agent.outbox_left == {"record": 0, "offload": 0}
+
+
 def test_detections_travel_and_bad_tables_are_refused() -> None:
     reply = DetectionReply(
         "run-1", "cam-1", 7, np.array([[1, 2, 30, 40]], np.float32), np.array([0.9], np.float32),
