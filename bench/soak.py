@@ -138,10 +138,11 @@ def plot(readings: List[Reading], path: Path) -> None:
     for ax, (name, label) in zip(
         axes, (("rss_mib", "agent RSS (MiB)"), ("outbox_mib", "outbox + WAL (MiB)"), ("fds", "open fds"))
     ):
-        ax.plot(t, [getattr(r, name) for r in readings], lw=1.2)
+        values = [getattr(r, name) for r in readings]
+        ax.plot(t, values, lw=1.2)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, 1.15 * max(values))  # headroom: a flat line at the autoscaled top hides under the frame
     axes[-1].set_xlabel("minutes (broker restarted every few minutes)")
     fig.suptitle("edgecascade agent soak: 100 samples/s, meanet, one run")
     fig.tight_layout()
