@@ -6,18 +6,20 @@ pairwise point distances (MedianFlow's rule). It is stateless between frames, so
 drop and relabel boxes freely. Why our own: OpenCV's trackers hold one object each, need a re-init whenever
 the boxes change, and cost more per box or track worse. `python -m bench.video_trackers --sequences 2` on one
 core of the 2-core dev VM (OpenCV 5.0.0; boxes from the ground truth every 5 frames, tracked 4 frames; IoU
-with the true box at the 4th):
+with the true box at the 4th; 2026-12-02, on the slower of the hosts seen, KCF and MOSSE now fed BGR):
 
 | tracker | ms per box per frame | mean IoU | lost |
 |---|---:|---:|---:|
-| FlowTracker (ours, LK 4x4) | 0.26 | 0.916 | 0 % |
-| FlowTracker + forward-backward check | 0.21 | 0.918 | 0 % |
-| OpenCV legacy MedianFlow | 2.33 | 0.841 | 2.3 % |
-| OpenCV CSRT | 66.9 | 0.852 | 1.2 % |
-| OpenCV MIL | 59.5 | 0.561 | 0 % |
-| OpenCV KCF / MOSSE (grey input; BGR passed since, not re-measured) | 0.18 / 0.41 | 0.00 / 0.09 | 100/91 % |
+| FlowTracker (ours, LK 4x4) | 0.55 | 0.916 | 0 % |
+| FlowTracker + forward-backward check | 0.63 | 0.918 | 0 % |
+| OpenCV legacy MedianFlow | 0.75 | 0.841 | 2.3 % |
+| OpenCV KCF | 0.91 | 0.680 | 20.9 % |
+| OpenCV CSRT | 45.0 | 0.852 | 1.2 % |
+| OpenCV MIL | 40.7 | 0.561 | 0 % |
+| OpenCV legacy MOSSE | 0.22 | 0.085 | 90.7 % |
 
-Ours wins on both counts (the two LK rows are within timing noise of each other; the check is off by default).
+Ours tracks best at the lowest cost of those that track at all (MOSSE is cheaper and loses nine boxes in ten;
+the two LK rows are within timing noise of each other; the check is off by default).
 
 OpenCV 5.0 contrib (opencv-contrib-python-headless 5.0.0.93) has `TrackerKCF_create`, `TrackerCSRT_create`,
 `TrackerMIL_create` (also Nano/Vit/DaSiamRPN, which need DNN weights) and, under `cv2.legacy`,
