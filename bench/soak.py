@@ -142,7 +142,8 @@ def plot(readings: List[Reading], path: Path) -> None:
         ax.plot(t, values, lw=1.2)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.set_ylim(0, 1.15 * max(values))  # headroom: a flat line at the autoscaled top hides under the frame
+        # Headroom: a flat line at the autoscaled top hides under the frame.
+        ax.set_ylim(0, 1.15 * max(values))
     axes[-1].set_xlabel("minutes (broker restarted every few minutes)")
     fig.suptitle("edgecascade agent soak: 100 samples/s, meanet, one run")
     fig.tight_layout()
