@@ -17,6 +17,7 @@ import numpy as np
 
 from device_agent.card import ModelCardError, load_card, sha256_file
 from device_agent.rule import EdgeDecision, edge_decision, softmax, softmax_row
+from video.providers import usable_providers
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +52,10 @@ def _open_session(
 ) -> Any:
     import onnxruntime as ort  # imported here so loading a card needs only numpy
 
-    providers = list(providers or ["CPUExecutionProvider"])
-    available = set(ort.get_available_providers())
-    usable = [p for p in providers if p in available]
-    if not usable:
-        raise ModelCardError(f"none of the providers {providers!r} is available (have {sorted(available)!r})")
-    if len(usable) < len(providers):
-        logger.warning("skipping unavailable providers %s", [p for p in providers if p not in available])
+    try:
+        usable = usable_providers(providers, ort.get_available_providers())
+    except ValueError as exc:
+        raise ModelCardError(str(exc)) from None
     model_path = path
     cache_path = None
     if cache_dir is not None:

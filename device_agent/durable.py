@@ -54,15 +54,19 @@ class Counter:
                 # On disk first: a failed write reserves nothing, and hands out no number.
                 reserved = value + self._block
                 with self._outbox.transaction() as cur:
-                    cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (self._name,))
-                    # Never backwards, whoever wrote it last.
-                    cur.execute(
-                        "UPDATE state SET value = ? WHERE name = ? AND CAST(value AS INTEGER) < ?",
-                        (str(reserved), self._name, reserved),
-                    )
+                    _raise_to(cur, self._name, reserved)
                 self._reserved = reserved
             self._next = value + 1
             return value
+
+
+def _raise_to(cur: sqlite3.Cursor, name: str, value: int) -> None:
+    """A counter's state row at least `value`: never backwards, whoever wrote it last (no UPSERT: Jetson's
+    SQLite is 3.22)."""
+    cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (name,))
+    cur.execute(
+        "UPDATE state SET value = ? WHERE name = ? AND CAST(value AS INTEGER) < ?", (str(value), name, value)
+    )
 
 
 GLOBAL_COUNTERS = ("batch", "runs")  # `seq/<kind>` of the counters that belong to no run
@@ -77,12 +81,7 @@ def upgrade_state(outbox: Outbox) -> None:
         return
     with outbox.transaction() as cur:
         for name, value in old:
-            new = run_state("seq/sample", name[4:])
-            cur.execute("INSERT OR IGNORE INTO state (name, value) VALUES (?, '0')", (new,))
-            cur.execute(
-                "UPDATE state SET value = ? WHERE name = ? AND CAST(value AS INTEGER) < ?",
-                (str(value), new, int(value)),
-            )
+            _raise_to(cur, run_state("seq/sample", name[4:]), int(value))
             cur.execute("DELETE FROM state WHERE name = ?", (name,))
 
 

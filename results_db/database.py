@@ -20,6 +20,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     NoSuchModuleError,
     OperationalError,
+    ProgrammingError,
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -122,20 +123,18 @@ def open_database(url_or_path: Union[str, Path, URL, None] = None, **engine_kwar
     shown = url.render_as_string(hide_password=True)
     if url.get_backend_name() == "sqlite" and url.database and Path(url.database).is_dir():
         raise DatabaseUnusable(f"{url.database} is a directory, not a SQLite database file")
-    engine: Optional[Engine] = None
     try:
         engine = create_db_engine(url, **engine_kwargs)
-        _migrate_to_head(engine, shown)
+        try:
+            _migrate_to_head(engine, shown)
+        except BaseException:  # refused or failed: no pooled connection stays open
+            engine.dispose()
+            raise
     except (NoSuchModuleError, ArgumentError) as exc:
-        _dispose(engine)
         raise DatabaseUnusable(f"cannot use {shown}: {exc}") from None
     except SQLAlchemyError as exc:
-        _dispose(engine)
         cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise DatabaseUnusable(f"cannot open the results database {shown}: {cause}") from None
-    except BaseException:  # DatabaseUnusable (not ours), or anything else: no pooled connection stays open
-        _dispose(engine)
-        raise
     return engine
 
 
@@ -156,11 +155,6 @@ def _migrate_to_head(engine: Engine, shown: str) -> None:
     if current != head:
         logger.info("migrating %s to schema %s", shown, head)
         upgrade(engine)
-
-
-def _dispose(engine: Optional[Engine]) -> None:
-    if engine is not None:
-        engine.dispose()
 
 
 def _known_revisions() -> set:
@@ -197,6 +191,13 @@ def is_transient(exc: BaseException) -> bool:
             return isinstance(orig, sqlite3.OperationalError) and _sqlite_passing(orig)
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def is_schema_fault(exc: BaseException) -> bool:
+    """A fault of the database itself that stays until someone fixes it (a missing table or column): no
+    row's fault, so no record may be refused over it. SQLite raises it as OperationalError, PostgreSQL as
+    ProgrammingError."""
+    return isinstance(exc, (OperationalError, ProgrammingError)) and not is_transient(exc)
 
 
 def _sqlite_passing(error: sqlite3.OperationalError) -> bool:

@@ -3,7 +3,7 @@
 Asking for a provider the host lacks (`CUDAExecutionProvider` without CUDA) must not quietly run on the CPU:
 onnxruntime would fall back with no more than a log line, and every latency and energy figure measured after
 it would be the CPU's. Here in `video` (a leaf library, importable from the device and the cloud side alike)
-so that the video detectors and the cloud worker's classification model share it.
+so that the device cascade, the video detectors and the cloud worker's model share it.
 """
 
 from __future__ import annotations
@@ -16,16 +16,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
 
-def usable_providers(
-    requested: Optional[Sequence[str]], available: Optional[Iterable[str]] = None
-) -> List[str]:
-    """The `requested` providers (default: the CPU) that are `available` (default: what onnxruntime has),
-    in the order asked. ValueError when none is; a warning for each one skipped."""
+def usable_providers(requested: Optional[Sequence[str]], available: Iterable[str]) -> List[str]:
+    """The `requested` providers (default: the CPU) that are `available` (onnxruntime's
+    `get_available_providers()`), in the order asked. ValueError when none is; a warning for each skipped."""
     wanted = list(requested or DEFAULT_PROVIDERS)
-    if available is None:
-        import onnxruntime as ort  # heavy: only when a session is being made
-
-        available = ort.get_available_providers()
     have = set(available)
     usable = [p for p in wanted if p in have]
     if not usable:
