@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from edgecascade.systemd import Watchdog
 from protocol.codec import encode_receipt
@@ -43,7 +43,7 @@ from protocol.mqtt import (
     publish_properties,
 )
 from protocol.topics import Topics
-from results_db.database import is_transient, open_database
+from results_db.database import is_schema_fault, is_transient, open_database
 from results_db.ingest import RecordWriter, Rejected, WriteCounts
 from results_db.messages import Inbound, Message, decode_message
 
@@ -301,7 +301,7 @@ class Collector:
                         return False
                     delay = min(delay * 2, self.config.retry_max_s)
                     continue
-                if isinstance(exc, OperationalError):
+                if is_schema_fault(exc):
                     # Not a row's fault but the database's (SQLite: no such table): refusing every record
                     # over it would empty the devices' outboxes into rejected_records. The writer dies, the
                     # service exits for its supervisor, the broker keeps the batch.

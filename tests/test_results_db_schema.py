@@ -295,4 +295,14 @@ def test_a_locked_database_is_a_passing_fault_a_missing_table_is_not(tmp_path) -
     assert is_transient(OperationalError("INSERT", {}, Exception("server closed the connection")))
     assert is_transient(InterfaceError("INSERT", {}, Exception("connection already closed")))
     assert not is_transient(InterfaceError("INSERT", {}, sqlite3.InterfaceError("Error binding parameter")))
+    # Neither passing nor a row's fault: the collector stops rather than refusing records over it. SQLite
+    # says so as OperationalError, PostgreSQL ("relation does not exist") as ProgrammingError.
+    from sqlalchemy.exc import ProgrammingError
+
+    from results_db.database import is_schema_fault
+
+    assert is_schema_fault(missing.value)
+    assert is_schema_fault(ProgrammingError("INSERT", {}, Exception('relation "inferences" does not exist')))
+    assert not is_schema_fault(OperationalError("DELETE FROM runs", {}, locked.value))
+    assert not is_schema_fault(IntegrityError("INSERT", {}, Exception("CHECK constraint failed")))
     engine.dispose()
