@@ -44,6 +44,14 @@ class Topics:
     def status(self, device_id: str) -> str:
         return f"{self.root}/{check_device_id(device_id)}/status"
 
+    def cloud_load(self, worker_id: str) -> str:
+        """A cloud worker's retained load (`protocol.load`); `@` keeps it out of every device's topics."""
+        return f"{self.root}/@cloud/{check_name(worker_id, 'worker id')}/load"
+
+    @property
+    def all_cloud_load(self) -> str:
+        return f"{self.root}/@cloud/+/load"
+
     @property
     def all_offloads(self) -> str:
         return f"{self.root}/+/offload"
