@@ -40,9 +40,9 @@ lint: setup ## ruff (format + lint), mypy, Python 3.8 check of the device side
 test: setup lint ## Lint, then the whole test suite against a private Mosquitto and PostgreSQL
 	$(VENV)/bin/pytest -q
 
-bench: setup ## End-to-end metered benchmarks: classification, then REACT video (DEVICE=x86|jetson, QUICK=1, BROKER=host:port)
-	$(VENV)/bin/edgecascade bench --profile $(DEVICE) $(if $(QUICK),--quick,) $(if $(BROKER),--broker $(BROKER),); \
-	status=$$?; $(VENV)/bin/edgecascade bench --task video $(if $(QUICK),--quick,) --json results/video.json || status=$$?; exit $$status
+bench: setup ## End-to-end metered benchmarks: classification, then REACT video (DEVICE=x86|jetson, QUICK=1, BROKER=host:port, CHECK=1: fail on a missed target)
+	$(VENV)/bin/edgecascade bench --profile $(DEVICE) $(if $(QUICK),--quick,) $(if $(BROKER),--broker $(BROKER),) $(if $(CHECK),--check,); \
+	status=$$?; $(VENV)/bin/edgecascade bench --task video $(if $(QUICK),--quick,) $(if $(CHECK),--check,) --json results/video.json || status=$$?; exit $$status
 
 train: setup ## Retrain the committed Fashion-MNIST models into models/ (CUDA when present)
 	$(VENV)/bin/edgecascade train --out models/fashion-mnist

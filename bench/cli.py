@@ -6,15 +6,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, List, Tuple
 
 EPILOG = """examples:
   edgecascade bench                       # profile detected (x86 here), 10,000 samples per policy + sweeps
   edgecascade bench --quick               # 1,000 samples per policy, no sweep (about 2 minutes)
   edgecascade bench --profile jetson --broker 10.0.0.2:1883 --credentials creds.json
   edgecascade bench --samples 300 --no-sweep --no-http-peer --results /tmp/r
+  edgecascade bench --rate 10 --paced-samples 600   # latency at 10 Hz; --rate 0: flat out only
   edgecascade bench --task video --quick  # REACT: camera agent, cloud detector, mAP (about 1 minute)
 The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
-results/report/*.png + report.md, and prints one row per policy and the targets. The video task
+results/report/*.png + report.md, and prints one row per policy and the targets: accuracy, energy and
+throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
+when the run finished, whatever the targets say (--check: 1 when one failed). The video task
 (bench/video_bench.py) writes results/video.db and prints one row per method and delay, and its targets.
 """
 
@@ -50,7 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--credentials", type=Path, help="with --broker: JSON from `edgecascade broker`")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     parser.add_argument("--idle-seconds", type=float, help="idle baseline per run (default: the profile's)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=30.0,
+        metavar="HZ",
+        help="pace of the latency runs, a camera's frame rate (default 30; 0: no paced runs)",
+    )
+    parser.add_argument("--paced-samples", type=int, default=300, help="samples per paced run (default 300)")
     parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a target fails (CI); without it the exit status says only whether the run finished",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,12 +75,14 @@ def run(args: argparse.Namespace) -> int:
         from bench.video_bench import run_and_report
 
         models = args.models or Path("models/video-fmnist")
-        return run_and_report(args.quick, models, args.results, None, None, args.json)
+        status = run_and_report(args.quick, models, args.results, None, None, args.json)
+        return status if args.check or status != 1 else 0
     args.models = args.models or Path("models/fashion-mnist")
     from rich.console import Console
+    from rich.markup import escape
 
     from bench.run import BenchConfig, run_bench
-    from bench.targets import evaluate, policy_table, summaries, targets_table
+    from bench.targets import evaluate, policy_table, summaries, targets_table, with_latency
     from results_db import open_database
     from results_db.report import build_report
 
@@ -79,18 +98,23 @@ def run(args: argparse.Namespace) -> int:
         http_peer=args.http_peer,
         progress=args.progress,
         idle_seconds=args.idle_seconds,
+        rate_hz=args.rate,
+        paced_samples=args.paced_samples,
     )
     err = Console(stderr=True)
     result = run_bench(cfg, err)
     engine = open_database(result.db)
     build_report(engine, cfg.results / "report")
-    rows = summaries(engine, result.runs)
+    rows = with_latency(summaries(engine, result.runs), summaries(engine, result.paced), cfg.rate_hz)
     throughput = {k: v["samples_per_s"] for k, v in result.summaries.items()}
     if result.http:
         throughput["http-peer"] = result.http["samples_per_s"]
-    result.targets = evaluate(rows, throughput, cfg.models, cfg.n_samples)
+    result.targets = evaluate(rows, throughput, cfg.models, cfg.n_samples, cfg.rate_hz)
     out = Console(width=None if sys.stdout.isatty() else 170)  # a wide table also in logs and pipes
-    out.print(policy_table(rows, throughput))
+    out.print(policy_table(rows, throughput, cfg.rate_hz))
+    for label, hz in result.paced_hz.items():
+        if hz < 0.95 * cfg.rate_hz:
+            out.print(f"[yellow]{escape(label)} fell behind the pace: {hz:.1f} of {cfg.rate_hz:g} Hz[/]")
     out.print(targets_table(result.targets, result.seconds))
     out.print(f"database: {result.db}   report: {cfg.results / 'report' / 'report.md'}")
     if args.json:
@@ -100,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
                     "bench_id": result.bench_id,
                     "seconds": result.seconds,
                     "runs": result.runs,
+                    "paced_runs": result.paced,
+                    "paced_hz": result.paced_hz,
+                    "rate_hz": cfg.rate_hz,
                     "summary": rows,
                     "throughput": throughput,
                     "http": result.http,
@@ -112,4 +139,16 @@ def run(args: argparse.Namespace) -> int:
     engine.dispose()
     if result.interrupted:
         return 130
-    return 0 if all(ok for _, _, ok in result.targets) else 1
+    return exit_status(result.targets, args.check, out)
+
+
+def exit_status(targets: List[Tuple[str, str, bool]], check: bool, console: Any) -> int:
+    """0 when the benchmark ran to the end; with `check`, 1 when a target failed too."""
+    failed = sum(not ok for _, _, ok in targets)
+    if failed and check:
+        return 1
+    if failed:
+        console.print(
+            f"{failed} target(s) not met (see above); the run finished, so exit 0 (--check: exit 1)"
+        )
+    return 0

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import numpy as np
 from rich.console import Console
@@ -36,6 +36,7 @@ from protocol.mqtt import BrokerAddress, new_client, publish_properties
 from protocol.topics import Topics
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLICIES: List[Dict[str, Any]] = [
     {"name": "edge-only", "params": {}},
@@ -72,6 +73,10 @@ class BenchConfig:
     http_peer: bool = True
     progress: bool = True
     idle_seconds: Optional[float] = None  # override the profile's idle baseline length (tests)
+    # Service latency is measured at a camera's pace (0: no paced runs), throughput flat out: a flat-out run's
+    # latency is mostly the queue in front of a saturated worker, which a paced device never sees.
+    rate_hz: float = 30.0
+    paced_samples: int = 300
     policies: List[Dict[str, Any]] = field(default_factory=lambda: [dict(p) for p in POLICIES])
 
     @property
@@ -87,7 +92,9 @@ class BenchConfig:
 class BenchResult:
     bench_id: str
     db: Path
-    runs: Dict[str, str] = field(default_factory=dict)  # label -> run_id
+    runs: Dict[str, str] = field(default_factory=dict)  # label -> run_id (flat out)
+    paced: Dict[str, str] = field(default_factory=dict)  # label -> run_id of its paced run
+    paced_hz: Dict[str, float] = field(default_factory=dict)  # label -> the rate the paced run achieved
     summaries: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> agent summary
     http: Dict[str, float] = field(default_factory=dict)
     targets: List[Tuple[str, str, bool]] = field(default_factory=list)
@@ -220,13 +227,34 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                     summary = agent.run_dataset(zip(images, (int(x) for x in labels)), progress=cfg.progress)
                 result.runs[label] = run_id
                 result.summaries[label] = {**summary.as_dict(), "samples_per_s": summary.samples_per_s}
+                if cfg.rate_hz and "[" not in label:  # the policies, not each point of a sweep
+                    paced_id = f"{run_id}-paced"
+                    paced_cfg = dataclasses.replace(agent_cfg, run_id=paced_id, idle_seconds=0.0)
+                    n = min(cfg.paced_samples, len(images))
+                    console.print(f"[cyan]{escape(label)}[/] paced: {n} samples at {cfg.rate_hz:g} Hz")
+                    with DeviceAgent(paced_cfg) as agent:
+                        paced_run = agent.run_dataset(
+                            paced(zip(images[:n], (int(x) for x in labels[:n])), cfg.rate_hz),
+                            progress=cfg.progress,
+                        )
+                    result.paced[label] = paced_id
+                    result.paced_hz[label] = paced_run.samples_per_s
             if cfg.http_peer:
                 result.http = _run_http(cfg, broker, images, labels, bench_id, http_port, console)
                 result.runs["http-peer"] = f"{bench_id}-http-peer"
+                if cfg.rate_hz:
+                    n = min(cfg.paced_samples, len(images))
+                    paced_http = _run_http(
+                        cfg, broker, images[:n], labels[:n], bench_id, http_port, console, cfg.rate_hz
+                    )
+                    result.paced["http-peer"] = f"{bench_id}-http-peer-paced"
+                    result.paced_hz["http-peer"] = paced_http["samples_per_s"]
         except KeyboardInterrupt:
             result.interrupted = True
             console.print("[yellow]interrupted: keeping the runs that finished[/]")
-        _wait_for_rows(db, result, len(images), console)
+        expected = {run_id: len(images) for run_id in result.runs.values()}
+        expected.update({run_id: min(cfg.paced_samples, len(images)) for run_id in result.paced.values()})
+        _wait_for_rows(db, expected, console)
         services.stop("collector")
     result.seconds = time.monotonic() - started
     return result
@@ -240,18 +268,22 @@ def _run_http(
     bench_id: str,
     port: int,
     console: Console,
+    rate_hz: float = 0.0,
 ) -> Dict[str, float]:
-    """The Sedna-style peer, same filter and models; its records go to the collector like any device's."""
-    run_id = f"{bench_id}-http-peer"
+    """The Sedna-style peer, same filter and models; its records go to the collector like any device's.
+    With `rate_hz`, samples come at that pace (its run id ends in `-paced`)."""
+    run_id = f"{bench_id}-http-peer" + ("-paced" if rate_hz else "")
     cascade = EdgeCascade(cfg.models)
+    pace = f" at {rate_hz:g} Hz" if rate_hz else ""
     console.print(
-        f"[cyan]http-peer[/]: meanet filter, one blocking POST per complex sample, {len(images)} samples"
+        f"[cyan]http-peer[/]: meanet filter, a blocking POST per complex sample, {len(images)} samples{pace}"
     )
     # disable=None: no carriage-return bars when stderr is a log file rather than a terminal
     bar = tqdm(total=len(images), desc="http-peer", unit="img", disable=None if cfg.progress else True)
+    samples: Iterable[Tuple[np.ndarray, Optional[int]]] = zip(images, (int(x) for x in labels))
     peer = run_http_peer(
         cascade,
-        zip(images, (int(x) for x in labels)),
+        paced(samples, rate_hz) if rate_hz else samples,
         ("127.0.0.1", port),
         run_id=run_id,
         device_id=HTTP_DEVICE_ID,
@@ -263,7 +295,11 @@ def _run_http(
         "run_id": run_id,
         "device_id": HTTP_DEVICE_ID,
         "policy": "http-peer",
-        "policy_params": {"filter": "meanet", "transport": "http"},
+        "policy_params": {
+            "filter": "meanet",
+            "transport": "http",
+            **({"rate_hz": rate_hz} if rate_hz else {}),
+        },
         "profile": "x86",
         "dataset": "fashion-mnist",
         "split": "test",
@@ -276,6 +312,17 @@ def _run_http(
     publish_records(broker.address(HTTP_DEVICE_ID), Topics(), HTTP_DEVICE_ID, records)
     offloaded = sum(r.exit_stage == "cloud" for r in peer.records)
     return {"samples_per_s": peer.throughput, "seconds": peer.seconds, "offloaded": offloaded}
+
+
+def paced(samples: Iterable[T], rate_hz: float) -> Iterator[T]:
+    """Each sample at its frame time (start + i / rate), as a camera delivers them; a consumer that falls
+    behind gets the next one at once (so its achieved rate, not its latency, shows that it fell behind)."""
+    start = time.monotonic()
+    for i, sample in enumerate(samples):
+        wait = start + i / rate_hz - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        yield sample
 
 
 def publish_records(
@@ -300,16 +347,13 @@ def publish_records(
         client.loop_stop()
 
 
-def _wait_for_rows(
-    db: Path, result: BenchResult, per_run: int, console: Console, timeout_s: float = 120
-) -> None:
-    """The collector commits asynchronously: wait until every finished run has all its rows."""
+def _wait_for_rows(db: Path, expected: Dict[str, int], console: Console, timeout_s: float = 120) -> None:
+    """The collector commits asynchronously: wait until every finished run (id -> samples) has its rows."""
     from sqlalchemy import text
 
     from results_db import open_database
 
     engine = open_database(db)
-    expected = {run_id: per_run for run_id in result.runs.values()}
     deadline = time.monotonic() + timeout_s
     counts: Dict[str, int] = {}
     while time.monotonic() < deadline:

@@ -22,11 +22,11 @@ COLUMNS = [
     ("net", "device_j_net_per_inference", "mJ"),
     ("analytic", "device_j_analytic_per_inference", "mJ"),
     ("cloud mJ/inf", "cloud_j_per_inference", "mJ"),
-    ("p50 ms", "latency_p50_ms", "{:.2f}"),
-    ("p99 ms", "latency_p99_ms", "{:.2f}"),
+    ("p50 ms {pace}", "paced_p50_ms", "{:.2f}"),
+    ("p99 ms {pace}", "paced_p99_ms", "{:.2f}"),
     ("bytes/inf", "bytes_per_inference", "{:.0f}"),
     ("offload", "offload_fraction", "{:.1%}"),
-    ("samples/s", "samples_per_s", "{:,.0f}"),
+    ("samples/s flat out", "samples_per_s", "{:,.0f}"),
 ]
 
 
@@ -54,9 +54,36 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def policy_table(rows: Dict[str, Dict[str, Any]], throughput: Dict[str, float]) -> Table:
-    table = Table(title="edgecascade bench: one row per policy (J/inference in mJ; exit mix in %)")
+def with_latency(
+    rows: Dict[str, Dict[str, Any]], paced: Dict[str, Dict[str, Any]], rate_hz: float
+) -> Dict[str, Dict[str, Any]]:
+    """Each row gets `paced_p50_ms`/`paced_p99_ms`: from its paced run at `rate_hz`, or, without paced runs,
+    from the flat-out run itself (then the columns say "flat out": queueing, not service)."""
+    out = {}
+    for label, row in rows.items():
+        source = paced.get(label, {}) if rate_hz else row
+        out[label] = {
+            **row,
+            "paced_p50_ms": source.get("latency_p50_ms"),
+            "paced_p99_ms": source.get("latency_p99_ms"),
+        }
+    return out
+
+
+def pace_label(rate_hz: float) -> str:
+    return f"@ {rate_hz:g} Hz" if rate_hz else "flat out"
+
+
+def policy_table(
+    rows: Dict[str, Dict[str, Any]], throughput: Dict[str, float], rate_hz: float = 0.0
+) -> Table:
+    """One row per policy: accuracy, energy and throughput of its flat-out run, latency of its paced run."""
+    table = Table(
+        title="edgecascade bench: one row per policy (J/inference in mJ; exit mix in %; "
+        f"latency {pace_label(rate_hz)}, throughput flat out)"
+    )
     for header, _, _ in COLUMNS:
+        header = header.format(pace=pace_label(rate_hz))
         table.add_column(header, justify="left" if header == "policy" else "right")
     for label, row in rows.items():
         row = {**row, "samples_per_s": throughput.get(label)}
@@ -65,9 +92,13 @@ def policy_table(rows: Dict[str, Dict[str, Any]], throughput: Dict[str, float]) 
 
 
 def evaluate(
-    rows: Dict[str, Dict[str, Any]], throughput: Dict[str, float], models: Path, per_run: int
+    rows: Dict[str, Dict[str, Any]],
+    throughput: Dict[str, float],
+    models: Path,
+    per_run: int,
+    rate_hz: float = 0.0,
 ) -> List[Tuple[str, str, bool]]:
-    """The issue's targets as (target, measured, met)."""
+    """The issue's targets as (target, measured, met); `rows` as `with_latency` leaves them."""
     out: List[Tuple[str, str, bool]] = []
     acc = {k: v.get("accuracy") for k, v in rows.items()}
     meanet, cloud, edge = rows.get("meanet"), acc.get("cloud-only"), acc.get("edge-only")
@@ -110,8 +141,15 @@ def evaluate(
                 mqtt >= 2 * http,
             )
         )
-        p_m, p_h = meanet["latency_p50_ms"], rows["http-peer"]["latency_p50_ms"]
-        out.append(("MQTT latency p50 no worse than HTTP", f"{p_m:.2f} vs {p_h:.2f} ms", p_m <= p_h * 1.05))
+        p_m, p_h = meanet.get("paced_p50_ms"), rows["http-peer"].get("paced_p50_ms")
+        if p_m is not None and p_h is not None:
+            out.append(
+                (
+                    f"MQTT latency p50 no worse than HTTP ({pace_label(rate_hz)})",
+                    f"{p_m:.2f} vs {p_h:.2f} ms",
+                    p_m <= p_h * 1.05,
+                )
+            )
     return out
 
 
