@@ -19,7 +19,10 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
 from protocol.codec import ProtocolError
 from protocol.ids import InvalidId, check_device_id, check_run_id
 
-EXIT_STAGES = ("main", "extension", "cloud", "fallback")
+# Where a sample's answer came from: the main or extension block, the cloud; the edge's answer after an
+# offload missed its deadline (fallback), or instead of an offload the device predicted would (shed:
+# `device_agent.capacity`; no bytes sent, an edge exit in every account). The results schema checks it.
+EXIT_STAGES = ("main", "extension", "cloud", "fallback", "shed")
 R = TypeVar("R", bound="Record")
 
 

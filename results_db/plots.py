@@ -15,7 +15,13 @@ from matplotlib.ticker import FuncFormatter
 
 from protocol.records import EXIT_STAGES
 
-STAGE_COLOURS = {"main": "#4c72b0", "extension": "#55a868", "cloud": "#dd8452", "fallback": "#c44e52"}
+STAGE_COLOURS = {
+    "main": "#4c72b0",
+    "extension": "#55a868",
+    "cloud": "#dd8452",
+    "fallback": "#c44e52",
+    "shed": "#8172b3",
+}
 DPI = 110
 
 

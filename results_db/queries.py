@@ -84,7 +84,8 @@ ORDER BY offload_fraction DESC, label
             "runs-with-fallback",
             "In which runs did the cloud miss its deadline (the edge answer was used instead)?",
             """
-SELECT run_id, policy, device_id, samples, exit_fallback AS fallbacks, frac_fallback AS fallback_fraction
+SELECT run_id, policy, device_id, samples, exit_fallback AS fallbacks, frac_fallback AS fallback_fraction,
+       exit_shed AS shed
 FROM run_summary
 WHERE exit_fallback > 0
 ORDER BY fallbacks DESC, run_id
@@ -92,7 +93,7 @@ ORDER BY fallbacks DESC, run_id
         ),
         Query(
             "accuracy-by-exit-stage",
-            "How accurate is each exit stage (main, extension, cloud, fallback) under each policy?",
+            "How accurate is each exit stage (main, extension, cloud, fallback, shed) under each policy?",
             """
 SELECT policy,
        exit_stage,

@@ -138,6 +138,7 @@ COLUMNS: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("p95 ms", "latency_p95_ms", _ms),
     ("p99 ms", "latency_p99_ms", _ms),
     ("bytes/inf", "bytes_per_inference", _num),
+    ("shed %", "frac_shed", _pct),  # offloads kept at the edge: they add no bytes (tests index the others)
     ("energy source", "energy_source", lambda v: "–" if v is None else str(v)),
 ]
 
@@ -177,7 +178,7 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
     captions = {
         "accuracy_energy": "Accuracy against device energy per inference (gross); dashed: the Pareto front.",
         "exit_mix": "Where samples exit: main block, extension block, cloud, or the edge answer after the "
-        "cloud missed its deadline (fallback).",
+        "cloud missed its deadline (fallback) or instead of an offload that would have missed it (shed).",
         "latency_cdf": "Latency per sample (edge + network + cloud), cumulative.",
     }
     lines += ["", "## Figures", ""]
@@ -197,7 +198,9 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
         "## Definitions",
         "",
         "- accuracy: correct / labelled samples. offload: (cloud + fallback) / samples; a fallback was",
-        "  offloaded but answered at the edge because the reply missed its deadline.",
+        "  offloaded but answered at the edge because the reply missed its deadline. shed: the policy chose",
+        "  the cloud, the device predicted the answer would come back too late (the workers' load, its own",
+        "  round trips) or its offload budget was spent, and answered at the edge; nothing was sent.",
         "- device mJ/inf: mean per-sample device energy, gross (as metered) and net (idle baseline",
         "  subtracted); cloud mJ/inf: the cloud workers' joules over all samples of the run.",
         "- latency = edge_ms + network_ms + cloud_ms; percentiles are nearest-rank (a measured value, the",

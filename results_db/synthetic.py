@@ -61,6 +61,7 @@ def inference_records(
     start_seq: int = 0,
     offload_fraction: float = 0.25,
     fallback_fraction: float = 0.02,
+    shed_fraction: float = 0.0,
     edge_accuracy: float = 0.85,
     cloud_accuracy: float = 0.95,
     device_j: Optional[float] = 0.01,
@@ -78,6 +79,8 @@ def inference_records(
             stage = "fallback"
         elif draw < offload_fraction:
             stage = "cloud"
+        elif draw < offload_fraction + shed_fraction:  # never drawn at 0: earlier seeds stay as they were
+            stage = "shed"
         else:
             stage = "main" if rng.random() < 0.7 else "extension"
         offloaded = stage in ("cloud", "fallback")

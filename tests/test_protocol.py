@@ -248,3 +248,14 @@ def test_a_prediction_that_is_no_class_of_the_logits_is_refused(pred: int) -> No
     with pytest.raises(ProtocolError, match="prediction"):
         decode_reply(encode_reply(OffloadReply("r", "d", 1, pred, logits, 1.5, "w")))
     assert decode_reply(encode_reply(OffloadReply("r", "d", 1, 9, logits, 1.5, "w"))).prediction == 9
+
+
+@pytest.mark.parametrize("stage", ["main", "extension", "cloud", "fallback", "shed"])
+def test_every_exit_stage_is_a_valid_record_and_no_other(stage: str) -> None:
+    from protocol.records import EXIT_STAGES, InferenceRecord
+
+    assert stage in EXIT_STAGES
+    record = InferenceRecord("run-1", "dev-1", 0, 3, stage, 1.0).to_record()
+    assert record["exit_stage"] == stage
+    with pytest.raises(ProtocolError, match="exit_stage 'teleport'"):
+        InferenceRecord("run-1", "dev-1", 0, 3, "teleport", 1.0).to_record()

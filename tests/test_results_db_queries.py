@@ -36,6 +36,7 @@ def loaded(db_url: str):
             n,
             offload_fraction=off,
             fallback_fraction=fb,
+            shed_fraction=0.1 if policy == "meanet" else 0.0,  # offloads a capacity-aware device kept
             device_j=joules,
             ts_start=START,
             ts_step=13.0,  # 400 samples span ~1.4 h
@@ -117,6 +118,9 @@ def test_runs_where_fallback_happened(loaded) -> None:
         run: sum(r["exit_stage"] == "fallback" for r in mine) for run, mine in _groups(inf, "run_id").items()
     }
     assert {r["run_id"]: r["fallbacks"] for r in rows} == {k: v for k, v in fallbacks.items() if v}
+    shed = {run: sum(r["exit_stage"] == "shed" for r in mine) for run, mine in _groups(inf, "run_id").items()}
+    assert {r["run_id"]: r["shed"] for r in rows} == {r["run_id"]: shed[r["run_id"]] for r in rows}
+    assert shed["r-meanet"] > 0  # and a shed sample is no offload: _offloaded() in the hourly query
     assert "r-edge" not in {r["run_id"] for r in rows}
 
 

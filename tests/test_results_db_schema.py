@@ -69,6 +69,64 @@ def test_downgrade_to_base_and_upgrade_again(db_url: str) -> None:
     engine.dispose()
 
 
+def _insert_inference(connection, run_id: str, seq: int, stage: str) -> None:
+    connection.execute(
+        text(
+            "INSERT INTO inferences (run_id, device_id, seq, prediction, exit_stage, edge_ms, bytes_up, "
+            "bytes_down, energy_source, ts_unix) VALUES (:run, 'dev-m', :seq, 1, :stage, 1.0, 0, 0, 'x', 0)"
+        ),
+        {"run": run_id, "seq": seq, "stage": stage},
+    )
+
+
+def test_a_database_at_0004_upgrades_and_then_takes_shed_rows(db_url: str) -> None:
+    """Migration 0005 widens the exit-stage CHECK (SQLite: a table rebuild) and run_summary counts `shed`;
+    the rows already there come through unchanged."""
+    engine = open_database(db_url)
+    cfg = alembic_config()
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0004")
+    writer = RecordWriter(engine)
+    writer.write(full_run("run-m", "dev-m", 20))
+    with pytest.raises(IntegrityError), engine.begin() as connection:  # 0004 refuses the new stage
+        _insert_inference(connection, "run-m", 100, "shed")
+    with engine.connect() as connection:
+        before = connection.execute(text("SELECT * FROM inferences ORDER BY seq")).all()
+        assert "exit_shed" not in list(connection.execute(text("SELECT * FROM run_summary")).keys())
+    engine.dispose()
+    engine = open_database(db_url)  # upgrades to head
+    assert current_revision(engine) == head_revision()
+    with engine.begin() as connection:
+        _insert_inference(connection, "run-m", 100, "shed")
+        _insert_inference(connection, "run-m", 101, "shed")
+    with pytest.raises(IntegrityError), engine.begin() as connection:  # still a checked list
+        _insert_inference(connection, "run-m", 102, "teleport")
+    with engine.connect() as connection:
+        after = connection.execute(text("SELECT * FROM inferences WHERE seq < 100 ORDER BY seq")).all()
+        summary = connection.execute(text("SELECT * FROM run_summary WHERE run_id = 'run-m'")).one()._mapping
+        views = set(inspect(connection).get_view_names())
+    assert after == before
+    assert views == VIEWS
+    assert (summary["samples"], summary["exit_shed"]) == (22, 2)
+    assert summary["frac_shed"] == pytest.approx(2 / 22)
+    stages = sum(summary[f"exit_{s}"] for s in ("main", "extension", "cloud", "fallback", "shed"))
+    assert stages == 22
+    # Back to 0004 only without shed rows (narrowing the constraint would have to drop them).
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        with pytest.raises(RuntimeError, match="2 inference rows have exit stage 'shed'"):
+            command.downgrade(cfg, "0004")
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM inferences WHERE exit_stage = 'shed'"))
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0004")
+    with engine.connect() as connection:
+        assert "exit_shed" not in list(connection.execute(text("SELECT * FROM run_summary")).keys())
+        assert len(connection.execute(text("SELECT * FROM inferences")).all()) == 20
+    engine.dispose()
+
+
 def test_sqlite_is_a_wal_file_with_busy_timeout_and_foreign_keys(tmp_path) -> None:
     path = tmp_path / "sub" / "bench.db"
     engine = open_database(path)
@@ -187,7 +245,7 @@ def test_rows_before_their_run_record_are_kept_and_completed(db_url: str) -> Non
         device = session.get(Device, "dev-b")
         assert device is not None and device.profile == "x86"
         window = session.scalars(select(Inference).where(Inference.run_id == "late-run")).first()
-        assert window is not None and window.exit_stage in ("main", "extension", "cloud", "fallback")
+        assert window is not None and window.exit_stage in ("main", "extension", "cloud", "fallback", "shed")
     engine.dispose()
 
 

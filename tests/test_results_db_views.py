@@ -8,7 +8,7 @@ from typing import Any, Dict, List
 import pytest
 from sqlalchemy import text
 
-from protocol.records import InferenceRecord
+from protocol.records import EXIT_STAGES, InferenceRecord
 from results_db.database import open_database
 from results_db.ingest import RecordWriter
 from results_db.stats import nearest_rank
@@ -23,7 +23,7 @@ def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     inf = [r for r in records if r["type"] == "inference"]
     labelled = [r for r in inf if r["label"] is not None]
     n = len(inf)
-    stage = {s: sum(r["exit_stage"] == s for r in inf) for s in ("main", "extension", "cloud", "fallback")}
+    stage = {s: sum(r["exit_stage"] == s for r in inf) for s in EXIT_STAGES}
     gross = [r["device_j_gross"] for r in inf if r["device_j_gross"] is not None]
     net = [r["device_j_net"] for r in inf if r["device_j_net"] is not None]
     cloud = [r["cloud_j"] for r in inf if r["cloud_j"] is not None]
@@ -37,7 +37,9 @@ def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         "exit_extension": stage["extension"],
         "exit_cloud": stage["cloud"],
         "exit_fallback": stage["fallback"],
+        "exit_shed": stage["shed"],
         "frac_cloud": stage["cloud"] / n,
+        "frac_shed": stage["shed"] / n,
         "offload_fraction": (stage["cloud"] + stage["fallback"]) / n,
         "device_j_gross_per_inference": sum(gross) / len(gross),
         "device_j_net_per_inference": sum(net) / len(net),
@@ -54,7 +56,9 @@ def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def test_run_summary_matches_a_python_recomputation(db_url: str) -> None:
-    records = full_run("run-1", "dev-1", 257, seed=5)
+    records = full_run("run-1", "dev-1", 257, seed=5, shed_fraction=0.1)
+    stages = {r["exit_stage"] for r in records if r["type"] == "inference"}
+    assert stages == set(EXIT_STAGES)  # every stage is counted, shed too (not as offloaded)
     engine = open_database(db_url)
     RecordWriter(engine).write(records)
     with engine.connect() as connection:
