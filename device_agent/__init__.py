@@ -10,6 +10,8 @@ Python >= 3.8, no torch: a device installs `pip install .[device]`. One owner pe
     policies    which samples go to the cloud (MEANet, HI, cloud-only, edge-only); hi_online
     offloads    in-flight cloud requests, deadlines and the fallback; settlement: a reply or fallback
                 becomes the final record
+    capacity    whether an offload can come back before its deadline (the workers' published load, the
+                device's round trips, the operator's budget), else it is shed: answered at the edge
     outbox      the durable SQLite queue of records and offloads (one process each); durable: counters,
                 pass progress, the runs remembered (the last 100)
     sink        RecordSink: record on disk first, then the future resolves

@@ -5,6 +5,8 @@
 - intake (here): `submit` (one image), `run_dataset` (an iterable; resumable), `watch` (a directory);
 - `inference.InferenceLoop`: the one thread that runs the cascade and the policy, in energy windows;
 - `offloads.OffloadTracker`: offloads in flight, their replies and deadlines;
+- `capacity.CapacityRule`: whether an offload can come back in time (the workers' load, which the agent reads
+  from their retained load topic, and the device's own round trips), else it is shed: answered at the edge;
 - `settlement.Settlement`: outcomes become records, records reach the outbox (and only then are resolved);
 - `link.Link`: the MQTT connection that empties the outbox; `outbox.Outbox` + `durable`: what is on disk.
 """
@@ -21,6 +23,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
+from device_agent.capacity import CapacityRule
 from device_agent.card import load_card
 from device_agent.cascade import EdgeCascade
 from device_agent.config import AgentConfig
@@ -28,13 +31,15 @@ from device_agent.durable import Origin, SourceProgress
 from device_agent.energy import DeviceEnergy, baseline_record
 from device_agent.inference import STOP, InferenceLoop
 from device_agent.keys import source_stream
-from device_agent.offloads import OffloadTracker
+from device_agent.offloads import OffloadTracker, Settled
 from device_agent.policies import make_policy
 from device_agent.runs import RunSummary, Stream, plain, run_record
 from device_agent.session import RunSession
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
+from protocol import ProtocolError
+from protocol.load import decode_load
 from protocol.records import RunEndRecord
 
 logger = logging.getLogger(__name__)
@@ -48,7 +53,8 @@ class DeviceAgent:
         self.device_id = config.device_id
         self.session = RunSession(config)
         self.run_id = self.session.run_id
-        self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0}
+        self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "bad_loads": 0}
+        self.capacity: Optional[CapacityRule] = None  # None: capacity-awareness is off, every offload goes
         self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
         self._started_mono = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -96,7 +102,7 @@ class DeviceAgent:
             cfg.topics,
             self.device_id,
             self.run_id,
-            self.settlement.offload_settled,
+            self._offload_settled,
             max_inflight=cfg.max_inflight,
             deadline_s=cfg.offload_deadline_s,
             outbox_wait_s=cfg.outbox_wait_s,
@@ -104,6 +110,14 @@ class DeviceAgent:
         # Every kind of number that names a record survives a restart (`durable`): a resumed run continues.
         self.loop = InferenceLoop(self, self.session.counter("sample"), self.session.counter("window"))
         self._summary.recovered_offloads = self.settlement.recover()
+        if cfg.capacity_aware:
+            self.capacity = CapacityRule(
+                cfg.offload_deadline_s,
+                shed_above=cfg.shed_above,
+                budget_per_s=cfg.offload_budget_per_s,
+                budget_burst=cfg.offload_budget_burst,
+            )
+            self.link.listen(cfg.topics.all_cloud_load, self._on_load)  # subscribed once connected
         self.link.hooks.append(self._housekeeping)
         self.session.connect(
             lambda: run_record(
@@ -144,15 +158,16 @@ class DeviceAgent:
                 self._thread.join()
             self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
             self._summary.seconds = time.monotonic() - self._started_mono
-            self._summary.late_replies = self.offloads.stats["late_replies"]
-            self._summary.policy_report = self.policy.report()
+            self._report_into(self._summary)
             # `samples` in run_end: the run's records on disk over every process that took part in it.
-            # Extra to the schema (the collector ignores it): what the policy learned, e.g. regret.
-            report = plain(self._summary.policy_report)
+            # Extra to the schema (the collector ignores them): what the policy learned, e.g. regret, and
+            # what capacity-awareness did (sheds by reason, its estimates).
+            report, capacity = plain(self._summary.policy_report), plain(self._summary.capacity)
             self._summary.outbox_left = self.session.finish(
                 lambda count: {
                     **RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map(),
                     "policy_report": report,
+                    "capacity": capacity,
                 }
             )
             self._summary.refused_records = self.session.refused_records
@@ -223,8 +238,7 @@ class DeviceAgent:
         if stream.error is not None:
             raise stream.error
         summary.seconds = time.monotonic() - started
-        summary.late_replies = self.offloads.stats["late_replies"]
-        summary.policy_report = self.policy.report()
+        self._report_into(summary)
         return summary
 
     def source_progress(self, source: str) -> SourceProgress:
@@ -260,13 +274,40 @@ class DeviceAgent:
         for _ in range(submitted):
             outstanding.acquire()
         summary.seconds = time.monotonic() - started
-        summary.late_replies = self.offloads.stats["late_replies"]
-        summary.policy_report = self.policy.report()
+        self._report_into(summary)
         return summary
 
     # -- the rest -------------------------------------------------------------------------------------
+    def _report_into(self, summary: RunSummary) -> None:
+        """What the parts have to say at the end of a summary's span (they count over the whole run)."""
+        summary.late_replies = self.offloads.stats["late_replies"]
+        summary.policy_report = self.policy.report()
+        summary.capacity = self.capacity.report() if self.capacity is not None else {}
+
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
         self.offloads.on_reply(corr, payload)
+
+    def _offload_settled(self, settled: Settled) -> None:
+        if self.capacity is not None:
+            if settled.reply is None:
+                self.capacity.fell_back()
+            else:
+                self.capacity.answered(settled.round_trip_ms, settled.reply)
+        self.settlement.offload_settled(settled)
+
+    def _on_load(self, topic: str, payload: bytes) -> None:
+        """A worker's retained load (paho's thread); an empty one: its will cleared it, the worker is gone."""
+        assert self.capacity is not None
+        if not payload:
+            self.capacity.worker_load(topic, None)
+            return
+        try:
+            load = decode_load(payload)
+        except ProtocolError as exc:  # counted and logged; the rule goes on with what it knows
+            self.stats["bad_loads"] += 1
+            logger.warning("bad worker load on %s: %s", topic, exc)
+            return
+        self.capacity.worker_load(topic, load)
 
     def _housekeeping(self, connected: bool) -> None:
         self.offloads.tick(connected)

@@ -28,7 +28,13 @@ EPILOG = """examples:
   # serve every PNG/PGM dropped into /srv/inbox until SIGTERM (a `label7` in a name scores it)
   edgecascade agent ... --policy hi-threshold --source dir:/srv/inbox
 
-The run's summary is printed on stdout as JSON; logs and progress go to stderr. Result records stay in the
+  # at most 5 offloads a second (10 saved up), shed when a round trip is predicted beyond 40 % of the deadline
+  edgecascade agent ... --offload-budget 5 --offload-budget-burst 10 --shed-above 0.4
+
+Offloads are capacity-aware by default: one the cloud workers' published load and the device's own round
+trips say would come back too late, or one beyond the budget, is answered at the edge, flagged `shed`.
+The run's summary is printed on stdout as JSON (`shed`, and `capacity`: sheds by reason); logs and progress
+go to stderr. Result records stay in the
 outbox (--state-dir) until the collector has stored them; what is left at exit is sent on the next start.
 Policies: edge-only, cloud-only, meanet, hi-threshold, hi-online, entropy.
 """
@@ -66,6 +72,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--idle-seconds", type=float, help="idle baseline length (default: profile, 5 s)")
     parser.add_argument("--deadline", type=float, help="offload deadline in s (default: profile, 2 s)")
+    parser.add_argument(
+        "--shed-above",
+        type=float,
+        metavar="FRACTION",
+        help="shed an offload (answer it at the edge, flagged shed) when its round trip is predicted beyond "
+        "this fraction of the deadline (default: profile, 0.25)",
+    )
+    parser.add_argument(
+        "--offload-budget",
+        type=float,
+        metavar="PER_S",
+        help="at most this many offloads a second; the rest are shed (default: profile, no budget)",
+    )
+    parser.add_argument(
+        "--offload-budget-burst",
+        type=float,
+        metavar="N",
+        help="... of which up to N may be saved up for a burst (default: one second's worth)",
+    )
+    parser.add_argument(
+        "--no-capacity",
+        action="store_true",
+        help="offload whatever the policy says, however loaded the cloud (no shedding, no budget)",
+    )
     parser.add_argument(
         "--rate",
         type=float,
@@ -135,6 +165,10 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
         "offload_deadline_s": args.deadline,
         "close_timeout_s": args.close_timeout,
         "connect_timeout_s": args.connect_timeout,
+        "shed_above": args.shed_above,
+        "offload_budget_per_s": args.offload_budget,
+        "offload_budget_burst": args.offload_budget_burst,
+        "capacity_aware": False if args.no_capacity else None,
     }
     config = AgentConfig(
         device_id=args.device_id,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from device_agent.capacity import SHED_ABOVE
 from protocol.ids import check_device_id, check_run_id
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
@@ -45,6 +46,12 @@ class AgentConfig:
     window_max_s: float = 1.0  # ... and at most this long open (what a SIGKILL can lose: see settlement)
     max_inflight: int = 64  # offloads awaiting a reply
     offload_deadline_s: float = 2.0  # then the edge answer is used, flagged `fallback`
+    # Capacity-aware offloading (device_agent.capacity): an offload that would come back too late, or beyond
+    # the operator's budget, is answered at the edge at once, flagged `shed`. False: every offload goes.
+    capacity_aware: bool = True
+    shed_above: float = SHED_ABOVE  # shed when the predicted round trip exceeds this fraction of the deadline
+    offload_budget_per_s: Optional[float] = None  # at most this many offloads a second (None: no budget)
+    offload_budget_burst: Optional[float] = None  # ... saved up to this many (None: one second's worth)
     results_batch: int = 100  # result records per MQTT message
     flush_s: float = 0.2  # a partial batch of records waits at most this long
     results_receipts: bool = True  # keep records until the collector has stored them (False: the broker)
@@ -80,6 +87,22 @@ class AgentConfig:
             check_positive(name, getattr(self, name), zero=True)
         if self.outbox_wait_s is not None:
             check_positive("outbox_wait_s", self.outbox_wait_s, zero=True)
+        if not isinstance(self.shed_above, (int, float)) or not 0 < self.shed_above <= 1:
+            raise ValueError(
+                f"shed_above must be a fraction of the deadline in (0, 1], got {self.shed_above!r}"
+            )
+        if self.offload_budget_per_s is not None:
+            check_positive("offload_budget_per_s", self.offload_budget_per_s)
+            if not self.capacity_aware:  # the rule holds the budget: off, it would be ignored
+                raise ValueError("offload_budget_per_s needs capacity_aware")
+        if self.offload_budget_burst is not None:
+            if self.offload_budget_per_s is None:
+                raise ValueError("offload_budget_burst needs offload_budget_per_s")
+            check_positive("offload_budget_burst", self.offload_budget_burst)
+            if self.offload_budget_burst < 1:
+                raise ValueError(
+                    f"offload_budget_burst must be at least 1, got {self.offload_budget_burst!r}"
+                )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
 
@@ -130,7 +153,18 @@ def apply_profile(config: AgentConfig, profile: Dict[str, Any]) -> AgentConfig:
         ("max_inflight", int),
         ("offload_deadline_s", float),
         ("results_batch", int),
+        ("capacity_aware", _boolean),
+        ("shed_above", float),
+        ("offload_budget_per_s", float),
+        ("offload_budget_burst", float),
     ):
         if name in agent:
             changes[name] = kind(agent[name])
     return dataclasses.replace(config, **changes)
+
+
+def _boolean(value: Any) -> bool:
+    """A TOML boolean; `bool("false")` would be True, so a quoted one is refused, not guessed."""
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value

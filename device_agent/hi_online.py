@@ -13,6 +13,12 @@ one tells nothing. So (as in HIL-N) the policy
   otherwise), an unbiased estimate of its real cost;
 - updates the weights multiplicatively with eta_t ~ t^(-2/3), which gives O(T^(2/3)) expected regret.
 
+Not every offload decision brings the cloud's answer back: the capacity rule may shed it (answered at the
+edge, `device_agent.capacity`) or its reply may miss the deadline (fallback). The importance weight is then
+P(offload) × the fraction of offload decisions answered so far, the running estimate of P(answer | offload):
+with P(offload) alone, an overloaded cloud would make accepting look cheaper than it is, by that fraction.
+A shed sample paid no offload: its own cost is the edge answer's, and it does not count as offloaded.
+
 Separately from learning, it keeps the score in hindsight: with the label where the source knows it (else the
 cloud's answer on offloaded samples), the cumulative cost of its own actions and of every fixed theta, and
 reports regret = own cost - cost of the best fixed theta.
@@ -87,7 +93,10 @@ class HiOnline(Policy):
         self._expert_cost = np.zeros(len(thetas))
         self._scored = 0
         self._unscored = 0
-        self._offloads = 0
+        self._offloads = 0  # offloads sent (decided and not shed)
+        self._shed = 0
+        self._chose_offload = 0  # offload decisions settled ...
+        self._answered = 0  # ... and those the cloud answered
         # The agent decides on its inference thread and settles offloads on the MQTT thread.
         self._lock = threading.Lock()
 
@@ -125,15 +134,20 @@ class HiOnline(Policy):
         if view.prediction is None:
             raise PolicyError("hi-online needs an edge answer (edge='main' or 'cascade')")
         p = view.confidence
-        offloaded = decision.action is Action.OFFLOAD
+        chose_offload = decision.action is Action.OFFLOAD
+        offloaded = chose_offload and not outcome.shed  # what it paid for
         would_offload = self.thetas > p
         with self._lock:
             self._offloads += int(offloaded)
+            self._shed += int(chose_offload and outcome.shed)
+            self._chose_offload += int(chose_offload)
+            self._answered += int(chose_offload and outcome.cloud_prediction is not None)
             # Learning: only what the device can know (beta, and the cloud's answer when it offloaded).
             loss = np.where(would_offload, self.beta, 0.0)
             if offloaded and outcome.cloud_prediction is not None and decision.offload_prob:
                 wrong = float(view.prediction != outcome.cloud_prediction)
-                loss[~would_offload] = wrong / decision.offload_prob
+                answer_rate = self._answered / self._chose_offload  # > 0: this one was answered
+                loss[~would_offload] = wrong / (decision.offload_prob * answer_rate)
             self._updates += 1
             self._log_w -= self._eta_at(self._updates) * loss
             self._log_w -= self._log_w.max()  # keep exp() in range
@@ -166,6 +180,7 @@ class HiOnline(Policy):
                 "theta": round(self.theta, 6),
                 "decisions": self._t,
                 "offload_fraction": self._offloads / self._updates if self._updates else 0.0,
+                "shed": self._shed,
                 "scored": self._scored,
                 "unscored": self._unscored,
                 "cost": self._own_cost,

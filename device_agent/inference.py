@@ -1,10 +1,11 @@
 """The inference thread: samples off one queue, batch 1, in order, through the edge cascade and the policy.
 
 For each sample: run what the policy needs of the edge cascade, ask the policy, then exit at the edge or
-offload. Inferences are grouped in meter windows whose joules are split over them by compute time; a window
-closes after `window_size` inferences, after `window_max_s` seconds, or when the queue runs dry, and hands
-its members to `Settlement`. Items on the queue are single samples (`submit`) or a whole `Stream`
-(`run_dataset`), which this thread pulls itself: a thread hand-off per sample costs as much as a small model.
+offload, if the capacity rule (`capacity`) lets it go, else shed it: the edge's answer, flagged `shed`.
+Inferences are grouped in meter windows whose joules are split over them by compute time; a window closes
+after `window_size` inferences, after `window_max_s` seconds, or when the queue runs dry, and hands its
+members to `Settlement`. Items on the queue are single samples (`submit`) or a whole `Stream` (`run_dataset`),
+which this thread pulls itself: a thread hand-off per sample costs as much as a small model.
 """
 
 from __future__ import annotations
@@ -158,7 +159,12 @@ class InferenceLoop:
             decision = policy.decide(view)
             sample.view, sample.decision, sample.blocks = view, decision, blocks
             sample.edge_ms = (time.perf_counter() - started) * 1000.0
-            if decision.action is Action.OFFLOAD:
+            offload = decision.action is Action.OFFLOAD
+            if offload and agent.capacity is not None:
+                # Asked before the request is encoded: a shed sample costs no bytes at all.
+                full, answer = agent.offloads.window_full(), view.prediction is not None
+                offload = agent.capacity.admit(window_full=full, edge_answer=answer).admitted
+            if offload:
                 request = OffloadRequest(agent.run_id, agent.device_id, seq, image, time.time_ns())
                 payload = encode_offload(request)
                 sample.bytes_up = len(payload)
@@ -167,7 +173,10 @@ class InferenceLoop:
                 agent.offloads.offload(sample, seq, payload, partial, also=mark_done([origin]))
             else:
                 sample.compute_s = time.perf_counter() - started
-                agent.settlement.edge_exit(sample)
+                if decision.action is Action.OFFLOAD:
+                    agent.settlement.shed(sample)
+                else:
+                    agent.settlement.edge_exit(sample)
             return sample
         except Exception as exc:  # one bad sample must not stop the agent
             agent.stats["failed"] += 1

@@ -95,6 +95,7 @@ class Link:
         self.receipt_timeout_s = receipt_timeout_s
         self.connected = threading.Event()
         self.hooks: List[Callable[[bool], None]] = []  # called each tick with the connected flag
+        self._listening: List[str] = []  # topic filters read besides our own (`listen`)
         self._on_reply = on_reply
         self._session_expiry_s = session_expiry_s
         self._reply_topic = topics.reply(device_id)
@@ -150,6 +151,12 @@ class Link:
             receipt_timeout_s=config.receipt_timeout_s,
             tick_s=tick_s,
         )
+
+    def listen(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Before `start`: also read `topic_filter` (the workers' load), at QoS 0: news our session kept while
+        we were away would be old. `handler(topic, payload)` runs on paho's thread."""
+        self._listening.append(topic_filter)
+        self.client.message_callback_add(topic_filter, lambda c, u, m: handler(m.topic, bytes(m.payload)))
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -211,12 +218,9 @@ class Link:
         if reason.is_failure:
             why = permanent_connack_refusal(reason)
             if why is not None and self.refused is None:
-                self.refused = (
-                    f"broker {self.address.host}:{self.address.port} refused {self.address.username!r}: {why}"
-                )
-                logger.error(
-                    "%s (retrying with back-off; nothing is lost, the outbox keeps it)", self.refused
-                )
+                address = self.address
+                self.refused = f"broker {address.host}:{address.port} refused {address.username!r}: {why}"
+                logger.error("%s (retrying with back-off; the outbox keeps everything)", self.refused)
             self.last_error = str(reason)
             return
         self.refused = None
@@ -224,7 +228,8 @@ class Link:
         logger.info("%s connected (session present: %s)", self.device_id, flags.session_present)
         # Subscribe even when the session is present: a broker that lost its state (SIGKILL before its
         # autosave) reports no session, and re-subscribing an existing subscription is harmless.
-        client.subscribe([(self._reply_topic, 1)] + ([(self._receipts_topic, 1)] if self.receipts else []))
+        ours = [(self._reply_topic, 1)] + ([(self._receipts_topic, 1)] if self.receipts else [])
+        client.subscribe(ours + [(topic_filter, 0) for topic_filter in self._listening])
         if not flags.session_present:
             # A broker that lost our session may never acknowledge (or deliver) batches sent before: send them
             # again from the outbox (the collector's unique key makes a second copy harmless).

@@ -82,6 +82,7 @@ class OffloadTracker:
         self._topic = topics.offload(device_id)
         self._reply_topic = topics.reply(device_id)
         self._on_settled = on_settled
+        self.max_inflight = max_inflight
         self._window = threading.BoundedSemaphore(max_inflight)
         self._lock = threading.Lock()
         self._pending: typing.OrderedDict[bytes, _Pending] = collections.OrderedDict()
@@ -237,6 +238,11 @@ class OffloadTracker:
         self._settle([Settled(pending.sample, pending.outbox_id, None) for pending in expired])
         for key, pending in to_send:
             self._send(key, pending)
+
+    def window_full(self) -> bool:
+        """Whether an offload now would wait for a place in the in-flight window."""
+        with self._lock:
+            return len(self._pending) >= self.max_inflight
 
     def in_flight(self) -> int:
         """Offloads not yet settled: awaiting an answer, or being settled right now."""

@@ -75,6 +75,9 @@ class Outcome:
     decision: Decision
     cloud_prediction: Optional[int] = None  # None: not offloaded, or no reply before the deadline
     label: Optional[int] = None  # ground truth when the source knows it (datasets); only for scoring
+    # The decision was OFFLOAD but the capacity rule kept the sample at the edge (`device_agent.capacity`):
+    # answered by the edge, no offload paid, no cloud answer to learn from.
+    shed: bool = False
 
 
 def _threshold(card: Any, key: str) -> Optional[float]:

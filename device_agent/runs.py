@@ -30,6 +30,7 @@ class RunSummary:
     exits: Dict[str, int] = field(default_factory=dict)  # exit_stage -> samples
     offloaded: int = 0
     fallbacks: int = 0
+    shed: int = 0  # offloads the capacity rule kept at the edge (answered there, exit stage `shed`)
     late_replies: int = 0
     failed: int = 0
     labelled: int = 0
@@ -38,6 +39,9 @@ class RunSummary:
     device_j_gross: Optional[float] = None
     energy_source: str = "none"
     policy_report: Dict[str, Any] = field(default_factory=dict)
+    capacity: Dict[str, Any] = field(
+        default_factory=dict
+    )  # CapacityRule.report(): sheds by reason, estimates
     outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
     rejected_inputs: int = 0  # samples that are not an image the model takes (never started)
     skipped_files: int = 0  # watched files that could not be read (remembered: never read again)
@@ -60,6 +64,7 @@ class RunSummary:
         if record.exit_stage in ("cloud", "fallback") and record.bytes_up:
             self.offloaded += 1
         self.fallbacks += record.exit_stage == "fallback"
+        self.shed += record.exit_stage == "shed"
         if record.label is not None:
             self.labelled += 1
             self.correct += record.prediction == record.label

@@ -85,7 +85,7 @@ def record_of(
     energy_source: str,
     analytic_j: Optional[float],
 ) -> InferenceRecord:
-    """The sample's result record as things stand (`exit_stage`: main, extension, cloud or fallback)."""
+    """The sample's result record as things stand (`exit_stage`: main, extension, cloud, fallback or shed)."""
     view, reply = sample.view, sample.reply
     p_cloud = cloud_ms = cloud_j = None
     if exit_stage == "cloud" and reply is not None:

@@ -1,8 +1,8 @@
 """Settlement: a sample's outcome becomes its record, for the sink to take to the outbox (`sink`).
 
 A sample is finished once its energy window has closed (its joules are known) and its outcome is known: an
-exit at the edge, the cloud's reply, or the deadline's fallback. Its future and its tally are resolved only
-once the record is on disk (`RecordSink`).
+exit at the edge, an offload shed at the edge (`capacity`), the cloud's reply, or the deadline's fallback.
+Its future and its tally are resolved only once the record is on disk (`RecordSink`).
 
 What a SIGKILL can lose is therefore what has not been flushed: records of the last housekeeping tick and the
 samples of the open energy window (at most `window_size` samples and `window_max_s` seconds). Their source
@@ -59,6 +59,11 @@ class Settlement:
     def edge_exit(self, sample: Sample) -> None:
         self._settle(sample, sample.view.exit_stage or "main")
 
+    def shed(self, sample: Sample) -> None:
+        """The policy wanted the cloud and the capacity rule said it would be too late: the edge's answer,
+        flagged `shed`; in every other respect (bytes, energy) an edge exit."""
+        self._settle(sample, "shed")
+
     def offload_settled(self, settled: Settled) -> None:
         sample: Sample = settled.sample
         sample.offload_outbox_id = settled.outbox_id
@@ -98,7 +103,10 @@ class Settlement:
         cloud_prediction = sample.reply.prediction if sample.reply is not None else None
         try:
             assert sample.decision is not None
-            self.policy.observe(Outcome(sample.view, sample.decision, cloud_prediction, sample.label))
+            outcome = Outcome(
+                sample.view, sample.decision, cloud_prediction, sample.label, exit_stage == "shed"
+            )
+            self.policy.observe(outcome)
         except Exception:
             logger.exception("policy %s failed to learn from sample %d", self.policy.name, sample.seq)
         with self._lock:

@@ -26,8 +26,35 @@ def test_help_shows_usage_and_examples(capsys) -> None:
         "dir:PATH",
         "examples:",
         "hi-online",
+        "--shed-above",
+        "--offload-budget",
+        "--no-capacity",
     ):
         assert text in out
+
+
+def test_capacity_flags_build_the_config_and_win_over_the_profile(tmp_path: Path) -> None:
+    import argparse
+
+    from device_agent.cli import add_arguments, build_config, parse_source
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--broker", "127.0.0.1:1", "--device-id", "cam-01", "--source", "dataset:fashion-mnist:test"]
+
+    def config(*extra: str):
+        args = parser.parse_args([*base, *extra])
+        return build_config(args, *parse_source(args.source))
+
+    default = config("--profile", "x86")
+    assert (default.capacity_aware, default.shed_above, default.offload_budget_per_s) == (True, 0.25, None)
+    tuned = config("--shed-above", "0.4", "--offload-budget", "5", "--offload-budget-burst", "10")
+    assert (tuned.shed_above, tuned.offload_budget_per_s, tuned.offload_budget_burst) == (0.4, 5.0, 10.0)
+    assert not config("--no-capacity").capacity_aware
+    with pytest.raises(ValueError, match="shed_above"):
+        config("--shed-above", "2")
+    with pytest.raises(ValueError, match="needs capacity_aware"):
+        config("--no-capacity", "--offload-budget", "5")
 
 
 @pytest.mark.parametrize(

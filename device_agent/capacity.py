@@ -1,0 +1,267 @@
+"""Capacity-aware offloading: may this sample go to the cloud, or will its answer come back too late?
+
+Cloud workers publish their load (`protocol.load`: queue, service time, capacity; retained, refreshed every
+interval); the device adds what it measures itself. For each sample its policy wants to offload,
+`CapacityRule.admit` says admitted or shed; a shed sample keeps the edge's answer and is recorded with exit
+stage `shed` (never silently), which costs no bytes and no cloud time, and keeps the queue short for the
+samples that do go. Pure: no MQTT, an injected clock and random source, so every case is checked by hand
+(tests/test_capacity.py). The agent feeds it (`device_agent.agent`) and asks it (`device_agent.inference`).
+
+    predicted_ms = transit_ms + wait_ms + service_ms
+
+- `transit_ms`: broker and network, an EWMA (time-weighted, see `answered`) of answered offloads' round trip
+  minus the worker's own part (its queue wait and its batch's compute, which the reply carries; the round trip
+  minus `cloud_ms` when it does not). Only the worker's part is taken out, because the load accounts for it:
+  counting the queue twice would shed at half the intended wait and leave workers idle. What no worker sees,
+  a backlog in the broker, stays in and is shed on.
+- `wait_ms`: the mean over live workers of queue / capacity. Mosquitto hands a shared subscription's messages
+  round-robin, whatever the queues: an offload meets each worker's wait equally often (sum / sum would assume
+  it joins the shortest queue).
+- `service_ms`: the mean of the live workers' recent compute time per sample.
+
+A sample is shed, in this order, when
+1. the device's own in-flight window is full (`window`): blocking the inference thread until a slot frees
+   would stall the easy samples behind it too;
+2. the operator's budget is spent (`budget`): a token bucket of `budget_per_s` offloads a second, at most
+   `budget_burst` saved up (None: unlimited);
+3. `predicted_ms` exceeds `shed_above` × the deadline (`capacity`), or rather: it is admitted with a
+   probability falling linearly from 1 at half that bound to 0 at the bound. Every device reads the same
+   retained load at the same time; with a hard step the whole fleet would offload at once, overshoot the
+   bound, all shed, let the queue run dry, and so on at the publishing interval (idle workers, then missed
+   deadlines). The ramp makes the fleet's offload rate a smooth, falling function of the queue, which then
+   settles where that rate meets the workers' capacity, inside the ramp.
+   The default bound, 0.25 × the deadline (500 ms at 2 s), leaves room for what a prediction cannot see: it
+   is up to one publishing interval old, and the fleet keeps offloading meanwhile. A queue held below a
+   quarter of the deadline stays clear of the re-send at half of it (which would double the work of a worker
+   that is merely slow) and far from the deadline itself, while still holding many batches: workers stay
+   busy;
+4. the device's own evidence says the cloud is late (`late`): the latest offload to settle fell back at its
+   deadline and none has been answered since. That is also all there is to go on when no worker's load is
+   known (none published yet, all gone or stale): then only this rule and the transit estimate apply.
+A sample without an edge answer (cloud-only with nothing run on the device) has only the cloud: shed, it
+would have no answer at all. So only what says its answer cannot come in time sheds it: the budget, and a
+prediction beyond the deadline itself (rule 3 with the deadline as the bound); a full window makes it wait
+for a place, as without capacity-awareness, and rule 4 lets it go.
+Own evidence (rule 4, and a transit estimate that alone tips a sample over the bound) changes only when
+offloads settle, so while it sheds, one offload per `probe_s` (default: the deadline) still goes as a probe:
+at most one sample a deadline risks a fallback, and the device learns when the cloud is back. Shedding on the
+workers' load needs no probes: they keep publishing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, NamedTuple, Optional
+
+from protocol import OffloadReply
+from protocol.load import WorkerLoad
+
+SHED_ABOVE = 0.25  # of the deadline: the bound on the predicted round trip (see the module docstring)
+TAPER_FROM = 0.5  # of the bound: from here the admission probability falls linearly to 0 at the bound
+LOAD_STALE_S = 3.0  # a worker's load not refreshed this long (local receipt time) is no longer believed
+TRANSIT_HALF_LIFE_S = 1.0  # the transit EWMA: an observation this old has half the weight of a fresh one
+TRANSIT_MIN_WEIGHT = 0.1  # ... and each new observation at least this much (many replies in one instant)
+
+
+class Admission(NamedTuple):
+    """The rule's answer for one sample: admitted or not, why, and the prediction it went on (ms)."""
+
+    admitted: bool
+    reason: str  # admitted: "ok", "probe"; shed: "window", "budget", "capacity", "late"
+    predicted_ms: Optional[float] = None
+
+
+SHED_REASONS = ("window", "budget", "capacity", "late")
+
+
+@dataclass
+class _Held:
+    load: WorkerLoad
+    received: float  # local monotonic time the news arrived: the workers' clocks are not ours
+
+
+def worker_time_ms(reply: OffloadReply) -> float:
+    """The part of a round trip the worker spent on the sample: its queue wait and its whole batch's compute
+    (a reply leaves when its batch is done), from the reply's `extra` where the worker reports them."""
+    extra = reply.extra or {}
+    queue_ms, batch = extra.get("queue_ms"), extra.get("batch")
+    if isinstance(queue_ms, bool) or not isinstance(queue_ms, (int, float)) or not 0 <= queue_ms < math.inf:
+        return reply.cloud_ms
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        return reply.cloud_ms
+    return float(queue_ms) + reply.cloud_ms * batch
+
+
+class CapacityRule:
+    """Thread-safe: loads and replies arrive on paho's thread, fallbacks on the link's, `admit` is asked on
+    the inference thread."""
+
+    def __init__(
+        self,
+        deadline_s: float,
+        *,
+        shed_above: float = SHED_ABOVE,
+        budget_per_s: Optional[float] = None,
+        budget_burst: Optional[float] = None,
+        probe_s: Optional[float] = None,
+        load_stale_s: float = LOAD_STALE_S,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        if not deadline_s > 0 or not 0 < shed_above <= 1:
+            raise ValueError(f"need deadline_s > 0 and 0 < shed_above <= 1, got {deadline_s}, {shed_above}")
+        if budget_per_s is not None and not budget_per_s > 0:
+            raise ValueError(f"budget_per_s must be > 0 (None: unlimited), got {budget_per_s}")
+        self.deadline_ms = deadline_s * 1000.0
+        self.bound_ms = shed_above * self.deadline_ms
+        self.budget_per_s = budget_per_s
+        # One second's worth by default (at least one offload): a device may catch up after a quiet second.
+        self.budget_burst = float(budget_burst if budget_burst is not None else max(1.0, budget_per_s or 0))
+        if budget_per_s is not None and self.budget_burst < 1:
+            raise ValueError(f"budget_burst must be at least 1, got {budget_burst}")
+        self.probe_s = deadline_s if probe_s is None else probe_s
+        self.load_stale_s = load_stale_s
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()  # own seed per device: no lockstep draws
+        self._lock = threading.Lock()
+        self._loads: Dict[str, _Held] = {}
+        self._latest_ts: Dict[str, float] = {}  # per source, the newest ts_unix seen (outlives staleness)
+        self._transit_ms: Optional[float] = None
+        self._transit_at = 0.0
+        self._late = False
+        self._tokens = self.budget_burst
+        self._tokens_at = clock()
+        self._last_admitted = -math.inf
+        self.stats: Dict[str, int] = {
+            "admitted": 0,
+            "probes": 0,
+            **{f"shed_{reason}": 0 for reason in SHED_REASONS},
+            "loads": 0,
+            "stale_loads": 0,
+            "workers_gone": 0,
+        }
+
+    # -- news -----------------------------------------------------------------------------------------
+    def worker_load(self, source: str, load: Optional[WorkerLoad]) -> None:
+        """The latest load published on `source` (a worker's load topic); None: the worker is gone (its
+        will cleared the retained load)."""
+        now = self._clock()
+        with self._lock:
+            if load is None:
+                self.stats["workers_gone"] += self._loads.pop(source, None) is not None
+                self._latest_ts.pop(source, None)  # whoever publishes there next starts afresh
+                return
+            self.stats["loads"] += 1
+            if load.ts_unix <= self._latest_ts.get(source, -math.inf):
+                # The same retained load again (a re-subscription hands it out on every connect): no news,
+                # so it neither refreshes the receipt time nor revives a stale load, or a hung worker would
+                # look alive at every reconnect. Only the worker's clock is compared with itself here.
+                return
+            self._latest_ts[source] = load.ts_unix
+            self._loads[source] = _Held(load, now)
+
+    def answered(self, round_trip_ms: Optional[float], reply: OffloadReply) -> None:
+        """An offload answered in time: the cloud is not late; its transit feeds the estimate."""
+        now = self._clock()
+        with self._lock:
+            self._late = False
+            if round_trip_ms is None:
+                return
+            transit = max(0.0, round_trip_ms - worker_time_ms(reply))
+            if self._transit_ms is None:
+                self._transit_ms = transit
+            else:
+                # Weighted by the time since the last one: a probe after a quiet spell replaces the stale
+                # estimate nearly outright, a burst of replies averages.
+                fresh = 1.0 - 0.5 ** ((now - self._transit_at) / TRANSIT_HALF_LIFE_S)
+                self._transit_ms += max(TRANSIT_MIN_WEIGHT, fresh) * (transit - self._transit_ms)
+            self._transit_at = now
+
+    def fell_back(self) -> None:
+        """An offload waited out its deadline: the cloud is late until one is answered."""
+        with self._lock:
+            self._late = True
+
+    # -- the decision ---------------------------------------------------------------------------------
+    def admit(self, *, window_full: bool = False, edge_answer: bool = True) -> Admission:
+        """Whether the sample the policy wants to offload goes (see the module docstring); counted.
+        `window_full`: an offload now would wait for a place in flight; `edge_answer`: the edge has one."""
+        now = self._clock()
+        with self._lock:
+            verdict = self._decide(now, window_full, edge_answer)
+            if verdict.admitted:
+                if self.budget_per_s is not None:
+                    self._tokens -= 1.0
+                self._last_admitted = now
+                self.stats["probes" if verdict.reason == "probe" else "admitted"] += 1
+            else:
+                self.stats[f"shed_{verdict.reason}"] += 1
+            return verdict
+
+    def _decide(self, now: float, window_full: bool, edge_answer: bool) -> Admission:
+        if window_full and edge_answer:
+            return Admission(False, "window")
+        if self.budget_per_s is not None:
+            self._tokens = min(self.budget_burst, self._tokens + (now - self._tokens_at) * self.budget_per_s)
+            self._tokens_at = now
+            if self._tokens < 1.0:
+                return Admission(False, "budget")
+        loaded = self._load_ms(now)
+        transit = self._transit_ms or 0.0
+        predicted = transit + (loaded or 0.0)
+        bound = self.bound_ms if edge_answer else self.deadline_ms
+        draw = self._rng.random()
+        probe_due = now - self._last_admitted >= self.probe_s
+        if draw >= _admit_probability(predicted, bound):
+            # Would the workers' load alone have let it go? Then the device's own (transit) evidence shed
+            # it, which only offloads can refresh: a probe, now and then.
+            own = loaded is None or draw < _admit_probability(loaded, bound)
+            if own and probe_due:
+                return Admission(True, "probe", predicted)
+            return Admission(False, "capacity", predicted)
+        if self._late and edge_answer:
+            return Admission(True, "probe", predicted) if probe_due else Admission(False, "late", predicted)
+        return Admission(True, "ok", predicted)
+
+    def _load_ms(self, now: float) -> Optional[float]:
+        """wait + service over the live workers (None: no load known); drops stale ones."""
+        for source in [s for s, held in self._loads.items() if now - held.received > self.load_stale_s]:
+            del self._loads[source]
+            self.stats["stale_loads"] += 1
+        if not self._loads:
+            return None
+        loads = [held.load for held in self._loads.values()]
+        return sum(_wait_ms(load) + load.service_ms for load in loads) / len(loads)
+
+    def report(self) -> Dict[str, Any]:
+        """Counts and the current estimates, for the run's summary and `run_end`."""
+        with self._lock:
+            loaded = self._load_ms(self._clock())
+            return {
+                **self.stats,
+                "workers": len(self._loads),
+                "load_ms": None if loaded is None else round(loaded, 3),
+                "transit_ms": None if self._transit_ms is None else round(self._transit_ms, 3),
+                "late": self._late,
+                "bound_ms": self.bound_ms,
+            }
+
+
+def _wait_ms(load: WorkerLoad) -> float:
+    """A worker's queue wait. `WorkerLoad.wait_ms` is infinite without a measured capacity; an idle worker
+    that has not computed lately has no wait, a busy one at most batch-1 service times."""
+    if load.capacity_per_s > 0:
+        return load.wait_ms()
+    return load.queue * load.service_ms
+
+
+def _admit_probability(predicted_ms: float, bound_ms: float) -> float:
+    """1 up to TAPER_FROM × bound, then falling linearly to 0 at the bound (why: the module docstring)."""
+    start = TAPER_FROM * bound_ms
+    if predicted_ms <= start:
+        return 1.0
+    return max(0.0, (bound_ms - predicted_ms) / (bound_ms - start))

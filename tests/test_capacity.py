@@ -1,0 +1,385 @@
+"""Capacity-aware offloading (`device_agent.capacity`): the rule by hand on a controlled clock, what hi-online
+learns from shed samples, and a real agent that sheds while a published load says the cloud is swamped and
+offloads again once it says idle, through a real broker, worker and collector into SQLite."""
+
+from __future__ import annotations
+
+import math
+import random
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import pytest
+from tinymodels import tiny_images
+from waiting import wait_for
+
+from broker.launcher import BrokerProcess
+from cloud_worker import CloudWorker, WorkerConfig
+from device_agent import AgentConfig, DeviceAgent
+from device_agent.capacity import Admission, CapacityRule, worker_time_ms
+from device_agent.cascade import EdgeCascade
+from device_agent.config import apply_profile
+from device_agent.policies import Action, EdgeView, Outcome, make_policy
+from protocol import OffloadReply
+from protocol.load import CONTENT_TYPE_LOAD, WorkerLoad, encode_load
+from protocol.mqtt import new_client, publish_properties
+from protocol.topics import Topics
+from results_db import Collector, CollectorConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def load(queue: int = 0, capacity: float = 1000.0, service_ms: float = 1.0, ts: float = 1.0) -> WorkerLoad:
+    return WorkerLoad("w", ts, queue, service_ms, capacity, 0.5)
+
+
+def reply(cloud_ms: float = 2.0, **extra: Any) -> OffloadReply:
+    return OffloadReply("run", "dev", 0, 1, np.zeros(10, dtype=np.float32), cloud_ms, "w", extra=extra)
+
+
+def rule(clock: Clock, **kw: Any) -> CapacityRule:
+    """Deadline 2 s: shed above 500 ms predicted, admission falling from 250 ms."""
+    return CapacityRule(2.0, clock=clock, rng=random.Random(7), **kw)
+
+
+def test_no_load_known_admits() -> None:
+    r = rule(Clock())
+    assert r.admit() == Admission(True, "ok", 0.0)
+    assert r.report()["admitted"] == 1 and r.report()["workers"] == 0
+
+
+def test_a_queue_whose_wait_exceeds_the_bound_is_shed_a_short_one_admitted() -> None:
+    r = rule(Clock())
+    r.worker_load("t/w1", load(queue=600, capacity=1000.0))  # 600 ms of queue + 1 ms of service
+    verdicts = [r.admit() for _ in range(50)]
+    assert {v.reason for v in verdicts} == {"capacity"} and not any(v.admitted for v in verdicts)
+    assert verdicts[0].predicted_ms == pytest.approx(601.0)
+    r.worker_load("t/w1", load(queue=100, capacity=1000.0, ts=2.0))  # newer news: 101 ms
+    assert all(r.admit().admitted for _ in range(50))
+    assert (r.stats["shed_capacity"], r.stats["admitted"]) == (50, 50)
+
+
+@pytest.mark.parametrize("queue, expected", [(374, 0.5), (449, 0.2)])
+def test_between_half_the_bound_and_the_bound_admission_falls_linearly(queue: int, expected: float) -> None:
+    """No hard step: devices reading the same retained load must not all switch at once."""
+    r = rule(Clock())
+    r.worker_load("t/w1", load(queue=queue))  # predicted queue + 1 ms: 375 or 450 of a 250..500 ramp
+    admitted = sum(r.admit().admitted for _ in range(4000)) / 4000
+    assert admitted == pytest.approx(expected, abs=0.03)
+    assert r.stats["probes"] == 0  # the workers' load shed them: it refreshes by itself, no probes
+
+
+def test_the_wait_is_the_mean_over_workers_and_a_gone_worker_no_longer_counts() -> None:
+    """Round-robin hands each worker the same share: half the offloads would meet the swamped one."""
+    r = rule(Clock())
+    r.worker_load("t/idle", load(queue=0))
+    r.worker_load("t/swamped", load(queue=1600))
+    assert r.admit() == Admission(False, "capacity", pytest.approx((1.0 + 1601.0) / 2))
+    r.worker_load("t/swamped", None)  # its will cleared the retained load
+    assert r.admit() == Admission(True, "ok", 1.0)
+    assert r.report()["workers_gone"] == 1 and r.report()["workers"] == 1
+
+
+def test_an_idle_worker_without_a_measured_capacity_has_no_wait() -> None:
+    r = rule(Clock())
+    r.worker_load("t/new", load(queue=0, capacity=0.0, service_ms=0.0))  # WorkerLoad.wait_ms() is inf here
+    assert r.admit() == Admission(True, "ok", 0.0)
+    r.worker_load("t/new", load(queue=10, capacity=0.0, service_ms=2.0, ts=2.0))
+    assert r.admit().predicted_ms == pytest.approx(10 * 2.0 + 2.0)
+
+
+def test_stale_loads_are_dropped_by_local_receipt_time_and_a_repeat_does_not_refresh() -> None:
+    clock = Clock()
+    r = rule(clock)
+    r.worker_load("t/w1", load(queue=5000, ts=1_000_000.0))  # the worker's clock is not ours: never compared
+    assert r.admit().reason == "capacity"
+    clock.now += 2.9
+    r.worker_load("t/w1", load(queue=5000, ts=1_000_000.0))  # the same retained load, on a reconnect
+    clock.now += 0.2  # 3.1 s after the news itself
+    assert r.admit() == Admission(True, "ok", 0.0)
+    assert r.report()["stale_loads"] == 1 and r.report()["workers"] == 0
+    r.worker_load("t/w1", load(queue=5000, ts=1_000_000.0))  # still no news after it was dropped
+    assert r.admit().admitted
+    r.worker_load("t/w1", load(queue=5000, ts=1_000_001.0))  # news: believed again
+    assert r.admit().reason == "capacity"
+
+
+def test_the_budget_is_a_token_bucket_that_refills_with_the_clock() -> None:
+    clock = Clock()
+    r = rule(clock, budget_per_s=2.0, budget_burst=3.0)
+    assert [r.admit().reason for _ in range(4)] == ["ok", "ok", "ok", "budget"]
+    clock.now += 0.5  # one token
+    assert [r.admit().reason for _ in range(2)] == ["ok", "budget"]
+    clock.now += 100.0  # refills up to the burst, not beyond
+    assert [r.admit().reason for _ in range(4)] == ["ok", "ok", "ok", "budget"]
+    clock.now += 1.0  # two tokens; a sample shed for another reason spends none
+    assert r.admit(window_full=True).reason == "window"
+    r.worker_load("t/w1", load(queue=900))
+    assert r.admit().reason == "capacity"
+    r.worker_load("t/w1", None)
+    assert [r.admit().reason for _ in range(3)] == ["ok", "ok", "budget"]
+    assert r.report()["shed_budget"] == 4
+
+
+def test_default_burst_is_one_seconds_worth() -> None:
+    r = rule(Clock(), budget_per_s=5.0)
+    assert [r.admit().admitted for _ in range(6)] == [True] * 5 + [False]
+    assert CapacityRule(2.0, budget_per_s=0.2).budget_burst == 1.0
+
+
+def test_transit_is_the_round_trip_less_the_workers_time_averaged_by_age() -> None:
+    assert worker_time_ms(reply(2.0, queue_ms=5.0, batch=4)) == 5.0 + 4 * 2.0  # a reply waits for its batch
+    assert worker_time_ms(reply(2.0)) == 2.0  # an older worker says only cloud_ms
+    for bad in ({"queue_ms": math.nan, "batch": 4}, {"queue_ms": 5.0, "batch": True}, {"queue_ms": "5"}):
+        assert worker_time_ms(reply(2.0, **bad)) == 2.0
+    clock = Clock()
+    r = rule(clock)
+    r.answered(30.0, reply(2.0, queue_ms=5.0, batch=4))
+    assert r.report()["transit_ms"] == pytest.approx(17.0)
+    r.answered(117.0, reply(2.0, queue_ms=5.0, batch=4))  # the same instant: the minimum weight, 0.1
+    assert r.report()["transit_ms"] == pytest.approx(17.0 + 0.1 * (104.0 - 17.0))
+    clock.now += 1.0  # one half-life later: half and half
+    r.answered(7.0, reply(2.0))
+    assert r.report()["transit_ms"] == pytest.approx(5.0 + 0.5 * (25.7 - 5.0))
+    r.answered(None, reply(2.0))  # no round trip measured: nothing to average
+    assert r.report()["transit_ms"] == pytest.approx(15.35)
+
+
+def test_a_slow_transit_alone_sheds_but_probes_until_the_cloud_is_quick_again() -> None:
+    """A backlog in the broker shows in no worker's queue, only in the round trips; those change only when
+    an offload comes back, so one a deadline still goes."""
+    clock = Clock()
+    r = rule(clock)
+    r.worker_load("t/w1", load(queue=0))
+    r.answered(701.0, reply(1.0))  # transit 700 ms
+    assert r.admit() == Admission(True, "probe", pytest.approx(701.0))  # nothing sent for a deadline
+    assert [r.admit().reason for _ in range(20)] == ["capacity"] * 20
+    clock.now += 2.0
+    assert r.admit().reason == "probe"
+    r.answered(6.0, reply(1.0))  # the probe came back quick: 0.25 of the old estimate remains
+    assert r.report()["transit_ms"] == pytest.approx(5.0 + 0.25 * 695.0)
+    assert all(r.admit().admitted for _ in range(20))
+    assert r.stats["probes"] == 2
+
+
+def test_after_a_fallback_only_probes_go_until_one_is_answered() -> None:
+    """With no load known the device's own evidence is all there is: a deadline missed means late."""
+    clock = Clock()
+    r = rule(clock)
+    assert r.admit().reason == "ok"
+    r.fell_back()
+    clock.now += 0.5
+    assert [r.admit().reason for _ in range(3)] == ["late"] * 3  # the last admission is 0.5 s old
+    clock.now += 1.5
+    assert [r.admit().reason for _ in range(3)] == ["probe", "late", "late"]
+    r.fell_back()  # the probe fell back too: still late
+    clock.now += 2.0
+    assert r.admit().reason == "probe"
+    r.answered(5.0, reply(1.0))
+    assert [r.admit().reason for _ in range(3)] == ["ok"] * 3
+    assert r.report()["shed_late"] == 5 and r.report()["late"] is False
+
+
+def test_a_full_window_sheds_and_a_sample_without_an_edge_answer_is_shed_only_when_surely_late() -> None:
+    """Shedding a sample the edge has no answer for (cloud-only, edge none) leaves it with none at all."""
+    clock = Clock()
+    r = rule(clock)
+    assert r.admit(window_full=True) == Admission(False, "window")
+    assert r.admit(window_full=True, edge_answer=False).admitted  # it waits for a place, as it always did
+    r.worker_load("t/w1", load(queue=799))  # 800 ms: too late for a sample the edge could answer ...
+    assert r.admit().reason == "capacity"
+    assert all(r.admit(edge_answer=False).admitted for _ in range(50))  # ... not for one that has only this
+    r.fell_back()
+    clock.now += 0.1
+    assert r.admit(edge_answer=False).reason == "ok"  # late evidence does not shed it either
+    r.worker_load("t/w1", load(queue=2100, ts=2.0))  # beyond the deadline itself: no use sending it
+    assert r.admit(edge_answer=False) == Admission(False, "capacity", pytest.approx(2101.0))
+
+
+def test_the_config_validates_its_capacity_settings_and_profiles_set_them(tmp_path: Path) -> None:
+    from protocol.mqtt import BrokerAddress
+
+    base = AgentConfig(device_id="dev-1", broker=BrokerAddress("127.0.0.1", 1883, "dev-1", ""))
+    assert base.capacity_aware and base.shed_above == 0.25 and base.offload_budget_per_s is None
+    for bad in (
+        {"shed_above": 0.0},
+        {"shed_above": 1.5},
+        {"offload_budget_per_s": -1.0},
+        {"offload_budget_burst": 4.0},  # without a budget
+        {"offload_budget_per_s": 2.0, "offload_budget_burst": 0.5},
+        {"offload_budget_per_s": 2.0, "capacity_aware": False},  # the rule holds the budget
+    ):
+        with pytest.raises(ValueError):
+            AgentConfig(device_id="dev-1", broker=base.broker, **bad)
+    profile = {
+        "agent": {
+            "shed_above": 0.4,
+            "offload_budget_per_s": 5,
+            "offload_budget_burst": 10,
+            "capacity_aware": True,
+        }
+    }
+    applied = apply_profile(base, profile)
+    assert (applied.shed_above, applied.offload_budget_per_s, applied.offload_budget_burst) == (
+        0.4,
+        5.0,
+        10.0,
+    )
+    assert not apply_profile(base, {"agent": {"capacity_aware": False}}).capacity_aware
+    with pytest.raises(ValueError, match="true or false"):
+        apply_profile(base, {"agent": {"capacity_aware": "false"}})
+
+
+def test_hi_online_learns_nothing_false_from_a_shed_sample() -> None:
+    """A shed sample paid no offload and brought no cloud answer: its own cost is the edge's, and the answers
+    that do come are weighted by how many offload decisions get one (else accepting would look cheap)."""
+
+    def policy() -> Any:
+        # theta 0 accepts everything, theta 1 offloads everything; explore 1: P(offload) = 1
+        return make_policy({"name": "hi-online", "params": {"grid": [0.0, 1.0], "eta": 1.0, "explore": 1.0}})
+
+    view = EdgeView(stage="main", probs=np.array([0.6, 0.4]), prediction=0, p_main=0.6, seq=0)
+    answered, shed_first = policy(), policy()
+    decision = answered.decide(view)
+    assert decision.action is Action.OFFLOAD and decision.offload_prob == 1.0
+    answered.observe(Outcome(view, decision, cloud_prediction=1, label=1))  # the edge was wrong
+    shed_first.decide(view)
+    shed_first.observe(Outcome(view, decision, cloud_prediction=None, label=1, shed=True))
+    shed_first.decide(view)
+    shed_first.observe(Outcome(view, decision, cloud_prediction=1, label=1))
+
+    def log_odds(p: Any) -> float:  # log w(theta 0) - log w(theta 1)
+        w = p.weights()
+        return float(np.log(w[0] / w[1]))
+
+    assert log_odds(answered) == pytest.approx(-(1.0 - 0.5))  # loss 1 (wrong) against beta 0.5
+    # two decisions, one answer: that answer's loss counts twice, against beta twice
+    assert log_odds(shed_first) == pytest.approx(-(2.0 - 1.0))
+    report = shed_first.report()
+    assert report["shed"] == 1 and report["offload_fraction"] == 0.5
+    assert report["cost"] == pytest.approx(1.0 + 0.5)  # the shed one: the edge's wrong answer, not beta
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+
+
+class LoadPublisher:
+    """Publishes a worker's load retained, as a cloud account: what a worker does every interval."""
+
+    def __init__(self, broker: BrokerProcess, topics: Topics, worker_id: str) -> None:
+        self.topic = topics.cloud_load(worker_id)
+        self.worker_id = worker_id
+        self.ts = 1_000.0
+        self.client = new_client(broker.credentials("cloud"), f"loadpub-{uuid.uuid4().hex[:8]}")
+        address = broker.credentials("cloud")
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+
+    def publish(self, queue: int, capacity: float) -> None:
+        self.ts += 1.0
+        payload = encode_load(WorkerLoad(self.worker_id, self.ts, queue, 2.0, capacity, 1.0))
+        props = publish_properties(content_type=CONTENT_TYPE_LOAD, expiry_s=300)
+        self.client.publish(self.topic, payload, qos=1, retain=True, properties=props).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.publish(self.topic, b"", qos=1, retain=True).wait_for_publish(10)  # clear it
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _rows(db: Path, run_id: str) -> Dict[int, Dict[str, Any]]:
+    with sqlite3.connect(db) as raw:
+        raw.row_factory = sqlite3.Row
+        return {
+            r["seq"]: dict(r) for r in raw.execute("SELECT * FROM inferences WHERE run_id = ?", (run_id,))
+        }
+
+
+@pytest.mark.integration
+def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path, tmp_path: Path
+) -> None:
+    db = tmp_path / "results.db"
+    worker = CloudWorker(
+        WorkerConfig(
+            broker.credentials("cloud"), topics, tiny_models / "cloud.onnx", f"w{uuid.uuid4().hex[:6]}"
+        )
+    )
+    worker.start()
+    collector = Collector(
+        CollectorConfig(broker.credentials("collector"), topics, db, client_id=f"col-{uuid.uuid4().hex[:8]}")
+    ).start()
+    swamp = LoadPublisher(broker, topics, "swamped")
+    swamp.publish(queue=10_000, capacity=100.0)  # 100 s of queue: hopeless for a 2 s deadline
+    device_id = f"dev-{uuid.uuid4().hex[:8]}"
+    config = AgentConfig(
+        device_id=device_id,
+        broker=broker.credentials(device_id),
+        topics=topics,
+        model_dir=tiny_models,
+        state_dir=tmp_path / "state",
+        policy={"name": "meanet", "params": {}},
+        meters=["estimate"],
+        idle_seconds=0.0,
+        window_size=8,
+        flush_s=0.05,
+        connect_timeout_s=5.0,
+    )
+    n = 48
+    first, second = tiny_images(n, seed=21), tiny_images(n, seed=22)
+    agent = DeviceAgent(config).start()
+    try:
+        capacity = agent.capacity
+        assert capacity is not None  # on by default
+        # The retained load reaches the agent once its subscription is in place.
+        wait_for(lambda: (capacity.report()["load_ms"] or 0) > 1000, 10, "the swamped load")
+        swamped = agent.run_dataset([(image, i % 10) for i, image in enumerate(first)])
+        swamp.publish(queue=0, capacity=1000.0)
+        wait_for(lambda: (capacity.report()["load_ms"] or math.inf) < 100, 10, "the idle load")
+        idle = agent.run_dataset([(image, i % 10) for i, image in enumerate(second)])
+        report = capacity.report()
+    finally:
+        final = agent.close()
+        collector.stop()
+        worker.stop()
+        swamp.close()
+
+    cascade = EdgeCascade(tiny_models)
+    expected: List[Optional[str]] = []
+    decisions = cascade.decide(np.concatenate([first, second]))
+    for i, d in enumerate(decisions):
+        expected.append(("shed" if i < n else "cloud") if d.complex else d.exit_stage)
+    complex_first = sum(d.complex for d in decisions[:n])
+    assert 0 < complex_first < n and 0 < sum(d.complex for d in decisions[n:]) < n
+    assert (swamped.shed, swamped.fallbacks, swamped.offloaded) == (complex_first, 0, 0)
+    assert (idle.shed, idle.fallbacks, idle.exits.get("cloud")) == (
+        0,
+        0,
+        sum(d.complex for d in decisions[n:]),
+    )
+    assert report["shed_capacity"] == complex_first and report["probes"] == 0
+    assert final.outbox_left == {"record": 0, "offload": 0}
+
+    rows = _rows(db, agent.run_id)
+    assert sorted(rows) == list(range(2 * n))  # none lost, none twice
+    assert [rows[i]["exit_stage"] for i in range(2 * n)] == expected
+    for i, d in enumerate(decisions[:n]):
+        if d.complex:  # the edge's answer, an edge exit in every account
+            row = rows[i]
+            assert row["prediction"] == d.prediction and row["bytes_up"] == row["bytes_down"] == 0
+            assert row["network_ms"] is None and row["cloud_ms"] is None and row["p_cloud"] is None
+            assert row["device_j_gross"] is not None and row["device_j_analytic"] > 0
+    with sqlite3.connect(db) as raw:
+        summary = raw.execute(
+            "SELECT exit_shed, exit_fallback, exit_cloud FROM run_summary WHERE run_id = ?", (agent.run_id,)
+        ).fetchone()
+    assert summary == (complex_first, 0, idle.exits["cloud"])
