@@ -19,29 +19,47 @@ samples that do go. Pure: no MQTT, an injected clock and random source, so every
   it joins the shortest queue).
 - `service_ms`: the mean of the live workers' recent compute time per sample.
 
+The bound is `shed_above` × the deadline, 0.25 by default (500 ms at 2 s): a prediction is up to one
+publishing interval old and the fleet keeps offloading meanwhile; a queue held below a quarter of the deadline
+stays clear of the re-send at half of it (which would double the work of a worker that is merely slow) and
+far from the deadline itself, while still holding many batches, so workers stay busy.
+
 A sample is shed, in this order, when
-1. the device's own in-flight window is full (`window`): blocking the inference thread until a slot frees
+1. the device's own in-flight window is full (`window`): blocking the inference thread until a place frees
    would stall the easy samples behind it too;
 2. the operator's budget is spent (`budget`): a token bucket of `budget_per_s` offloads a second, at most
    `budget_burst` saved up (None: unlimited);
-3. `predicted_ms` exceeds `shed_above` × the deadline (`capacity`), or rather: it is admitted with a
-   probability falling linearly from 1 at half that bound to 0 at the bound. Every device reads the same
-   retained load at the same time; with a hard step the whole fleet would offload at once, overshoot the
-   bound, all shed, let the queue run dry, and so on at the publishing interval (idle workers, then missed
-   deadlines). The ramp makes the fleet's offload rate a smooth, falling function of the queue, which then
-   settles where that rate meets the workers' capacity, inside the ramp.
-   The default bound, 0.25 × the deadline (500 ms at 2 s), leaves room for what a prediction cannot see: it
-   is up to one publishing interval old, and the fleet keeps offloading meanwhile. A queue held below a
-   quarter of the deadline stays clear of the re-send at half of it (which would double the work of a worker
-   that is merely slow) and far from the deadline itself, while still holding many batches: workers stay
-   busy;
+3. `predicted_ms` exceeds the bound (`capacity`), or the sample falls outside the device's admission share
+   (`share`, below);
 4. the device's own evidence says the cloud is late (`late`): the latest offload to settle fell back at its
    deadline and none has been answered since. That is also all there is to go on when no worker's load is
    known (none published yet, all gone or stale): then only this rule and the transit estimate apply.
+
+The admission share (of the samples the policy would offload, those that may go while the prediction is
+within the bound) is how the fleet avoids moving as a herd. Every device reads the same retained load at the
+same moment, up to an interval old. A hard step at the bound makes all of them offload at once, overshoot,
+all shed, and so on; a fixed ramp (admit with a probability falling as the prediction nears the bound) is
+still a feedback loop through that stale load, whose gain (demand × interval ÷ the ramp's width in queued
+samples) is far beyond the 2 that such a sampled loop tolerates once demand is a few times the capacity.
+In a model of the fleet (tests/test_capacity.py `simulate`: 50 devices, 2 workers) a ramp from half the
+bound held 5 × overload with loads 0.5 s apart (0.2 % of offloads fell back) but lost 35 % of them at 10 ×,
+and 30 % at 5 × with loads 1 s apart (without any rule: 70 % at 5 ×; bench/fleet_sim.py measured 72 %).
+So the share is steered like TCP's window, on each fresh load: down (× SHARE_DOWN) while the prediction is
+above TARGET × the bound and that worker's queue has not shrunk since its last load; up (+ SHARE_UP) when it
+is below; held while a long queue drains. Devices that see the same loads take the same steps, and
+multiplicative decrease brings their shares together. It starts at SHARE_START, doubling on each fresh load
+below the target and growing a little with each quick answer (a device that has the workers to itself opens
+up within a second), until the first decrease: a fleet that starts together would otherwise fill the queues
+with seconds of work before the first load that shows it arrives. (Same model: with loads 0.5 s apart, as
+workers publish them, no offload waits out its deadline from 2 × to 20 × overload, 0.4 % at 10 × with loads
+1 s apart; the workers are busy 88-100 % of the time; an idle fleet sheds 4 % of its complex samples in 20 s,
+all in its first two seconds.)
+
 A sample without an edge answer (cloud-only with nothing run on the device) has only the cloud: shed, it
 would have no answer at all. So only what says its answer cannot come in time sheds it: the budget, and a
-prediction beyond the deadline itself (rule 3 with the deadline as the bound); a full window makes it wait
-for a place, as without capacity-awareness, and rule 4 lets it go.
+prediction beyond the deadline itself (rule 3 with the deadline as the bound, no share); a full window
+makes it wait for a place, as without capacity-awareness, and rule 4 lets it go.
+
 Own evidence (rule 4, and a transit estimate that alone tips a sample over the bound) changes only when
 offloads settle, so while it sheds, one offload per `probe_s` (default: the deadline) still goes as a probe:
 at most one sample a deadline risks a fallback, and the device learns when the cloud is back. Shedding on the
@@ -61,7 +79,10 @@ from protocol import OffloadReply
 from protocol.load import WorkerLoad
 
 SHED_ABOVE = 0.25  # of the deadline: the bound on the predicted round trip (see the module docstring)
-TAPER_FROM = 0.5  # of the bound: from here the admission probability falls linearly to 0 at the bound
+TARGET = 0.5  # of the bound: the prediction the admission share steers to
+SHARE_START, SHARE_MIN = 1 / 16, 1 / 64  # the admission share's start (slow start) and floor
+SHARE_UP, SHARE_DOWN = 0.1, 0.7  # added / multiplied per round of fresh loads (one from every live worker)
+SHARE_PER_QUICK_ANSWER = 0.25  # slow start: the share grows by this fraction per answer within the target
 LOAD_STALE_S = 3.0  # a worker's load not refreshed this long (local receipt time) is no longer believed
 TRANSIT_HALF_LIFE_S = 1.0  # the transit EWMA: an observation this old has half the weight of a fresh one
 TRANSIT_MIN_WEIGHT = 0.1  # ... and each new observation at least this much (many replies in one instant)
@@ -71,11 +92,11 @@ class Admission(NamedTuple):
     """The rule's answer for one sample: admitted or not, why, and the prediction it went on (ms)."""
 
     admitted: bool
-    reason: str  # admitted: "ok", "probe"; shed: "window", "budget", "capacity", "late"
+    reason: str  # admitted: "ok", "probe"; shed: SHED_REASONS
     predicted_ms: Optional[float] = None
 
 
-SHED_REASONS = ("window", "budget", "capacity", "late")
+SHED_REASONS = ("window", "budget", "capacity", "share", "late")
 
 
 @dataclass
@@ -133,6 +154,7 @@ class CapacityRule:
         self._transit_ms: Optional[float] = None
         self._transit_at = 0.0
         self._late = False
+        self._share, self._slow_start = SHARE_START, True
         self._tokens = self.budget_burst
         self._tokens_at = clock()
         self._last_admitted = -math.inf
@@ -162,7 +184,25 @@ class CapacityRule:
                 # look alive at every reconnect. Only the worker's clock is compared with itself here.
                 return
             self._latest_ts[source] = load.ts_unix
+            before = self._loads.get(source)
             self._loads[source] = _Held(load, now)
+            self._steer(now, shrunk=before is not None and load.queue < before.load.queue)
+
+    def _steer(self, now: float, shrunk: bool) -> None:
+        """A fresh load: the admission share's step (why: the module docstring). Each of n live workers'
+        loads takes 1/n of a step, so a round of them takes one, whatever n."""
+        loaded = self._load_ms(now)
+        if loaded is None:
+            return
+        step = 1.0 / len(self._loads)
+        if (self._transit_ms or 0.0) + loaded > TARGET * self.bound_ms:
+            if not shrunk:  # a queue that drains is answered already: deeper cuts would idle the workers
+                self._share = max(SHARE_MIN, self._share * SHARE_DOWN**step)
+                self._slow_start = False
+        elif self._slow_start:
+            self._share = min(1.0, self._share * 2.0**step)
+        else:
+            self._share = min(1.0, self._share + SHARE_UP * step)
 
     def answered(self, round_trip_ms: Optional[float], reply: OffloadReply) -> None:
         """An offload answered in time: the cloud is not late; its transit feeds the estimate."""
@@ -171,6 +211,8 @@ class CapacityRule:
             self._late = False
             if round_trip_ms is None:
                 return
+            if self._slow_start and self._loads and round_trip_ms <= TARGET * self.bound_ms:
+                self._share = min(1.0, self._share * (1.0 + SHARE_PER_QUICK_ANSWER))
             transit = max(0.0, round_trip_ms - worker_time_ms(reply))
             if self._transit_ms is None:
                 self._transit_ms = transit
@@ -211,18 +253,17 @@ class CapacityRule:
             if self._tokens < 1.0:
                 return Admission(False, "budget")
         loaded = self._load_ms(now)
-        transit = self._transit_ms or 0.0
-        predicted = transit + (loaded or 0.0)
-        bound = self.bound_ms if edge_answer else self.deadline_ms
-        draw = self._rng.random()
+        predicted = (self._transit_ms or 0.0) + (loaded or 0.0)
         probe_due = now - self._last_admitted >= self.probe_s
-        if draw >= _admit_probability(predicted, bound):
+        if predicted > (self.bound_ms if edge_answer else self.deadline_ms):
             # Would the workers' load alone have let it go? Then the device's own (transit) evidence shed
             # it, which only offloads can refresh: a probe, now and then.
-            own = loaded is None or draw < _admit_probability(loaded, bound)
+            own = loaded is None or loaded <= (self.bound_ms if edge_answer else self.deadline_ms)
             if own and probe_due:
                 return Admission(True, "probe", predicted)
             return Admission(False, "capacity", predicted)
+        if loaded is not None and edge_answer and self._rng.random() >= self._share:
+            return Admission(False, "share", predicted)
         if self._late and edge_answer:
             return Admission(True, "probe", predicted) if probe_due else Admission(False, "late", predicted)
         return Admission(True, "ok", predicted)
@@ -233,9 +274,17 @@ class CapacityRule:
             del self._loads[source]
             self.stats["stale_loads"] += 1
         if not self._loads:
+            # Workers that come back (or others) are a new situation: start slowly again.
+            self._share, self._slow_start = SHARE_START, True
             return None
         loads = [held.load for held in self._loads.values()]
         return sum(_wait_ms(load) + load.service_ms for load in loads) / len(loads)
+
+    @property
+    def share(self) -> float:
+        """The admission share now: of the samples that may go by the prediction, the fraction that do."""
+        with self._lock:
+            return self._share
 
     def report(self) -> Dict[str, Any]:
         """Counts and the current estimates, for the run's summary and `run_end`."""
@@ -247,6 +296,8 @@ class CapacityRule:
                 "load_ms": None if loaded is None else round(loaded, 3),
                 "transit_ms": None if self._transit_ms is None else round(self._transit_ms, 3),
                 "late": self._late,
+                "share": round(self._share, 4),
+                "slow_start": self._slow_start,
                 "bound_ms": self.bound_ms,
             }
 
@@ -257,11 +308,3 @@ def _wait_ms(load: WorkerLoad) -> float:
     if load.capacity_per_s > 0:
         return load.wait_ms()
     return load.queue * load.service_ms
-
-
-def _admit_probability(predicted_ms: float, bound_ms: float) -> float:
-    """1 up to TAPER_FROM × bound, then falling linearly to 0 at the bound (why: the module docstring)."""
-    start = TAPER_FROM * bound_ms
-    if predicted_ms <= start:
-        return 1.0
-    return max(0.0, (bound_ms - predicted_ms) / (bound_ms - start))

@@ -111,6 +111,9 @@ def make_config(broker: BrokerProcess, topics: Topics, models: Path, state: Path
         flush_s=0.05,
         connect_timeout_s=5.0,
         results_receipts=False,  # the Tap is no collector: records leave the outbox on the broker's PUBACK
+        # These tests check what each policy decides; whether the cloud can take it (the worker here
+        # publishes its load) is tests/test_capacity.py's, and the slow start would shed the first offloads.
+        capacity_aware=False,
     )
     defaults.update(kw)
     return AgentConfig(**defaults)
@@ -294,8 +297,8 @@ def test_deadline_gives_a_flagged_fallback_and_late_replies_are_only_counted(
 
 
 def test_broker_killed_and_restarted_mid_stream(tiny_models, tmp_path) -> None:
-    """Every sample ends with a cloud answer, a flagged fallback or (the in-flight window full while the
-    broker was away) a flagged shed, none is recorded twice, the outbox drains."""
+    """Every sample ends with a cloud answer or a flagged fallback, none is recorded twice, the outbox
+    drains."""
     topics = Topics.namespaced("kill")
     own = BrokerProcess(tmp_path / "broker")  # our own: killing the session broker would hurt other tests
     own.start()
@@ -335,10 +338,7 @@ def test_broker_killed_and_restarted_mid_stream(tiny_models, tmp_path) -> None:
     runner.join(30)
     summary = result["summary"]
     assert summary.samples == n and summary.failed == 0
-    assert set(summary.exits) <= {"cloud", "fallback", "shed"} and summary.exits.get("cloud", 0) > 40
-    assert agent.capacity is not None
-    shed_by = agent.capacity.report()
-    assert summary.shed == shed_by["shed_window"] + shed_by["shed_late"] + shed_by["shed_capacity"]
+    assert set(summary.exits) <= {"cloud", "fallback"} and summary.exits.get("cloud", 0) > 40
     assert agent.link.stats["disconnects"] >= 1 and agent.link.stats["connects"] >= 2
     # offloads decided while the broker was away waited in the outbox and went out when it came back
     assert agent.offloads.stats["sent_on_reconnect"] > 0
@@ -353,7 +353,7 @@ def test_broker_killed_and_restarted_mid_stream(tiny_models, tmp_path) -> None:
     # at-least-once transport may repeat a batch, but a sample never gets two different records
     assert all(all(c == rs[0] for c in rs) for rs in copies.values())
     assert sorted(copies) == list(range(n))
-    assert {r["exit_stage"] for rs in copies.values() for r in rs} <= {"cloud", "fallback", "shed"}
+    assert {r["exit_stage"] for rs in copies.values() for r in rs} <= {"cloud", "fallback"}
     box = Outbox(config.state_dir / f"outbox-{config.device_id}.sqlite")
     assert box.counts() == {"record": 0, "offload": 0}
     tap.close()

@@ -9,6 +9,7 @@ import pytest
 
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
+from device_agent.capacity import SHED_REASONS
 from device_agent.sources import find_dataset_dir
 from edgecascade.cli import main
 from protocol.topics import Topics
@@ -118,7 +119,12 @@ def test_a_dataset_run_prints_its_summary(
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 40 and summary["labelled"] == 40 and summary["failed"] == 0
     assert summary["policy_report"]["params"] == {"theta": 0.5, "edge": "main"}
-    assert set(summary["exits"]) <= {"main", "cloud"} and summary["fallbacks"] == 0
+    # Capacity-aware by default: the worker's published load may shed some (its slow start), each counted.
+    assert set(summary["exits"]) <= {"main", "cloud", "shed"} and summary["fallbacks"] == 0
     assert summary["exits"].get("cloud", 0) == summary["offload_stats"]["answered"]
+    shed_by = summary["capacity"]
+    assert (
+        summary["shed"] == summary["exits"].get("shed", 0) == sum(shed_by[f"shed_{r}"] for r in SHED_REASONS)
+    )
     assert summary["outbox_left"] == {"record": 0, "offload": 0}
     assert (tmp_path / "state" / "outbox-cli-cam.sqlite").exists()

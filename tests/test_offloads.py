@@ -94,3 +94,13 @@ def test_not_idle_until_the_settled_offload_has_been_handed_over(box: Outbox) ->
     assert tracker.in_flight() == 1 and not tracker.wait_idle(0.05)
     release.set()
     assert tracker.wait_idle(10) and len(settled) == 1 and settled[0].reply is None
+
+
+def test_window_full_says_when_an_offload_would_wait_for_a_place(box: Outbox) -> None:
+    """The capacity rule sheds instead of letting the inference thread wait (device_agent.capacity)."""
+    tracker = OffloadTracker(offline_link(), box, Topics(), "dev", "run", lambda s: None, max_inflight=2)
+    assert not tracker.window_full()
+    tracker.offload(object(), 0, b"img", {"device_id": "dev", "seq": 0})
+    assert not tracker.window_full()
+    tracker.offload(object(), 1, b"img", {"device_id": "dev", "seq": 1})
+    assert tracker.window_full() and tracker.stats["window_waits"] == 0
