@@ -533,7 +533,7 @@ def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
         sum(d.complex for d in decisions[n:]),
     )
     assert report["shed_capacity"] == complex_first and report["probes"] == 0
-    assert final.outbox_left == {"record": 0, "offload": 0}
+    assert final.outbox_left == {"record": 0, "offload": 0} and final.refused_records == 0  # run_end too
 
     rows = _rows(db, agent.run_id)
     assert sorted(rows) == list(range(2 * n))  # none lost, none twice
