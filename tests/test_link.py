@@ -220,6 +220,10 @@ def test_the_uplink_and_downlink_rates_hold() -> None:
                     downlink.append((time.monotonic(), len(data)))
             # Full rate without losses: a sender that overflowed tbf's queue would stall on timeouts.
             assert link.namespace.drops() == 0
+            traffic = link.traffic()  # what a radio model is fed: every byte, each way, with its time
+            assert sum(up for _, up, _ in traffic) == size
+            assert sum(down for _, _, down in traffic) == size + len(b"done")
+            assert all(a[0] < b[0] for a, b in zip(traffic, traffic[1:]))
     finally:
         sink_server.close()
         source_server.close()

@@ -17,6 +17,7 @@ rates do not, and an outage closes connections rather than losing packets; `mode
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
@@ -78,8 +79,8 @@ class _Child:
         )
         self._buffer = b""
 
-    def expect(self, word: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Wait for the line `word` on the child's stdout."""
+    def expect(self, word: str, timeout_s: float = READY_TIMEOUT_S) -> str:
+        """Wait for the line `word` (and what follows it on that line, returned) on the child's stdout."""
         assert self._proc.stdout is not None
         deadline = time.monotonic() + timeout_s
         with selectors.DefaultSelector() as selector:
@@ -93,16 +94,18 @@ class _Child:
                     raise LinkError(f"{self.what} exited (status {self._proc.wait()}) before {word!r}")
                 self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
-        if line.decode(errors="replace").strip() != word:
+        answer, _, rest = line.decode(errors="replace").strip().partition(" ")
+        if answer != word:
             raise LinkError(f"{self.what} answered {line!r}, not {word!r}")
+        return rest
 
-    def command(self, word: str) -> None:
+    def command(self, word: str) -> str:
         assert self._proc.stdin is not None
         try:
             self._proc.stdin.write(word.encode() + b"\n")
         except OSError as exc:
             raise LinkError(f"{self.what} is gone: {exc}") from None
-        self.expect(word, timeout_s=10.0)
+        return self.expect(word, timeout_s=10.0)
 
     def stop(self) -> None:
         """End of stdin ends the proxy; a proxy that does not end is killed."""
@@ -289,6 +292,15 @@ class EmulatedLink:
     @property
     def addresses(self) -> Dict[str, Tuple[str, int]]:
         return dict(self._addresses)
+
+    def traffic(self) -> List[Tuple[float, int, int]]:
+        """Every byte the link carried so far, as (unix s, bytes up, bytes down) per 0.1 s with traffic (the
+        delaying proxy counts what it releases onto the link: the payload, not TCP/IP headers)."""
+        with self._lock:
+            if self._delaying is None:
+                raise LinkError("the link is not running")
+            answer = self._delaying.command("traffic")
+        return [(float(t), int(up), int(down)) for t, up, down in json.loads(answer)]
 
     @property
     def upstream_host(self) -> Optional[str]:

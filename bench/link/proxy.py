@@ -11,7 +11,9 @@ max(previous release, arrival + delay ± uniform jitter): jitter varies the dela
 stream's bytes.
 
 Control is on stdin, one word a line, answered on stdout with the same word: `down` closes every connection
-and refuses new ones (the outage of the proxy-only mode), `up` ends that. End of stdin (the parent closed it,
+and refuses new ones (the outage of the proxy-only mode), `up` ends that; `traffic` is answered with the word
+and a JSON list of [unix s, bytes up, bytes down] per 0.1 s in which bytes were released onto the link (what a
+radio model needs: when, and how much). End of stdin (the parent closed it,
 or died) ends the process, so no proxy outlives its link.
 """
 
@@ -21,13 +23,15 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import random
 import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Coroutine, Deque, List, Optional, Set, Tuple
+from typing import Any, Callable, Coroutine, Deque, Dict, List, Optional, Set, Tuple
 
 from bench.link.netns import clamp_window
 
@@ -38,6 +42,7 @@ CHUNK_BYTES = 64 * 1024
 # that data waiting for a slow link waits in the delay line (bounded, and in order) rather than in seconds of
 # buffers nobody sees (the kernel's send buffer grows to megabytes).
 UNSENT_BYTES = 32 * 1024
+TRAFFIC_BIN_S = 0.1
 TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
@@ -94,6 +99,21 @@ class Delay:
         return max(0.0, self.delay_s + rng.uniform(-self.jitter_s, self.jitter_s))
 
 
+class Traffic:
+    """Bytes released onto the link per TRAFFIC_BIN_S and direction (one bin per 0.1 s with traffic: an hour
+    at full use is 36,000 small entries)."""
+
+    def __init__(self) -> None:
+        self.bins: Dict[int, List[int]] = {}
+
+    def add(self, direction: int, nbytes: int) -> None:
+        slot = self.bins.setdefault(int(time.time() / TRAFFIC_BIN_S), [0, 0])
+        slot[direction] += nbytes
+
+    def as_json(self) -> str:
+        return json.dumps([[b * TRAFFIC_BIN_S, up, down] for b, (up, down) in sorted(self.bins.items())])
+
+
 class DelayLine:
     """One direction of one connection: reads chunks, holds each until its release time, writes them in order.
 
@@ -107,7 +127,9 @@ class DelayLine:
         delay: Delay,
         rng: random.Random,
         max_queued: int,
+        counted: Optional[Callable[[int], None]] = None,
     ) -> None:
+        self._counted = counted
         self._reader = reader
         self._writer = writer
         self._delay = delay
@@ -151,6 +173,8 @@ class DelayLine:
                     self._writer.write_eof()
                 return
             self._writer.write(data)
+            if self._counted is not None:
+                self._counted(len(data))
             await self._writer.drain()
             async with self._changed:
                 self._items.popleft()
@@ -190,6 +214,7 @@ class Proxy:
         self.settings = settings
         self.rng = random.Random(settings.seed)
         self.is_down = False
+        self.traffic = Traffic()
         self._tasks: Set[asyncio.Task] = set()
 
     async def serve(self) -> None:
@@ -223,6 +248,8 @@ class Proxy:
                 await self.close_all()  # every connection is reset before the parent hears "down"
             elif command == "up":
                 self.is_down = False
+            elif command == "traffic":
+                command = f"traffic {self.traffic.as_json()}"
             else:
                 logger.warning("unknown control command %r", command)
                 continue
@@ -254,8 +281,12 @@ class Proxy:
             _limit_unsent(writer)
             _limit_unsent(up_writer)
             await run_all(
-                DelayLine(reader, up_writer, s.up, self.rng, s.up_queue_bytes).run(),
-                DelayLine(up_reader, writer, s.down, self.rng, s.down_queue_bytes).run(),
+                DelayLine(
+                    reader, up_writer, s.up, self.rng, s.up_queue_bytes, lambda n: self.traffic.add(0, n)
+                ).run(),
+                DelayLine(
+                    up_reader, writer, s.down, self.rng, s.down_queue_bytes, lambda n: self.traffic.add(1, n)
+                ).run(),
             )
             clean = True
         except (OSError, asyncio.TimeoutError) as exc:
