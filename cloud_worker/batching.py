@@ -1,8 +1,9 @@
 """Dynamic micro-batching: collect up to `max_batch` requests, waiting at most `max_wait_s` for more, and not
 at all when the queue is idle.
 
-The rule, applied after the worker has read everything the socket holds: one request pending means the
-worker is idle, so it runs now (a lone request must not pay `max_wait`). Several pending (a burst, or requests
+The rule, applied by a compute thread whenever a request arrives (the worker's network thread reads each one
+as it comes, also during a batch) and whenever it is free: one request pending means the worker is idle, so
+it runs now (a lone request must not pay `max_wait`). Several pending (a burst, or requests
 that piled up while the previous batch ran) means load, so the worker waits for more until the batch is
 full or `max_wait_s` has passed since the *oldest* pending request arrived; no request waits longer here.
 It waits only while waiting can pay, judged from exponential averages of the gap between arrivals and of
@@ -21,9 +22,8 @@ the broker's own queue: the worker acknowledges what it sheds at once, so the br
 device drains at the speed of dropping, not of computing, and other devices' offloads behind it in that
 FIFO reach the worker in time. A lone device still gets the whole queue.
 
-Single-threaded on purpose: the worker's one thread reads the socket, decides, computes and writes, so there
-is no hand-off between threads on the request path (each costs a context switch, measured ~0.3 ms a round
-trip on a 2-core box) and batches form by themselves while a batch is computing.
+Not thread-safe: the worker guards it with one condition (cloud_worker/worker.py), which its network thread
+notifies on each arrival and its compute threads wait on.
 """
 
 from __future__ import annotations

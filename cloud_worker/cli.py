@@ -30,7 +30,9 @@ Start as many as you like (distinct --worker-id): the broker shares the offloads
 QoS 0 offloads are refused; each device gets a fair share of --max-queue; an offload waits at most
 --max-expiry-s (also one without MessageExpiryInterval). A login the broker refuses for good (bad
 password, not authorized, banned, client id refused) exits with status 2 and says why; other connection
-failures are retried with backoff.
+failures are retried with backoff. Each worker publishes its load (queue, service time, capacity,
+busy) retained on <root>/@cloud/<worker-id>/load every --load-interval-s, cleared when it stops or dies;
+its final stats line (JSON) carries busy_s, wall_s and busy = busy_s / (wall_s x streams).
 """
 
 
@@ -73,8 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-expiry-s", type=float, default=30.0, help="longest an offload may wait (default %(default)s)"
     )
+    parser.add_argument(
+        "--load-interval-s",
+        type=float,
+        default=0.5,
+        help="publish this worker's load (queue, service time, capacity, busy) retained on "
+        "<root>/@cloud/<worker-id>/load every N s, for devices to plan offloads on (0: never; "
+        "default %(default)s)",
+    )
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="onnxruntime EPs")
-    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="onnxruntime intra-op threads (default: all cores; 1 with --streams)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=int,
+        default=1,
+        help="batches computed at once, each on its own thread (default %(default)s; on a small shared box "
+        "2 with --threads 1 waits less than 1 with 2 threads: bench/offload_bench.py)",
+    )
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
     parser.add_argument("--idle-seconds", type=float, default=0.0, help="idle baseline before serving")
     parser.add_argument("--stats-interval", type=float, default=60.0, help="log stats every N s (0: never)")
@@ -103,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
             meters=args.meters,
             idle_seconds=args.idle_seconds,
             threads=args.threads,
+            streams=args.streams,
             receive_maximum=args.receive_maximum,
             max_queue=args.max_queue,
             max_expiry_s=args.max_expiry_s,
+            load_interval_s=args.load_interval_s,
         )
     except ValueError as exc:
         print(f"edgecascade cloud: {exc}", file=sys.stderr)

@@ -38,7 +38,11 @@ class WorkerConfig:
     meters: Sequence[str] = ()
     meter_options: Dict[str, Any] = field(default_factory=dict)
     idle_seconds: float = 0.0
-    threads: Optional[int] = None
+    threads: Optional[int] = (
+        None  # onnxruntime intra-op threads (None: onnxruntime's default; 1 with streams)
+    )
+    # Batches computed at once, each on a compute thread of its own (bench/offload_bench.py measures why).
+    streams: int = 1
     # Unacknowledged offloads the broker may push to us (MQTT 5 Receive Maximum); 0 = 4 batches' worth.
     receive_maximum: int = 0
     group: str = CLOUD_GROUP
@@ -48,6 +52,8 @@ class WorkerConfig:
     max_queue: int = 0
     # The longest an offload may wait here, and the deadline of one that carries no MessageExpiryInterval.
     max_expiry_s: float = 30.0
+    # How often the worker publishes its load (protocol.load) on Topics.cloud_load(worker_id); 0: never.
+    load_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_wait_ms < 0:
@@ -56,6 +62,18 @@ class WorkerConfig:
             raise ValueError("max_queue and receive_maximum must be >= 0")
         if not (self.max_expiry_s > 0 and math.isfinite(self.max_expiry_s)):
             raise ValueError(f"max_expiry_s must be a positive number of seconds, got {self.max_expiry_s}")
+        if self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
+        if self.streams > 1 and self.meters:
+            # Energy windows of batches that overlap would each count the other's joules.
+            raise ValueError("metering needs streams = 1 (concurrent batches' energy windows would overlap)")
+        if not (self.load_interval_s >= 0 and math.isfinite(self.load_interval_s)):
+            raise ValueError(f"load_interval_s must be >= 0 seconds (0: no load), got {self.load_interval_s}")
+
+    def intra_op_threads(self) -> Optional[int]:
+        """onnxruntime intra-op threads per run: the setting, else 1 with several streams (concurrent runs
+        would otherwise share one pool of every core), else onnxruntime's default."""
+        return self.threads or (1 if self.streams > 1 else None)
 
     def receive_maximum_or_default(self) -> int:
         """MQTT 5 Receive Maximum to announce: the setting, else 4 batches' worth."""

@@ -300,6 +300,35 @@ def test_expired_requests_are_dropped_and_counted(
 
 
 @pytest.mark.integration
+def test_a_second_stream_answers_while_the_first_computes(
+    start_worker: Callable[..., CloudWorker], probe: OffloadProbe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = start_worker("w-streams", streams=2)
+    real_logits = worker.task.session.logits
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_first_batch(images: np.ndarray) -> np.ndarray:
+        if not holding.is_set():
+            holding.set()
+            release.wait(30)
+        return real_logits(images)
+
+    monkeypatch.setattr(worker.task.session, "logits", hold_first_batch)
+    images = tiny_images(2)
+    try:
+        first = probe.request(images[0], seq=0)
+        assert holding.wait(10)
+        # With one stream this one would wait for the held batch; the other stream takes it at once.
+        assert probe.request(images[1], seq=1).result(timeout=10).reply.seq == 1
+        assert not first.done()
+    finally:
+        release.set()
+    assert first.result(timeout=10).reply.seq == 0
+    stats = worker.stats
+    assert stats["answered"] == 2 and stats["streams"] == 2 and stats["batches"] == 2
+
+
+@pytest.mark.integration
 def test_two_workers_in_the_group_each_get_a_share(
     start_worker: Callable[..., CloudWorker], probe: OffloadProbe
 ) -> None:

@@ -224,6 +224,9 @@ def test_cli_refuses_a_missing_model_or_password_file(tmp_path: Path) -> None:
         (["--max-expiry-s", "nan"], "max_expiry_s must be a positive number"),
         (["--task", "detect", "--models", "models/fashion-mnist"], "not a video detector's card"),  # KeyError
         (["--task", "detect", "--models", "nowhere"], "does not exist"),  # FileNotFoundError
+        (["--load-interval-s", "-1"], "load_interval_s must be >= 0"),
+        (["--streams", "0"], "streams must be >= 1"),
+        (["--streams", "2", "--meters", "estimate"], "metering needs streams = 1"),
     ],
 )
 def test_cli_refuses_bad_settings_in_one_line_with_status_2(
