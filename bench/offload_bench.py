@@ -3,6 +3,7 @@
     python -m bench.offload_bench                  # 500 offloads/s for 10 s; targets p50 <= 1 ms, p99 <= 5 ms
     python -m bench.offload_bench --model /path/to/cloud.onnx --rate 200 --seconds 20
     python -m bench.offload_bench --floor          # same traffic, answered by a do-nothing responder
+    python -m bench.offload_bench --streams 2 --threads 1   # two batches at once, one core each
 
 A private Mosquitto (the project's config), one or more real `edgecascade cloud` worker processes, and this
 process as the requester (one device user, QoS 1, ResponseTopic + CorrelationData). The sender is paced
@@ -11,10 +12,13 @@ reported, so a stalled sender cannot hide latency (coordinated omission).
 
 Per request: round trip = reply callback - publish call (same clock); compute = the batch's onnxruntime time
 (the reply's cloud_ms x batch size: the request waited for its whole batch); overhead = round trip - compute.
-Overhead includes the worker's queueing (`queue_ms` in the reply: waiting for a previous batch or to fill
-this one); `transport` excludes it as well. `--floor` replaces the worker by a responder that answers each
-offload with one precomputed reply from inside paho's callback: the cost of MQTT, the broker and Python
-clients alone on this machine, which no worker can go below.
+Overhead includes the worker's queueing (`queue_ms` in the reply, from the moment the worker's network
+thread read the offload: waiting behind a computing batch, or to fill this one); `transport` excludes it as
+well, leaving MQTT, the broker, both clients and the worker's hand-offs between its threads. Each worker's
+`busy` (the share of its streams' time spent on batches, from its final stats line) says how close to its
+capacity the rate runs it: queueing grows steeply as it nears 100 %. `--floor` replaces the worker by a
+responder that answers each offload with one precomputed reply from inside paho's callback: the cost of
+MQTT, the broker and Python clients alone on this machine, which no worker can go below.
 """
 
 from __future__ import annotations
@@ -139,6 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads per worker")
+    parser.add_argument("--streams", type=int, default=None, help="batches each worker computes at once")
     parser.add_argument("--floor", action="store_true", help="a do-nothing responder instead of the worker")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
@@ -153,6 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     extra = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     if args.threads:
         extra += ["--threads", str(args.threads)]
+    if args.streams:
+        extra += ["--streams", str(args.streams)]
     with BrokerProcess() as broker, tempfile.TemporaryDirectory(prefix="offload-bench-") as tmp:
         services = ServiceGroup(Path(tmp))
         workers = (
@@ -187,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "workers": args.workers,
         "max_batch": args.max_batch,
         "max_wait_ms": args.max_wait_ms,
+        "threads": args.threads,
+        "streams": args.streams,
         "round_trip_ms": percentiles(rtt),
         "compute_ms": percentiles(compute),
         "overhead_ms": percentiles(overhead),
@@ -211,6 +220,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p = figures[key]
         print(f"  {key:<22}{p['p50']:8.3f}{p['p90']:8.3f}{p['p99']:8.3f}{p['max']:8.3f}")
     print(f"  mean batch {figures['mean_batch']:.2f}; workers: {worker_stats}")
+    busy = [w["busy"] for w in worker_stats if "busy" in w]
+    if busy:
+        print("  workers busy " + ", ".join(f"{b:.0%}" for b in busy) + " of their streams' time")
     print(
         f"  target overhead p50 <= {TARGET_P50_MS} ms, p99 <= {TARGET_P99_MS} ms: "
         f"{'MET' if ok else 'MISSED'} (p50 {p50:.3f}, p99 {p99:.3f})"

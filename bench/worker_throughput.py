@@ -101,6 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("  bare onnxruntime  " + "  ".join(f"{b:9.1f}" for b in bare) + "  samples/s")
     print("  fed over MQTT     " + "  ".join(f"{r:9.1f}" for r in fed_rates) + "  samples/s")
     print("  mean batch fed    " + "  ".join(f"{f['mean_batch']:9.1f}" for f in fed))
+    # The worker's own account (its final stats line): the whole run, start-up and the tail included.
+    print("  worker busy       " + "  ".join(f"{f['worker'].get('busy', 0.0):9.0%}" for f in fed))
     verdict = "MET" if ratio >= TARGET_RATIO else "MISSED"
     print(f"  median ratio {ratio:.1%}; target >= {TARGET_RATIO:.0%}: {verdict}")
     if args.json:
