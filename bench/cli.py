@@ -15,6 +15,9 @@ EPILOG = """examples:
   edgecascade bench --samples 300 --no-sweep --no-http-peer --results /tmp/r
   edgecascade bench --rate 10 --paced-samples 600   # latency at 10 Hz; --rate 0: flat out only
   edgecascade bench --task video --quick  # REACT: camera agent, cloud detector, mAP (about 1 minute)
+  edgecascade bench --link lte            # every policy with the device behind an emulated LTE link
+  edgecascade bench --task links          # MQTT vs HTTP over lan, wifi, lte, satellite + a 30 s outage
+  edgecascade bench --task links --links lte --outage-s 0 --samples 300
 The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
 results/report/*.png + report.md, and prints one row per policy and the targets: accuracy, energy and
 throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
@@ -34,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
         "--task",
-        choices=["classify", "video"],
+        choices=["classify", "video", "links"],
         default="classify",
-        help="classify: the MEANet / HI cascade; video: REACT detection (models/video-fmnist)",
+        help="classify: the MEANet / HI cascade; video: REACT detection (models/video-fmnist); "
+        "links: meanet over MQTT and HTTP across emulated links (bench/link_bench.py)",
     )
     parser.add_argument(
         "--profile", default="x86", help="device profile: a name in bench/profiles or a .toml"
@@ -62,6 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pace of the latency runs, a camera's frame rate (default 30; 0: no paced runs)",
     )
     parser.add_argument("--paced-samples", type=int, default=300, help="samples per paced run (default 300)")
+    parser.add_argument(
+        "--link", help="classify over this emulated link (a name in bench/profiles/links or a .toml)"
+    )
+    parser.add_argument(
+        "--links",
+        default="lan,wifi,lte,satellite",
+        help="--task links: the link profiles to sweep, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument("--outage-link", default="lte", help="--task links: the link of the outage run")
+    parser.add_argument("--outage-s", type=float, default=30.0, help="--task links: outage length (0: none)")
+    parser.add_argument(
+        "--outage-at-s", type=float, default=15.0, help="--task links: outage start in its run"
+    )
+    parser.add_argument(
+        "--outage-run-s", type=float, default=60.0, help="--task links: length of the outage run"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
     parser.add_argument(
         "--check",
@@ -71,6 +91,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "links":
+        from bench import link_bench
+
+        args.models = args.models or Path("models/fashion-mnist")
+        args.samples = args.samples or (300 if args.quick else 1000)
+        args.results = args.results / "links"
+        return link_bench.run(args)
     if args.task == "video":
         from bench.video_bench import run_and_report
 
@@ -98,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         http_peer=args.http_peer,
         progress=args.progress,
         idle_seconds=args.idle_seconds,
+        link=args.link,
         rate_hz=args.rate,
         paced_samples=args.paced_samples,
     )

@@ -7,12 +7,9 @@ runs the same filter and models, and the report and the targets are printed.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +21,7 @@ from rich.markup import escape
 from tqdm import tqdm
 
 from bench.http_baseline import run_http_peer
-from bench.services import ServiceGroup
-from broker.launcher import BrokerProcess, find_free_port
+from bench.stack import DEVICE_ID, HTTP_DEVICE_ID, CloudSide, cloud_side
 from device_agent import AgentConfig, DeviceAgent
 from device_agent.card import sha256_file
 from device_agent.cascade import EdgeCascade
@@ -51,8 +47,6 @@ SWEEPS: Dict[str, Tuple[str, List[float]]] = {
     "hi-threshold": ("theta", [0.5, 0.6, 0.8, 0.9, 0.95]),
     "entropy": ("tau", [0.1, 0.2, 0.4, 0.5, 0.6]),
 }
-DEVICE_ID = "bench-device"
-HTTP_DEVICE_ID = "bench-http-peer"
 
 
 def run_label(label: str) -> str:
@@ -70,6 +64,7 @@ class BenchConfig:
     results: Path = Path("results")
     broker: Optional[str] = None  # host:port of an existing broker (then `credentials` is needed)
     credentials: Optional[Path] = None  # JSON from `edgecascade broker --credentials-out`
+    link: Optional[str] = None  # a link profile (bench/profiles/links) the device side reaches the cloud over
     http_peer: bool = True
     progress: bool = True
     idle_seconds: Optional[float] = None  # override the profile's idle baseline length (tests)
@@ -100,6 +95,13 @@ class BenchResult:
     targets: List[Tuple[str, str, bool]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    windows: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # run_id -> (start, end) unix
+    link_profile: Any = None  # bench.link.LinkProfile, when the device side went over a link
+    link_bytes: List[Tuple[float, int, int]] = field(default_factory=list)  # (unix s, up, down) over it
+
+    def link_trace(self, start: float, end: float) -> List[Tuple[float, int, int]]:
+        """The link's traffic between two instants, as (unix s, bytes up, bytes down) transfers."""
+        return [t for t in self.link_bytes if start <= t[0] <= end]
 
 
 def _rotate(db: Path) -> None:
@@ -112,35 +114,23 @@ def _rotate(db: Path) -> None:
                 old.rename(db.with_name(f"bench-{stamp}.db{suffix}"))
 
 
-class _Broker:
-    """Our own Mosquitto with the project's config, or an existing one with given credentials."""
-
-    def __init__(self, cfg: BenchConfig, workdir: Path) -> None:
-        self._proc: Optional[BrokerProcess] = None
-        self._creds: Dict[str, str] = {}
-        if cfg.broker:
-            if not cfg.credentials:
-                raise ValueError("--broker needs --credentials (the JSON `edgecascade broker` writes)")
-            info = json.loads(cfg.credentials.read_text())
-            self.host, port = cfg.broker.rsplit(":", 1)
-            self.port = int(port)
-            self._creds = info["passwords"]
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-            self._proc = BrokerProcess(workdir).start()
-            self._proc.add_users([DEVICE_ID, HTTP_DEVICE_ID])
-            self.host, self.port = self._proc.host, self._proc.port
-
-    def address(self, user: str) -> BrokerAddress:
-        if self._proc is not None:
-            return self._proc.credentials(user)
-        if user not in self._creds:
-            raise ValueError(f"the credentials file has no password for {user!r}")
-        return BrokerAddress(self.host, self.port, user, self._creds[user])
-
-    def close(self) -> None:
-        if self._proc is not None:
-            self._proc.close()
+def agent_config(
+    cfg: BenchConfig, side: CloudSide, profile: Dict[str, Any], policy: Dict[str, Any], run_id: str
+) -> AgentConfig:
+    """The benchmark device's agent for one run, reaching the cloud side (through its link, if any)."""
+    return apply_profile(
+        AgentConfig(
+            device_id=DEVICE_ID,
+            broker=side.device_address(),
+            topics=Topics(),
+            model_dir=cfg.models,
+            policy=policy,
+            state_dir=cfg.results / "state",
+            run_id=run_id,
+            profile=profile["device"]["name"],
+        ),
+        profile,
+    )
 
 
 def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResult:
@@ -152,52 +142,13 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
     bench_id = time.strftime("b%Y%m%d-%H%M%S")
     result = BenchResult(bench_id=bench_id, db=db)
     profile = load_profile(cfg.profile)
-    cloud = profile.get("cloud", {})
     images, labels = load_idx_dataset("fashion-mnist", "test", limit=cfg.n_samples)
     console.print(
         f"[bold]edgecascade bench[/] {bench_id}: profile {profile['device']['name']}, "
         f"{len(images)} samples per policy, models {cfg.models}"
     )
 
-    with contextlib.ExitStack() as stack:
-        broker = _Broker(cfg, cfg.results / "broker")
-        stack.callback(broker.close)
-        services = ServiceGroup(cfg.results / "logs")
-        stack.callback(services.close)
-        with console.status("starting collector, cloud workers and the HTTP peer"):
-            services.start_collector(broker.address("collector"), db)
-            for i in range(int(cloud.get("workers", 1))):
-                services.start_cloud(
-                    f"cloud-{i}",
-                    broker.address("cloud"),
-                    cfg.models,
-                    f"{bench_id}-w{i}",
-                    [
-                        "--max-batch",
-                        str(cloud.get("max_batch", 32)),
-                        "--max-wait-ms",
-                        str(cloud.get("max_wait_ms", 2.0)),
-                        "--providers",
-                        *cloud.get("providers", ["CPUExecutionProvider"]),
-                        "--meters",
-                        *cloud.get("backends", ["estimate"]),
-                        *(["--threads", str(cloud["threads"])] if cloud.get("threads") else []),
-                    ],
-                )
-            http_port = find_free_port()
-            if cfg.http_peer:
-                services.start(
-                    "http-peer",
-                    [
-                        "--models", str(cfg.models),
-                        "--port", str(http_port),
-                        # the same onnxruntime settings as the cloud workers above: like for like
-                        "--providers", *cloud.get("providers", ["CPUExecutionProvider"]),
-                        *(["--threads", str(cloud["threads"])] if cloud.get("threads") else []),
-                    ],
-                    module="bench.http_baseline",
-                )  # fmt: skip
-
+    with cloud_side(cfg, db, bench_id, profile.get("cloud", {}), console) as side:
         plan = [(p["name"], p) for p in cfg.policies]
         if cfg.do_sweep:
             for name, (param, values) in SWEEPS.items():
@@ -205,19 +156,7 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
         try:
             for label, policy in plan:
                 run_id = f"{bench_id}-{run_label(label)}"
-                agent_cfg = apply_profile(
-                    AgentConfig(
-                        device_id=DEVICE_ID,
-                        broker=broker.address(DEVICE_ID),
-                        topics=Topics(),
-                        model_dir=cfg.models,
-                        policy=policy,
-                        state_dir=cfg.results / "state",
-                        run_id=run_id,
-                        profile=profile["device"]["name"],
-                    ),
-                    profile,
-                )
+                agent_cfg = agent_config(cfg, side, profile, policy, run_id)
                 if cfg.idle_seconds is not None:
                     agent_cfg = dataclasses.replace(agent_cfg, idle_seconds=cfg.idle_seconds)
                 console.print(
@@ -232,21 +171,23 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                     paced_cfg = dataclasses.replace(agent_cfg, run_id=paced_id, idle_seconds=0.0)
                     n = min(cfg.paced_samples, len(images))
                     console.print(f"[cyan]{escape(label)}[/] paced: {n} samples at {cfg.rate_hz:g} Hz")
+                    begun = time.time()
                     with DeviceAgent(paced_cfg) as agent:
                         paced_run = agent.run_dataset(
                             paced(zip(images[:n], (int(x) for x in labels[:n])), cfg.rate_hz),
                             progress=cfg.progress,
                         )
+                    result.windows[paced_id] = (begun, time.time())
                     result.paced[label] = paced_id
                     result.paced_hz[label] = paced_run.samples_per_s
             if cfg.http_peer:
-                result.http = _run_http(cfg, broker, images, labels, bench_id, http_port, console)
+                result.http = _run_http(cfg, side, images, labels, bench_id, console)
                 result.runs["http-peer"] = f"{bench_id}-http-peer"
                 if cfg.rate_hz:
                     n = min(cfg.paced_samples, len(images))
-                    paced_http = _run_http(
-                        cfg, broker, images[:n], labels[:n], bench_id, http_port, console, cfg.rate_hz
-                    )
+                    begun = time.time()
+                    paced_http = _run_http(cfg, side, images[:n], labels[:n], bench_id, console, cfg.rate_hz)
+                    result.windows[f"{bench_id}-http-peer-paced"] = (begun, time.time())
                     result.paced["http-peer"] = f"{bench_id}-http-peer-paced"
                     result.paced_hz["http-peer"] = paced_http["samples_per_s"]
         except KeyboardInterrupt:
@@ -254,19 +195,20 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
             console.print("[yellow]interrupted: keeping the runs that finished[/]")
         expected = {run_id: len(images) for run_id in result.runs.values()}
         expected.update({run_id: min(cfg.paced_samples, len(images)) for run_id in result.paced.values()})
-        _wait_for_rows(db, expected, console)
-        services.stop("collector")
+        wait_for_rows(db, expected, console)
+        side.services.stop("collector")
+        if side.link is not None:
+            result.link_profile, result.link_bytes = side.link.profile, side.link.traffic()
     result.seconds = time.monotonic() - started
     return result
 
 
 def _run_http(
     cfg: BenchConfig,
-    broker: _Broker,
+    side: CloudSide,
     images: np.ndarray,
     labels: np.ndarray,
     bench_id: str,
-    port: int,
     console: Console,
     rate_hz: float = 0.0,
 ) -> Dict[str, float]:
@@ -284,7 +226,7 @@ def _run_http(
     peer = run_http_peer(
         cascade,
         paced(samples, rate_hz) if rate_hz else samples,
-        ("127.0.0.1", port),
+        side.http_address(),
         run_id=run_id,
         device_id=HTTP_DEVICE_ID,
         progress=bar,
@@ -309,7 +251,7 @@ def _run_http(
         "started_unix": time.time() - peer.seconds,
     }
     records = [run_record] + [r.to_record() for r in peer.records]
-    publish_records(broker.address(HTTP_DEVICE_ID), Topics(), HTTP_DEVICE_ID, records)
+    publish_records(side.broker.address(HTTP_DEVICE_ID), Topics(), HTTP_DEVICE_ID, records)
     offloaded = sum(r.exit_stage == "cloud" for r in peer.records)
     return {"samples_per_s": peer.throughput, "seconds": peer.seconds, "offloaded": offloaded}
 
@@ -347,7 +289,7 @@ def publish_records(
         client.loop_stop()
 
 
-def _wait_for_rows(db: Path, expected: Dict[str, int], console: Console, timeout_s: float = 120) -> None:
+def wait_for_rows(db: Path, expected: Dict[str, int], console: Console, timeout_s: float = 120) -> None:
     """The collector commits asynchronously: wait until every finished run (id -> samples) has its rows."""
     from sqlalchemy import text
 
