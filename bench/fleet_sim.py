@@ -43,8 +43,12 @@ class FleetResult:
     rows: int = 0
     lost: int = 0  # dataset items without a row (bench.accounting)
     duplicates: int = 0  # dataset items with more than one
-    fallbacks: int = 0
+    fallbacks: int = 0  # offloads that waited out their deadline
+    shed: int = 0  # offloads the capacity rule kept at the edge (labelled)
     cloud_answers: int = 0
+    accuracy: float = 0.0
+    edge_only_accuracy: float = 0.0  # the same samples, the edge cascade answering all
+    workers_busy: List[float] = field(default_factory=list)  # each worker's compute time / the run
     agent_failures: int = 0
     events: List[str] = field(default_factory=list)
     per_device: List[Dict[str, Any]] = field(default_factory=list)
@@ -56,6 +60,12 @@ class FleetResult:
     @property
     def throughput(self) -> float:
         return self.expected / self.seconds if self.seconds else 0.0
+
+    @property
+    def deadline_waits(self) -> float:
+        """Offloads that waited out their deadline, as a fraction of the offloads sent."""
+        sent = self.cloud_answers + self.fallbacks
+        return self.fallbacks / sent if sent else 0.0
 
     @property
     def cloud_rate(self) -> float:
@@ -151,8 +161,29 @@ def run_fleet(
         expected = identities(models, samples, with_confidence=policy != "cloud-only")
         _wait_rows(db, fleet_id, devices, expected, result, timeout_s=120)
         services.stop("collector")
+    result.workers_busy = [_busy(workdir / "logs" / f"cloud-{w}.log", result.seconds) for w in range(workers)]
+    result.edge_only_accuracy = _edge_only_accuracy(models, samples)
     result.per_device = _latencies(db, fleet_id)
     return result
+
+
+def _busy(log: Path, run_s: float) -> float:
+    """A worker's compute seconds over the fleet run's length, from the stats line it prints when it stops."""
+    busy = 0.0
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"busy_s"' in line:
+            busy = float(json.loads(line)["busy_s"])
+    return busy / run_s if run_s else 0.0
+
+
+def _edge_only_accuracy(models: Path, samples: int) -> float:
+    from device_agent.cascade import EdgeCascade
+    from device_agent.sources import load_idx_dataset
+
+    images, labels = load_idx_dataset("fashion-mnist", "test", samples)
+    cascade = EdgeCascade(models)
+    right = sum(cascade.decide(image[None])[0].prediction == int(y) for image, y in zip(images, labels))
+    return right / len(labels)
 
 
 def _chaos(
@@ -200,14 +231,14 @@ def _wait_rows(
     while True:
         with sqlite3.connect(db) as conn:
             rows = conn.execute(
-                "SELECT run_id, label, p_main, exit_stage FROM inferences WHERE run_id LIKE ?",
+                "SELECT run_id, label, p_main, exit_stage, prediction FROM inferences WHERE run_id LIKE ?",
                 (f"{fleet_id}-%",),
             ).fetchall()
         if len(rows) >= result.expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     by_run: Dict[str, List[Tuple[int, Optional[float]]]] = {f"{fleet_id}-{d}": [] for d in devices}
-    for run_id, label, p_main, _ in rows:
+    for run_id, label, p_main, *_ in rows:
         by_run.setdefault(run_id, []).append((label, p_main))
     result.rows = len(rows)
     result.lost = result.duplicates = 0
@@ -215,8 +246,10 @@ def _wait_rows(
         lost, dupes = compare(expected, items)
         result.lost += lost
         result.duplicates += dupes
-    result.fallbacks = sum(1 for *_, stage in rows if stage == "fallback")
-    result.cloud_answers = sum(1 for *_, stage in rows if stage == "cloud")
+    result.fallbacks = sum(1 for row in rows if row[3] == "fallback")
+    result.shed = sum(1 for row in rows if row[3] == "shed")
+    result.cloud_answers = sum(1 for row in rows if row[3] == "cloud")
+    result.accuracy = sum(row[1] == row[4] for row in rows) / len(rows) if rows else 0.0
 
 
 def summary_table(results: List[FleetResult]) -> Table:
@@ -228,7 +261,11 @@ def summary_table(results: List[FleetResult]) -> Table:
         "rows",
         "lost",
         "dupes",
-        "fallbacks",
+        "fallbacks (deadline)",
+        "of offloads",
+        "shed",
+        "accuracy (edge-only)",
+        "workers busy",
         "agent exits != 0",
         "samples/s",
         "cloud answers/s",
@@ -248,6 +285,10 @@ def summary_table(results: List[FleetResult]) -> Table:
             str(r.lost),
             str(r.duplicates),
             str(r.fallbacks),
+            f"{r.deadline_waits:.1%}",
+            str(r.shed),
+            f"{r.accuracy:.2%} ({r.edge_only_accuracy:.2%})",
+            " ".join(f"{b:.0%}" for b in r.workers_busy),
             str(r.agent_failures),
             f"{r.throughput:,.0f}",
             f"{r.cloud_rate:,.0f}",
@@ -308,7 +349,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         args.json.write_text(
             json.dumps(
-                [{**r.__dict__, "throughput": r.throughput, "cloud_rate": r.cloud_rate} for r in results],
+                [
+                    {
+                        **r.__dict__,
+                        "throughput": r.throughput,
+                        "cloud_rate": r.cloud_rate,
+                        "deadline_waits": r.deadline_waits,
+                    }
+                    for r in results
+                ],
                 indent=2,
             )
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import subprocess
@@ -81,7 +82,7 @@ def test_the_exit_status_says_whether_the_run_finished_and_check_makes_targets_c
 
     from bench.cli import exit_status
 
-    quiet = Console(file=open("/dev/null", "w"))
+    quiet = Console(file=io.StringIO())
     missed = [("a", "1", True), ("b", "2", False)]
     assert exit_status(missed, check=False, console=quiet) == 0
     assert exit_status(missed, check=True, console=quiet) == 1
