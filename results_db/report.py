@@ -1,7 +1,9 @@
-"""`edgecascade report`: a terminal summary (rich), three PNG figures and a Markdown report from the database.
+"""`edgecascade report`: a terminal summary (rich), three PNG figures, a Markdown report and the same report
+as one self-contained HTML page (`report_html`), from the database.
 
-All numbers come from the SQL views (`run_summary`, `pareto_points`, `class_accuracy`, `inference_facts`),
-so the report and a user's own queries always agree.
+All numbers come from the SQL views (`run_summary`, `class_accuracy`, `inference_facts`), so the report and
+a user's own queries always agree. The accuracy-vs-energy figure draws its Pareto fronts itself, one per
+energy basis (`results_db.labels`): the `pareto_points` view puts estimated and metered joules on one front.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from rich.table import Table
 from sqlalchemy import Engine, text
 
 from results_db import plots
+from results_db.labels import FLAT_OUT, METERED, energy_basis, run_pace
+from results_db.report_html import render_html
 
 FIGURES = {
     "accuracy_energy": "accuracy_energy.png",
@@ -23,6 +27,7 @@ FIGURES = {
     "latency_cdf": "latency_cdf.png",
 }
 UNKNOWN_POLICY = "(unknown)"  # runs whose `run` record has not arrived
+CurveKey = Tuple[str, str]  # (policy, pace): one latency curve
 
 
 @dataclass
@@ -30,9 +35,10 @@ class ReportData:
     """What the report shows, read from the database once."""
 
     runs: List[Dict[str, Any]]  # run_summary rows (one run with --run)
-    pareto: List[Dict[str, Any]]  # pareto_points rows: all runs, so one run is seen among the others
+    all_runs: List[Dict[str, Any]]  # run_summary rows of every run: one run is seen among the others
     exit_mix: Dict[str, Dict[str, float]]  # policy -> exit stage -> fraction of samples
-    latency_cdf: Dict[str, Tuple[List[float], List[float]]]  # policy -> (latency ms, fraction <= it)
+    # (policy, pace) -> (latency ms, fraction <= it): paced and flat-out runs are never one curve
+    latency_cdf: Dict[CurveKey, Tuple[List[float], List[float]]]
     class_accuracy: Dict[str, Dict[int, float]]  # policy -> label -> accuracy
     run_id: Optional[str] = None
 
@@ -73,7 +79,7 @@ def load_report_data(engine: Engine, run_id: Optional[str] = None, cdf_points: i
     runs = _rows(engine, f"SELECT * FROM run_summary {where} ORDER BY policy, run_id", **params)
     if run_id and not runs:
         raise LookupError(f"no run {run_id!r} in the database")
-    pareto = _rows(engine, "SELECT * FROM pareto_points ORDER BY device_j_gross_per_inference, run_id")
+    all_runs = _rows(engine, "SELECT * FROM run_summary ORDER BY policy, run_id")
 
     mix: Dict[str, Dict[str, float]] = {}
     totals: Dict[str, int] = {}
@@ -87,11 +93,18 @@ def load_report_data(engine: Engine, run_id: Optional[str] = None, cdf_points: i
         totals[policy] = totals.get(policy, 0) + row["n"]
     exit_mix = {p: {s: n / totals[p] for s, n in stages.items()} for p, stages in mix.items()}
 
-    latencies: Dict[str, List[float]] = {}
+    paces = {
+        row["run_id"]: run_pace(row["run_id"], row["policy_params"])
+        for row in _rows(engine, f"SELECT run_id, policy_params FROM runs {where}", **params)
+    }
+    latencies: Dict[CurveKey, List[float]] = {}
     for row in _rows(
-        engine, f"SELECT policy, latency_ms FROM inference_facts {where} ORDER BY latency_ms", **params
+        engine,
+        f"SELECT run_id, policy, latency_ms FROM inference_facts {where} ORDER BY latency_ms",
+        **params,
     ):
-        latencies.setdefault(_policy(row["policy"]), []).append(row["latency_ms"])
+        key = (_policy(row["policy"]), paces.get(row["run_id"], FLAT_OUT))
+        latencies.setdefault(key, []).append(row["latency_ms"])
     cdfs = {p: ecdf(values, cdf_points) for p, values in latencies.items()}
 
     per_class: Dict[str, Dict[int, float]] = {}
@@ -102,7 +115,7 @@ def load_report_data(engine: Engine, run_id: Optional[str] = None, cdf_points: i
         **params,
     ):
         per_class.setdefault(_policy(row["policy"]), {})[int(row["label"])] = row["correct"] / row["samples"]
-    return ReportData(runs, pareto, exit_mix, cdfs, per_class, run_id)
+    return ReportData(runs, all_runs, exit_mix, cdfs, per_class, run_id)
 
 
 # -- formatting ----------------------------------------------------------------------------------------
@@ -140,9 +153,23 @@ COLUMNS: List[Tuple[str, str, Callable[[Any], str]]] = [
     ("bytes/inf", "bytes_per_inference", _num),
     ("shed %", "frac_shed", _pct),  # offloads kept at the edge: they add no bytes (tests index the others)
     ("energy source", "energy_source", lambda v: "–" if v is None else str(v)),
+    ("analytic mJ/inf", "device_j_analytic_per_inference", _mj),  # the model's, never a measurement
 ]
 
 _TEXT_COLUMNS = ("run", "policy", "device", "energy source")
+
+
+def unmetered_note(runs: List[Dict[str, Any]]) -> Optional[str]:
+    """One sentence under the table naming the runs whose gross/net joules no meter measured, or None."""
+    unmetered = [r for r in runs if energy_basis(r["energy_source"]) != METERED]
+    if not unmetered:
+        return None
+    sources = sorted({str(r["energy_source"]) for r in unmetered})
+    return (
+        f"No meter was read for {len(unmetered)} of {len(runs)} runs (energy source {', '.join(sources)}): "
+        "their gross and net mJ/inf are the labelled estimate (process CPU time x assumed watts per core) "
+        "or empty, not measurements; the accuracy-vs-energy figure places them by the analytic column."
+    )
 
 
 def summary_cells(run: Dict[str, Any]) -> List[str]:
@@ -159,6 +186,7 @@ def summary_table(data: ReportData) -> Table:
         )
     for run in data.runs:
         table.add_row(*summary_cells(run))
+    table.caption = unmetered_note(data.runs)
     return table
 
 
@@ -175,11 +203,18 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
         "|" + "|".join("---" if h in _TEXT_COLUMNS else "---:" for h, _, _ in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(summary_cells(run)) + " |" for run in data.runs]
+    note = unmetered_note(data.runs)
+    if note:
+        lines += ["", f"*{note}*"]
     captions = {
-        "accuracy_energy": "Accuracy against device energy per inference (gross); dashed: the Pareto front.",
+        "accuracy_energy": "Accuracy against device energy per inference; dashed: the Pareto front. Runs a "
+        "meter measured are placed by their gross joules; runs where no meter was read by their analytic "
+        "joules, in a panel of their own whose axis says so.",
         "exit_mix": "Where samples exit: main block, extension block, cloud, or the edge answer after the "
         "cloud missed its deadline (fallback) or instead of an offload that would have missed it (shed).",
-        "latency_cdf": "Latency per sample (edge + network + cloud), cumulative.",
+        "latency_cdf": "Latency per sample (edge + network + cloud), cumulative, one curve per policy and "
+        "pace: paced runs (dashed; service time at a camera's rate) are never merged with flat-out runs "
+        "(solid; mostly queueing in front of a saturated worker).",
     }
     lines += ["", "## Figures", ""]
     for key, path in files.items():
@@ -202,7 +237,9 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
         "  the cloud, the device predicted the answer would come back too late (the workers' load, its own",
         "  round trips) or its offload budget was spent, and answered at the edge; nothing was sent.",
         "- device mJ/inf: mean per-sample device energy, gross (as metered) and net (idle baseline",
-        "  subtracted); cloud mJ/inf: the cloud workers' joules over all samples of the run.",
+        "  subtracted); cloud mJ/inf: the cloud workers' joules over all samples of the run. Energy source",
+        "  names the meter; `estimate` is process CPU time x assumed watts per core, not a measurement.",
+        "  analytic mJ/inf: the model card's MACs and bytes x Horowitz's 45 nm energies per operation.",
         "- latency = edge_ms + network_ms + cloud_ms; percentiles are nearest-rank (a measured value, the",
         "  same on SQLite and PostgreSQL).",
         "",
@@ -213,7 +250,7 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
 def build_report(
     engine: Engine, out_dir: Path, run_id: Optional[str] = None, *, console: Optional[Console] = None
 ) -> ReportResult:
-    """Print the summary table to `console` (if given) and write the PNGs and report.md into `out_dir`."""
+    """Print the summary table to `console` (if given); write the PNGs, report.md and report.html."""
     data = load_report_data(engine, run_id)
     if console is not None:
         console.print(summary_table(data))
@@ -221,11 +258,14 @@ def build_report(
     result = ReportResult(data)
     files = {key: out_dir / name for key, name in FIGURES.items()}
     result.series["accuracy_energy"] = plots.plot_accuracy_energy(
-        data.pareto, files["accuracy_energy"], highlight_run=run_id or ""
+        data.all_runs, files["accuracy_energy"], highlight_run=run_id or ""
     )
     result.series["exit_mix"] = plots.plot_exit_mix(data.exit_mix, files["exit_mix"])
     result.series["latency_cdf"] = plots.plot_latency_cdf(data.latency_cdf, files["latency_cdf"])
     report = out_dir / "report.md"
-    report.write_text(markdown(data, files, engine.url.render_as_string(hide_password=True)))
-    result.files = {**files, "report": report}
+    text_md = markdown(data, files, engine.url.render_as_string(hide_password=True))
+    report.write_text(text_md)
+    page = out_dir / "report.html"
+    page.write_text(render_html(text_md, out_dir, title=text_md.splitlines()[0].lstrip("# ")))
+    result.files = {**files, "report": report, "html": page}
     return result

@@ -65,11 +65,13 @@ def inference_records(
     edge_accuracy: float = 0.85,
     cloud_accuracy: float = 0.95,
     device_j: Optional[float] = 0.01,
+    energy_source: Optional[str] = None,
     ts_start: float = 1_700_000_000.0,
     ts_step: float = 0.01,
     seed: int = 0,
 ) -> List[Dict[str, Any]]:
-    """`count` inference records with sequence numbers from `start_seq`."""
+    """`count` inference records with sequence numbers from `start_seq`; `energy_source` defaults to
+    `estimate` (`none` without joules): say `rapl` to make a run that looks metered."""
     rng = random.Random(f"{run_id}/{device_id}/{seed}/{start_seq}")
     out = []
     for seq in range(start_seq, start_seq + count):
@@ -106,7 +108,7 @@ def inference_records(
             device_j_net=None if gross is None else gross * 0.6,
             device_j_analytic=None if gross is None else gross * 0.5,
             cloud_j=0.05 if stage == "cloud" else None,
-            energy_source="estimate" if gross is not None else "none",
+            energy_source=energy_source or ("estimate" if gross is not None else "none"),
             ts_unix=ts_start + seq * ts_step,
         )
         out.append(record.to_record())
@@ -149,12 +151,22 @@ def idle_baseline_record(run_id: str, device_id: str, measured_unix: float) -> D
 
 
 def full_run(
-    run_id: str, device_id: str, count: int, *, policy: str = "meanet", seed: int = 0, **kwargs: Any
+    run_id: str,
+    device_id: str,
+    count: int,
+    *,
+    policy: str = "meanet",
+    seed: int = 0,
+    policy_params: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
 ) -> List[Dict[str, Any]]:
     """A whole run as a device would publish it: run, idle baseline, inferences, windows, run_end."""
     start = 1_700_000_000.0
+    run = run_record(run_id, device_id, policy=policy, started_unix=start)
+    if policy_params is not None:
+        run = dict(run, policy_params=policy_params)
     records = [
-        run_record(run_id, device_id, policy=policy, started_unix=start),
+        run,
         idle_baseline_record(run_id, device_id, start - 5.0),
     ]
     records += inference_records(run_id, device_id, count, seed=seed, ts_start=start, **kwargs)
