@@ -13,16 +13,21 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 from sqlalchemy import Connection, Engine, text
 
+FRACTION = "fraction, 0-1"
+UNIX_S = "s since 1970 (UTC)"
+
 
 @dataclass(frozen=True)
 class Query:
-    """A named query: the question it answers, its SQL, and default values of its :parameters."""
+    """A named query: the question it answers, its SQL, default values of its :parameters, and the unit of
+    each result column that has one (what `edgecascade report --serve` shows beside the query)."""
 
     name: str
     question: str
     sql: str
     sql_postgresql: Optional[str] = None
     params: Mapping[str, Any] = field(default_factory=dict)
+    units: Mapping[str, str] = field(default_factory=dict)
 
     def sql_for(self, dialect: str) -> str:
         return self.sql_postgresql if dialect == "postgresql" and self.sql_postgresql else self.sql
@@ -57,6 +62,7 @@ WHERE label IS NOT NULL AND device_j_gross IS NOT NULL
 GROUP BY policy
 ORDER BY device_j_per_correct
 """,
+            units={"device_j_per_correct": "J", "total_j_per_correct": "J"},
         ),
         Query(
             "classes-offloaded-most",
@@ -71,6 +77,7 @@ WHERE label IS NOT NULL
 GROUP BY label
 ORDER BY offload_fraction DESC, label
 """,
+            units={"offload_fraction": FRACTION},
         ),
         Query(
             "offload-per-device-hour",
@@ -79,6 +86,7 @@ ORDER BY offload_fraction DESC, label
             sql_postgresql=_HOURLY.format(
                 hour="to_char(to_timestamp(ts_unix) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:00')"
             ),
+            units={"hour_utc": "hour, UTC", "offload_fraction": FRACTION},
         ),
         Query(
             "runs-with-fallback",
@@ -90,6 +98,7 @@ FROM run_summary
 WHERE exit_fallback > 0
 ORDER BY fallbacks DESC, run_id
 """,
+            units={"fallback_fraction": FRACTION},
         ),
         Query(
             "accuracy-by-exit-stage",
@@ -104,6 +113,7 @@ WHERE label IS NOT NULL
 GROUP BY policy, exit_stage
 ORDER BY policy, exit_stage
 """,
+            units={"accuracy": FRACTION},
         ),
         Query(
             "latency-by-policy",
@@ -123,6 +133,7 @@ FROM ranked
 GROUP BY policy
 ORDER BY latency_p99_ms
 """,
+            units={"latency_p50_ms": "ms", "latency_p99_ms": "ms"},
         ),
         Query(
             "bytes-per-inference",
@@ -137,6 +148,11 @@ FROM inference_facts
 GROUP BY policy
 ORDER BY bytes_per_inference
 """,
+            units={
+                "bytes_up_per_inference": "bytes",
+                "bytes_down_per_inference": "bytes",
+                "bytes_per_inference": "bytes",
+            },
         ),
         Query(
             "cloud-joules-per-offload",
@@ -152,6 +168,7 @@ WHERE exit_stage = 'cloud'
 GROUP BY policy
 ORDER BY policy
 """,
+            units={"cloud_j_per_offload": "J", "cloud_ms_mean": "ms"},
         ),
         Query(
             "devices-by-energy",
@@ -167,6 +184,11 @@ FROM inferences
 GROUP BY device_id
 ORDER BY CASE WHEN SUM(device_j_gross) IS NULL THEN 1 ELSE 0 END, device_j_gross_total DESC, device_id
 """,
+            units={
+                "device_j_gross_total": "J",
+                "device_j_gross_per_inference": "J",
+                "device_j_net_per_inference": "J",
+            },
         ),
         Query(
             "runs-of-model",
@@ -179,6 +201,13 @@ WHERE model_sha256 LIKE :model_sha256 || '%'
 ORDER BY started_unix, run_id
 """,
             params={"model_sha256": ""},
+            units={
+                "accuracy": FRACTION,
+                "device_j_gross_per_inference": "J",
+                "offload_fraction": FRACTION,
+                "latency_p99_ms": "ms",
+                "started_unix": UNIX_S,
+            },
         ),
     ]
 }

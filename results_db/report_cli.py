@@ -13,9 +13,13 @@ EPILOG = """examples:
   edgecascade report --db postgresql+psycopg://edge@db.lan/edge --query energy-per-correct
   edgecascade report --db results/bench.db --query runs-of-model --param model_sha256=3f2a
   edgecascade report --list-queries
+  edgecascade report --db results/bench.db --serve              # http://127.0.0.1:8001/bench in a browser
+  edgecascade report --db results/bench.db --serve --immutable --port 8080
 
-The table goes to stdout; the figures (accuracy_energy.png, exit_mix.png, latency_cdf.png) and report.md
-go to --out. --query prints one of the named queries' results instead (see --list-queries for their SQL).
+The table goes to stdout; the figures (accuracy_energy.png, exit_mix.png, latency_cdf.png), report.md and
+report.html (the same report as one self-contained page) go to --out. --query prints one of the named
+queries' results instead (see --list-queries for their SQL). --serve opens a SQLite results file in Datasette,
+read-only, with the named queries as canned queries and the views described, until Ctrl-C.
 """
 
 
@@ -35,6 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--query", help="print the result of a named query instead of the report")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="query parameter")
     parser.add_argument("--list-queries", action="store_true", help="list the named queries with their SQL")
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the SQLite file in Datasette (read-only) instead of a report",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="--serve: address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, default=8001, help="--serve: port (default 8001)")
+    parser.add_argument(
+        "--immutable",
+        action="store_true",
+        help="--serve: the file is finished, nothing writes it (no locking, row counts cached)",
+    )
 
 
 def _params(pairs: list) -> Dict[str, str]:
@@ -74,6 +92,17 @@ def run(args: argparse.Namespace) -> int:
             f"no database at {url.database}: run a benchmark or `edgecascade collect` first", file=sys.stderr
         )
         return 2
+    if args.serve:
+        if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+            print(
+                "edgecascade report: --serve takes a SQLite file (Datasette reads SQLite only)",
+                file=sys.stderr,
+            )
+            return 2
+        from results_db.browse import serve
+
+        serve(Path(url.database), host=args.host, port=args.port, immutable=args.immutable)
+        return 0
     try:
         engine = open_database(url)
         if args.query:
