@@ -116,6 +116,12 @@ class BatchQueue(Generic[T]):
             del self._queues[key]
         return shed
 
+    def ahead(self, key: Hashable) -> int:
+        """How many items a new one of `key` would wait behind: its key's own, and of every other key at
+        most one more than that (a batch takes one per key in turn)."""
+        own = self.pending_for(key)
+        return own + sum(min(len(q), own + 1) for k, q in self._queues.items() if k != key)
+
     def pending_for(self, key: Hashable) -> int:
         queue = self._queues.get(key)
         return len(queue) if queue is not None else 0

@@ -21,11 +21,14 @@ import paho.mqtt.client as mqtt
 
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
+    OffloadRefusal,
     OffloadReply,
     OffloadRequest,
     ProtocolError,
+    decode_refusal,
     decode_reply,
     encode_offload,
+    is_refusal,
 )
 from protocol.mqtt import BrokerAddress, PublishProperties, connect_properties, new_client
 from protocol.topics import Topics
@@ -43,6 +46,14 @@ class Answer:
     received_ns: int = 0  # time.perf_counter_ns() when the reply arrived
 
 
+class Refused(Exception):
+    """A worker refused the offload (`OffloadRefusal`): what a request's future raises then."""
+
+    def __init__(self, refusal: OffloadRefusal) -> None:
+        super().__init__(f"refused by {refusal.worker_id}: {refusal.reason}")
+        self.refusal = refusal
+
+
 class OffloadProbe:
     """Connects as `device_id` (its broker user), subscribes to its reply topic, sends offloads."""
 
@@ -55,6 +66,7 @@ class OffloadProbe:
         self.reply_topic = topics.reply(device_id)
         self.bad_replies = 0
         self.unmatched_replies = 0
+        self.refusals = 0  # requests a worker refused (their futures raise `Refused`)
         self._seq = itertools.count()
         self._pending: Dict[bytes, Any] = {}  # correlation -> (future, sent perf_counter_ns)
         self._lock = threading.Lock()
@@ -113,8 +125,10 @@ class OffloadProbe:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         received_ns = time.perf_counter_ns()
         correlation = getattr(message.properties, "CorrelationData", None)
+        payload = bytes(message.payload)
         try:
-            reply = decode_reply(bytes(message.payload))
+            refusal = decode_refusal(payload) if is_refusal(payload) else None
+            reply = decode_reply(payload) if refusal is None else None
         except ProtocolError as exc:
             self.bad_replies += 1
             logger.warning("bad reply on %s: %s", message.topic, exc)
@@ -126,6 +140,11 @@ class OffloadProbe:
             self.unmatched_replies += 1  # a duplicate (after a re-send) or not ours
             return
         future, sent_ns = entry
+        if reply is None:
+            assert refusal is not None
+            self.refusals += 1
+            future.set_exception(Refused(refusal))
+            return
         future.set_result(Answer(reply, (received_ns - sent_ns) / 1e6, key, received_ns))
 
     def request(

@@ -28,9 +28,12 @@ session, so give each one intra-op thread (the default with several streams); me
 
 One device must not be able to starve the others (tests/test_cloud_worker_limits.py, bench/flood.py): QoS 0
 offloads are refused unread (they bypass Receive Maximum); the queue is bounded and shared fairly between
-devices (`batching`), what a device sends beyond its share being acknowledged and dropped at once; every
-offload has a deadline, at most `max_expiry_s`, also one that carries no MessageExpiryInterval. Each refusal
-is counted in `stats` by reason.
+devices (`batching`), what a device sends beyond its share being refused at once; every offload has a
+deadline, at most `max_expiry_s`, also one that carries no MessageExpiryInterval. An offload whose predicted
+wait (queue / measured capacity) would come too close to its deadline is refused too (`REFUSE_ABOVE`). A
+refusal is acknowledged and answered at once with an `OffloadRefusal` on the device's reply topic, so that
+the device answers at the edge now rather than after waiting out its deadline; each is counted in `stats`
+by reason.
 
 The worker's load (queue depth, service time, capacity, busy fraction: `load`) is published retained on
 `Topics.cloud_load(worker_id)` for devices to plan on (`protocol.load`), and its busy totals are in `stats`.
@@ -58,7 +61,7 @@ from cloud_worker.load import LoadMeter
 from cloud_worker.requests import HEADER_SLACK_BYTES, Job, parse_offload
 from cloud_worker.tasks import Served, make_task
 from edgecascade.systemd import Watchdog
-from protocol.codec import ProtocolError
+from protocol.codec import CONTENT_TYPE_REFUSAL, OffloadRefusal, ProtocolError, encode_refusal
 from protocol.load import WorkerLoad, encode_load
 from protocol.mqtt import PublishProperties
 
@@ -72,11 +75,16 @@ STAT_KEYS = (
     "rejected",  # malformed or not addressed properly (ProtocolError)
     "expired",  # its deadline passed before the batch ran
     "refused_qos0",  # sent at QoS 0: not read any further
+    "refused_busy",  # its wait in the queue would have come too close to its deadline
     "refused_over_share",  # its device already had its fair share of the queue
     "refused_queue_full",  # the queue was at its bound
     "failed",
     "batches",
 )
+# An offload whose predicted wait here exceeds this fraction of the time its deadline leaves is refused at
+# once (`OffloadRefusal`, reason busy): answered now at the edge rather than at the deadline, and below the
+# devices' re-send at half of it, so that a slow queue is not also handed every offload twice.
+REFUSE_ABOVE = 0.4
 # A compute thread that has not come round for this long is stuck in a batch: the watchdog stops pinging.
 STUCK_S = 60.0
 IDLE_WAIT_S = 0.25
@@ -263,15 +271,34 @@ class CloudWorker:
             logger.warning("rejected offload on %s: %s", message.topic, exc)
             self.link.ack(message.mid, message.qos, generation)
             return
+        capacity = self._load.figures()["capacity_per_s"]
         with self._ready:
-            shed = self._queue.put(job, now, key=job.request.device_id)
+            # This one waits for what is served before it (fair turns: `ahead`), then its own turn.
+            key = job.request.device_id
+            wait_s = (self._queue.ahead(key) + 1) / capacity if capacity > 0 else 0.0
+            busy = wait_s > REFUSE_ABOVE * (job.deadline - now)
+            shed = None if busy else self._queue.put(job, now, key=key)
             self._ready.notify()
-        if shed is not None:
-            # Acknowledged without an answer: the requester falls back at its deadline, and the broker may
-            # send us the next offload, which may be another device's.
-            self._count(f"refused_{shed.reason}")
-            dropped = shed.pending.item
-            self.link.ack(dropped.mid, dropped.qos, dropped.generation)
+        if busy:
+            self._refuse(job, "busy", wait_s)
+        elif shed is not None:
+            # Refused, and acknowledged: the broker may send us the next offload, which may be another
+            # device's; the requester answers at the edge now.
+            self._refuse(shed.pending.item, shed.reason, wait_s)
+
+    def _refuse(self, job: Job, reason: str, wait_s: float) -> None:
+        """Tell the requester at once that no answer will come (counted as refused_<reason>)."""
+        self._count(f"refused_{reason}")
+        request = job.request
+        refusal = OffloadRefusal(
+            request.run_id, request.device_id, request.seq, self.config.worker_id, reason, 1000.0 * wait_s
+        )
+        props = PublishProperties(
+            content_type=CONTENT_TYPE_REFUSAL,
+            correlation_data=job.correlation,
+            expiry_s=max(1, math.ceil(job.deadline - time.monotonic())),
+        )
+        self.link.reply(job.reply_topic, encode_refusal(refusal), props, job.mid, job.qos, job.generation)
 
     # -- the compute thread ------------------------------------------------------------------------
     def _compute_loop(self, stream: int) -> None:

@@ -289,7 +289,9 @@ class DeviceAgent:
 
     def _offload_settled(self, settled: Settled) -> None:
         if self.capacity is not None:
-            if settled.reply is None:
+            if settled.refusal is not None:
+                self.capacity.refused()
+            elif settled.reply is None:
                 self.capacity.fell_back()
             else:
                 self.capacity.answered(settled.round_trip_ms, settled.reply)

@@ -40,6 +40,7 @@ from protocol import (
     ProtocolError,
     decode_detections,
     encode_offload,
+    is_refusal,
 )
 from protocol.mqtt import publish_properties
 from protocol.records import FrameRecord, RunEndRecord
@@ -300,7 +301,15 @@ class CameraAgent:
         return len(payload)
 
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
-        """A cloud answer (paho's thread): held until its injected delay has passed."""
+        """A cloud answer (paho's thread): held until its injected delay has passed. A worker's refusal
+        gives its frame up now (the next frame may go), rather than at the deadline."""
+        if is_refusal(payload):
+            with self._lock:
+                sent = self._sent.get(corr or b"")
+                if sent is not None:
+                    sent.due_mono = 0.0  # `_given_up` takes it on the next turn
+                    self.summary.refused += 1
+            return
         try:
             reply = decode_detections(payload)
         except ProtocolError as exc:

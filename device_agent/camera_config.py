@@ -84,7 +84,8 @@ class CameraSummary:
     frames: int = 0
     sent: int = 0
     answered: int = 0
-    lost: int = 0  # offloads whose answer missed the deadline
+    lost: int = 0  # offloads given up: the answer missed the deadline, or a worker refused the frame
+    refused: int = 0  # ... of them refused by a worker (its queue would have answered too late)
     late: int = 0  # answers that came after their frame was given up, or for an earlier clip
     seconds: float = 0.0
     behind_s: float = 0.0  # the most the loop ever ran behind the source's clock
@@ -107,6 +108,7 @@ class CameraSummary:
             "sent": self.sent,
             "answered": self.answered,
             "lost": self.lost,
+            "refused": self.refused,
             "late": self.late,
             "seconds": round(self.seconds, 3),
             "fps": round(self.fps, 2),

@@ -60,6 +60,13 @@ would have no answer at all. So only what says its answer cannot come in time sh
 prediction beyond the deadline itself (rule 3 with the deadline as the bound, no share); a full window
 makes it wait for a place, as without capacity-awareness, and rule 4 lets it go.
 
+A worker that sees an offload would wait too long in its queue refuses it at once (`OffloadRefusal`): the
+device answers at the edge (also `shed`), and takes it as the loss signal TCP takes: the share is cut
+(x SHARE_DOWN, at most once per REFUSAL_HOLD_S, as TCP cuts once per round trip) and slow start ends. A
+fallback at the deadline cuts it alike. The
+refusal is what catches the overshoot the stale loads leave, in time: without it an offload that joins a
+queue grown past the deadline is only known lost when the deadline passes.
+
 Own evidence (rule 4, and a transit estimate that alone tips a sample over the bound) changes only when
 offloads settle, so while it sheds, one offload per `probe_s` (default: the deadline) still goes as a probe:
 at most one sample a deadline risks a fallback, and the device learns when the cloud is back. Shedding on the
@@ -84,6 +91,7 @@ SHARE_START, SHARE_MIN = 1 / 16, 1 / 64  # the admission share's start (slow sta
 SHARE_UP, SHARE_DOWN = 0.1, 0.7  # added / multiplied per round of fresh loads (one from every live worker)
 SHARE_PER_QUICK_ANSWER = 0.25  # slow start: the share grows by this fraction per answer within the target
 LOAD_STALE_S = 3.0  # a worker's load not refreshed this long (local receipt time) is no longer believed
+REFUSAL_HOLD_S = 0.5  # refusals and fallbacks within this long of a cut are one congestion event
 TRANSIT_HALF_LIFE_S = 1.0  # the transit EWMA: an observation this old has half the weight of a fresh one
 TRANSIT_MIN_WEIGHT = 0.1  # ... and each new observation at least this much (many replies in one instant)
 
@@ -158,9 +166,11 @@ class CapacityRule:
         self._tokens = self.budget_burst
         self._tokens_at = clock()
         self._last_admitted = -math.inf
+        self._last_cut = -math.inf
         self.stats: Dict[str, int] = {
             "admitted": 0,
             "probes": 0,
+            "refused": 0,
             **{f"shed_{reason}": 0 for reason in SHED_REASONS},
             "loads": 0,
             "stale_loads": 0,
@@ -223,10 +233,25 @@ class CapacityRule:
                 self._transit_ms += max(TRANSIT_MIN_WEIGHT, fresh) * (transit - self._transit_ms)
             self._transit_at = now
 
+    def refused(self) -> None:
+        """A worker refused an offload (its queue would answer too late): congestion, as a loss is to TCP."""
+        with self._lock:
+            self.stats["refused"] += 1
+            self._late = False  # the cloud answers, with a no
+            self._cut(self._clock())
+
     def fell_back(self) -> None:
-        """An offload waited out its deadline: the cloud is late until one is answered."""
+        """An offload waited out its deadline: the cloud is late until one is answered; and a loss, which
+        cuts the share as a refusal does (the delay was where no load shows it: the broker, the link)."""
         with self._lock:
             self._late = True
+            self._cut(self._clock())
+
+    def _cut(self, now: float) -> None:
+        if now - self._last_cut >= REFUSAL_HOLD_S:
+            self._share = max(SHARE_MIN, self._share * SHARE_DOWN)
+            self._slow_start = False
+            self._last_cut = now
 
     # -- the decision ---------------------------------------------------------------------------------
     def admit(self, *, window_full: bool = False, edge_answer: bool = True) -> Admission:

@@ -2,8 +2,10 @@
 
 An offload is written to the outbox, then published at once when the broker is there (else when it comes
 back). It is settled exactly once: by the first reply carrying its CorrelationData (`<run_id>/<seq>`), or by
-its deadline, after which the agent answers with the edge and flags the sample `fallback`. A reply that
-arrives after that is counted as late and dropped; so is a second copy of a reply (QoS 1 may deliver twice).
+its deadline, after which the agent answers with the edge and flags the sample `fallback`, or by a worker's
+refusal (`OffloadRefusal`: its queue would answer too late), after which the agent answers with the edge at
+once, flagged `shed`. A reply that arrives after that is counted as late and dropped; so is a second copy of
+a reply (QoS 1 may deliver twice).
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from device_agent.keys import correlation, entry_key
 from device_agent.link import Link
 from device_agent.outbox import Also, Outbox
-from protocol import CONTENT_TYPE_OFFLOAD, OffloadReply, ProtocolError, Topics, decode_reply
+from protocol import (
+    CONTENT_TYPE_OFFLOAD,
+    OffloadRefusal,
+    OffloadReply,
+    ProtocolError,
+    Topics,
+    decode_refusal,
+    decode_reply,
+    is_refusal,
+)
 from protocol.mqtt import publish_properties
 
 logger = logging.getLogger(__name__)
@@ -38,9 +49,10 @@ class Settled:
 
     sample: Any
     outbox_id: int
-    reply: Optional[OffloadReply]  # None: the deadline passed first
+    reply: Optional[OffloadReply]  # None: the deadline passed first, or a worker refused it
     round_trip_ms: Optional[float] = None
     bytes_down: int = 0
+    refusal: Optional[OffloadRefusal] = None
 
 
 @dataclass
@@ -93,6 +105,7 @@ class OffloadTracker:
             "offloaded": 0,
             "answered": 0,
             "fallbacks": 0,
+            "refused": 0,
             "late_replies": 0,
             "duplicate_replies": 0,
             "unknown_replies": 0,
@@ -161,35 +174,42 @@ class OffloadTracker:
 
     # -- replies (paho's thread) ----------------------------------------------------------------------
     def on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
+        reply: Optional[OffloadReply] = None
+        refusal: Optional[OffloadRefusal] = None
         try:
-            reply = decode_reply(payload)
+            if is_refusal(payload):
+                refusal = decode_refusal(payload)
+            else:
+                reply = decode_reply(payload)
         except ProtocolError as exc:
             self.stats["bad_replies"] += 1
             logger.warning("bad reply on %s: %s", self._reply_topic, exc)
             return
-        key = corr if corr is not None else self.correlation(reply.seq)
+        answer: Any = reply if reply is not None else refusal
+        key = corr if corr is not None else self.correlation(answer.seq)
         with self._lock:
             pending = self._pending.pop(key, None)
             if pending is None:
                 how = self._settled.get(key, ("", 0.0))[0]
-                if how == "fallback":
+                if how in ("fallback", "refused"):
                     self.stats["late_replies"] += 1  # the edge answer stands; this one is only counted
                 elif how == "answered":
                     self.stats["duplicate_replies"] += 1  # QoS 1: at least once
                 else:
                     self.stats["unknown_replies"] += 1
                 return
-            if reply.seq != pending.seq or reply.run_id != self.run_id:
+            if answer.seq != pending.seq or answer.run_id != self.run_id:
                 self._pending[key] = pending  # not this request's answer: keep waiting
                 self.stats["bad_replies"] += 1
-                logger.warning("reply for %s/%d came with correlation %r", reply.run_id, reply.seq, key)
+                logger.warning("reply for %s/%d came with correlation %r", answer.run_id, answer.seq, key)
                 return
-            self._remember(key, "answered")
-            self.stats["answered"] += 1
+            how = "answered" if reply is not None else "refused"
+            self._remember(key, how)
+            self.stats[how] += 1
             self._settling += 1
         self._window.release()
         rtt_ms = None if pending.sent_mono is None else (time.monotonic() - pending.sent_mono) * 1000.0
-        self._settle([Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload))])
+        self._settle([Settled(pending.sample, pending.outbox_id, reply, rtt_ms, len(payload), refusal)])
 
     def _settle(self, outcomes: typing.List[Settled]) -> None:
         """Hand outcomes (counted in `_settling` by the caller, under the lock) to the agent."""

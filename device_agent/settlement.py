@@ -61,7 +61,8 @@ class Settlement:
 
     def shed(self, sample: Sample) -> None:
         """The policy wanted the cloud and the capacity rule said it would be too late: the edge's answer,
-        flagged `shed`; in every other respect (bytes, energy) an edge exit."""
+        flagged `shed`; in every other respect (bytes, energy) an edge exit. (A worker's refusal of a sent
+        offload is also `shed`, with the bytes it cost: `offload_settled`.)"""
         self._settle(sample, "shed")
 
     def offload_settled(self, settled: Settled) -> None:
@@ -69,7 +70,10 @@ class Settlement:
         sample.offload_outbox_id = settled.outbox_id
         reply = settled.reply
         if reply is None:
-            self._settle(sample, "fallback")
+            # A worker's refusal is the cloud saying it would be too late, like the capacity rule's shed;
+            # without an edge answer (cloud-only) there is no answer at all, as at the deadline.
+            refused = settled.refusal is not None and sample.view.prediction is not None
+            self._settle(sample, "shed" if refused else "fallback")
             return
         sample.reply = reply
         sample.bytes_down = settled.bytes_down

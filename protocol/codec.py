@@ -22,11 +22,12 @@ CONTENT_TYPE_OFFLOAD = "application/vnd.edgecascade.offload.v1"
 CONTENT_TYPE_REPLY = "application/vnd.edgecascade.reply.v1"
 CONTENT_TYPE_RESULTS = "application/vnd.edgecascade.results.v1+msgpack"
 CONTENT_TYPE_DETECTIONS = "application/vnd.edgecascade.detections.v1"
+CONTENT_TYPE_REFUSAL = "application/vnd.edgecascade.refusal.v1"
 MAX_DETECTIONS = 1000  # boxes in one detections reply
 
 _MAGIC = b"EC"
 _PREAMBLE = struct.Struct(">2sBBI")  # magic, version, kind, header length
-_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT, _KIND_DETECTIONS = 1, 2, 3, 4, 5
+_KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT, _KIND_DETECTIONS, _KIND_REFUSAL = 1, 2, 3, 4, 5, 6
 _DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
 
 
@@ -206,6 +207,51 @@ def decode_reply(payload: bytes) -> OffloadReply:
         energy_source=_get(header, "src", str),
         extra=_get(header, "x", dict) if "x" in header else {},
     )
+
+
+@dataclass
+class OffloadRefusal:
+    """A worker's "no" to one offload, sent at once on its reply topic: the device answers at the edge now
+    instead of at its deadline. `reason`: busy (the queue's wait would come too close to the deadline),
+    over_share (the device had its share of the queue), queue_full; `wait_ms`: the wait the worker saw."""
+
+    run_id: str
+    device_id: str
+    seq: int
+    worker_id: str
+    reason: str
+    wait_ms: Optional[float] = None
+
+
+def encode_refusal(refusal: OffloadRefusal) -> bytes:
+    header = {
+        "run": refusal.run_id,
+        "dev": refusal.device_id,
+        "seq": int(refusal.seq),
+        "wk": refusal.worker_id,
+        "why": refusal.reason[:64],
+        "wait": None if refusal.wait_ms is None else float(refusal.wait_ms),
+    }
+    return _frame(_KIND_REFUSAL, header, b"")
+
+
+def decode_refusal(payload: bytes) -> OffloadRefusal:
+    header, body = _unframe(payload, _KIND_REFUSAL)
+    if len(body):
+        raise ProtocolError(f"a refusal has no body, this one has {len(body)} bytes")
+    return OffloadRefusal(
+        run_id=_get(header, "run", str),
+        device_id=_get(header, "dev", str),
+        seq=_get(header, "seq", int),
+        worker_id=_get(header, "wk", str),
+        reason=_get(header, "why", str),
+        wait_ms=_finite_or_nil(header, "wait"),
+    )
+
+
+def is_refusal(payload: bytes) -> bool:
+    """Whether a message on a reply topic is a refusal (by its preamble; `decode_refusal` checks the rest)."""
+    return len(payload) >= _PREAMBLE.size and _PREAMBLE.unpack_from(payload)[2] == _KIND_REFUSAL
 
 
 @dataclass

@@ -21,11 +21,24 @@ from waiting import wait_for
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
 from device_agent import AgentConfig, DeviceAgent
-from device_agent.capacity import Admission, CapacityRule, worker_time_ms
+from device_agent.capacity import (
+    REFUSAL_HOLD_S,
+    SHARE_DOWN,
+    SHARE_MIN,
+    Admission,
+    CapacityRule,
+    worker_time_ms,
+)
 from device_agent.cascade import EdgeCascade
 from device_agent.config import apply_profile
 from device_agent.policies import Action, EdgeView, Outcome, make_policy
-from protocol import OffloadReply
+from protocol import (
+    CONTENT_TYPE_REFUSAL,
+    OffloadRefusal,
+    OffloadReply,
+    decode_offload,
+    encode_refusal,
+)
 from protocol.load import CONTENT_TYPE_LOAD, WorkerLoad, encode_load
 from protocol.mqtt import new_client, publish_properties
 from protocol.topics import Topics
@@ -228,6 +241,25 @@ def test_after_a_fallback_only_probes_go_until_one_is_answered() -> None:
     r.answered(5.0, reply(1.0))
     assert [r.admit().reason for _ in range(3)] == ["ok"] * 3
     assert r.report()["shed_late"] == 5 and r.report()["late"] is False
+
+
+def test_a_refusal_cuts_the_share_once_per_hold_and_ends_slow_start() -> None:
+    """A worker's refusal is congestion: like TCP on a loss, one cut per event, not one per refused offload
+    of the same burst; and the cloud is not late (it answers, with a no)."""
+    clock = Clock()
+    r = opened(clock)
+    r.fell_back()
+    for _ in range(5):  # one burst of refusals
+        r.refused()
+    assert r.share == pytest.approx(SHARE_DOWN) and not r.report()["slow_start"]
+    assert r.report()["late"] is False and r.report()["refused"] == 5
+    clock.now += REFUSAL_HOLD_S
+    r.refused()
+    assert r.share == pytest.approx(SHARE_DOWN**2)
+    for _ in range(40):
+        clock.now += REFUSAL_HOLD_S
+        r.refused()
+    assert r.share == SHARE_MIN
 
 
 def test_a_full_window_sheds_and_a_sample_without_an_edge_answer_is_shed_only_when_surely_late() -> None:
@@ -549,3 +581,86 @@ def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
             "SELECT exit_shed, exit_fallback, exit_cloud FROM run_summary WHERE run_id = ?", (agent.run_id,)
         ).fetchone()
     assert summary == (complex_first, 0, idle.exits["cloud"])
+
+
+class RefusingCloud:
+    """Answers every offload of `device_id` with an `OffloadRefusal`, as a swamped worker does."""
+
+    def __init__(self, broker: BrokerProcess, topics: Topics, device_id: str) -> None:
+        address = broker.credentials("cloud")
+        self.refused = 0
+        self.client = new_client(address, f"refuser-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._refuse
+        self.client.connect(address.host, address.port)
+        self.client.subscribe(topics.offload(device_id), qos=1)
+        self.client.loop_start()
+
+    def _refuse(self, client: Any, userdata: Any, message: Any) -> None:
+        request = decode_offload(bytes(message.payload))
+        refusal = OffloadRefusal(request.run_id, request.device_id, request.seq, "w-swamped", "busy", 3e3)
+        props = publish_properties(
+            content_type=CONTENT_TYPE_REFUSAL, correlation_data=message.properties.CorrelationData, expiry_s=5
+        )
+        client.publish(message.properties.ResponseTopic, encode_refusal(refusal), qos=1, properties=props)
+        self.refused += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.mark.integration
+def test_an_offload_a_worker_refuses_is_answered_at_the_edge_at_once_as_shed(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path, tmp_path: Path
+) -> None:
+    """Without refusals an offload the cloud will not answer in time waits out its deadline (here 30 s,
+    longer than this test may take) to fall back; refused, it is the edge's answer now, flagged shed, with
+    the bytes it cost, and the capacity rule counts the refusal."""
+    db = tmp_path / "results.db"
+    collector = Collector(
+        CollectorConfig(broker.credentials("collector"), topics, db, client_id=f"col-{uuid.uuid4().hex[:8]}")
+    ).start()
+    device_id = f"dev-{uuid.uuid4().hex[:8]}"
+    cloud = RefusingCloud(broker, topics, device_id)
+    config = AgentConfig(
+        device_id=device_id,
+        broker=broker.credentials(device_id),
+        topics=topics,
+        model_dir=tiny_models,
+        state_dir=tmp_path / "state",
+        policy={"name": "meanet", "params": {}},
+        meters=["estimate"],
+        idle_seconds=0.0,
+        window_size=8,
+        flush_s=0.05,
+        connect_timeout_s=5.0,
+        offload_deadline_s=30.0,
+    )
+    n = 48
+    images = tiny_images(n, seed=23)
+    agent = DeviceAgent(config).start()
+    try:
+        assert agent.capacity is not None
+        summary = agent.run_dataset([(image, i % 10) for i, image in enumerate(images)])
+        report = agent.capacity.report()
+        sent = agent.offloads.stats["offloaded"]
+    finally:
+        agent.close()
+        cloud.close()
+    wait_for(lambda: len(_rows(db, agent.run_id)) == n, 20, "every row stored")
+    collector.stop()
+    decisions = EdgeCascade(tiny_models).decide(images)
+    complex_ = [i for i, d in enumerate(decisions) if d.complex]
+    assert complex_ and summary.fallbacks == 0
+    assert report["refused"] == sent == cloud.refused > 0  # every offload that went was refused
+    rows = _rows(db, agent.run_id)
+    for i, d in enumerate(decisions):
+        row = rows[i]
+        assert row["prediction"] == d.prediction
+        if not d.complex:
+            assert row["exit_stage"] == d.exit_stage
+        elif row["bytes_up"]:  # sent and refused: it cost the upload, nothing came down but the refusal
+            assert row["exit_stage"] == "shed" and row["cloud_ms"] is None and row["p_cloud"] is None
+        else:  # shed by the rule before sending (the refusals cut its share)
+            assert row["exit_stage"] == "shed"
+    assert sum(1 for i in complex_ if rows[i]["bytes_up"]) == sent

@@ -17,7 +17,7 @@ from tinymodels import tiny_images
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
 from cloud_worker.batching import BatchQueue
-from cloud_worker.probe import OffloadProbe
+from cloud_worker.probe import OffloadProbe, Refused
 from cloud_worker.worker import LoginRefused
 from protocol.codec import CONTENT_TYPE_OFFLOAD, OffloadRequest, encode_offload
 from protocol.mqtt import BrokerAddress, new_client, publish_properties
@@ -141,6 +141,7 @@ def test_a_flooding_device_does_not_make_another_fall_back(
         wait_until(
             lambda: (
                 worker.stats["answered"]
+                + worker.stats["refused_busy"]
                 + worker.stats["refused_over_share"]
                 + worker.stats["refused_queue_full"]
                 + worker.stats["expired"]
@@ -164,12 +165,19 @@ def test_an_offload_without_expiry_waits_at_most_the_workers_maximum(
     images = tiny_images(600, seed=6)
     with OffloadProbe(broker.credentials("cam-noexp"), topics, "cam-noexp") as probe:
         futures = [probe.request(images[i], seq=i, expiry_s=None) for i in range(600)]
-        wait_until(lambda: worker.stats["answered"] + worker.stats["expired"] == 600, "all 600 settled")
+        settled = ("answered", "expired", "refused_busy")
+        wait_until(lambda: sum(worker.stats[k] for k in settled) == 600, "all 600 settled")
+        wait_until(
+            lambda: sum(f.done() for f in futures) == 600 - worker.stats["expired"], "answers, refusals"
+        )
     stats = worker.stats
-    # One at a time (a millisecond or more each), the later ones waited longer than 0.2 s: dropped, not run.
-    assert (
-        stats["expired"] > 0 and stats["answered"] == sum(f.done() for f in futures) == 600 - stats["expired"]
-    )
+    # One at a time (a millisecond or more each), most would wait longer than 0.2 s: refused at once (the
+    # predicted wait beyond REFUSE_ABOVE of 0.2 s), or dropped unrun once expired; none waits unbounded.
+    refusals = [e for e in (f.exception() for f in futures if f.done()) if isinstance(e, Refused)]
+    assert stats["refused_busy"] + stats["expired"] > 0
+    assert len(refusals) == stats["refused_busy"]
+    assert all(e.refusal.reason == "busy" for e in refusals)
+    assert sum(f.done() and f.exception() is None for f in futures) == stats["answered"]
 
 
 # -- logins the broker refuses -----------------------------------------------------------------------------

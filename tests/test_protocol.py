@@ -16,17 +16,21 @@ from protocol.codec import (
     MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     DetectionReply,
+    OffloadRefusal,
     OffloadReply,
     OffloadRequest,
     ProtocolError,
     decode_detections,
     decode_offload,
     decode_records,
+    decode_refusal,
     decode_reply,
     encode_detections,
     encode_offload,
     encode_records,
+    encode_refusal,
     encode_reply,
+    is_refusal,
 )
 
 PREAMBLE = struct.Struct(">2sBBI")
@@ -34,6 +38,7 @@ DECODERS: Dict[str, Callable[[Any], Any]] = {
     "offload": decode_offload,
     "reply": decode_reply,
     "records": decode_records,
+    "refusal": decode_refusal,
 }
 DTYPES = ["uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"]
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,7 +65,12 @@ def _valid_reply() -> bytes:
     return encode_reply(OffloadReply("run-1", "dev-1", 7, 3, probs, 1.5, "w1", None, "none", {"batch": 2}))
 
 
-VALID = {"offload": _valid_offload(), "reply": _valid_reply(), "records": encode_records([{"kind": "run"}])}
+VALID = {
+    "offload": _valid_offload(),
+    "reply": _valid_reply(),
+    "records": encode_records([{"kind": "run"}]),
+    "refusal": encode_refusal(OffloadRefusal("run-1", "dev-1", 7, "w1", "busy", 812.5)),
+}
 
 
 def _only_protocol_error(decoder: Callable[[Any], Any], payload: Any) -> None:
@@ -97,6 +107,20 @@ def test_reply_round_trip(
     assert back.prediction == pred and back.cloud_ms == cloud_ms and back.cloud_j == cloud_j
     assert back.energy_source == "rapl" and back.worker_id == "w" and back.extra == extra
     np.testing.assert_array_equal(back.logits, probs)
+
+
+@FAST
+@given(
+    run_id=texts, device_id=texts, seq=int64s, worker=texts, reason=st.sampled_from(["busy", "queue_full"])
+)
+def test_refusal_round_trip_and_only_a_refusal_is_one(
+    run_id: str, device_id: str, seq: int, worker: str, reason: str
+) -> None:
+    refusal = OffloadRefusal(run_id, device_id, seq, worker, reason, None)
+    payload = encode_refusal(refusal)
+    assert decode_refusal(payload) == refusal and is_refusal(payload)
+    assert not any(is_refusal(VALID[kind]) for kind in ("offload", "reply", "records"))
+    assert not is_refusal(b"") and not is_refusal(payload[:3])
 
 
 def test_records_round_trip() -> None:
