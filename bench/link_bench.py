@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from rich.console import Console
 from rich.table import Table
 
-from bench.run import BenchConfig, agent_config, paced, run_bench, wait_for_rows
+from bench.accounting import compare, identities
+from bench.run import BenchConfig, _rotate, agent_config, paced, run_bench, wait_for_rows
 from bench.stack import cloud_side
 from device_agent import DeviceAgent
 from device_agent.config import load_profile
@@ -84,13 +86,12 @@ def _offloaded_latencies(db: Path, run_id: str) -> List[float]:
         ]
 
 
-def _accounted(db: Path, run_id: str, n: int) -> Tuple[int, int]:
-    """(lost, duplicated) samples of a run of `n`: seq numbers without a row, and rows beyond one per seq."""
+def _accounted(db: Path, run_id: str, models: Path, n: int) -> Tuple[int, int]:
+    """(lost, duplicated) dataset items of a run of the first `n`, matched by content (`bench.accounting`):
+    a sample processed twice gets two sequence numbers, so counting distinct ones would hide it."""
     with sqlite3.connect(db) as conn:
-        distinct, rows = conn.execute(
-            "SELECT COUNT(DISTINCT seq), COUNT(*) FROM inferences WHERE run_id = ?", (run_id,)
-        ).fetchone()
-    return n - distinct, rows - distinct
+        rows = conn.execute("SELECT label, p_main FROM inferences WHERE run_id = ?", (run_id,)).fetchall()
+    return compare(identities(models, n), rows)
 
 
 def _run_rows(db: Path, run_id: str) -> List[Tuple[float, str, int, int]]:
@@ -159,8 +160,7 @@ def run_outage(args: argparse.Namespace, console: Console) -> OutageRun:
     )
     cfg.results.mkdir(parents=True, exist_ok=True)
     db = cfg.results / "bench.db"
-    for old in cfg.results.glob("bench.db*"):
-        old.unlink()
+    _rotate(db)
     profile = load_profile(cfg.profile)
     images, labels = load_idx_dataset("fashion-mnist", "test", limit=n)
     run_id = time.strftime("outage%Y%m%d-%H%M%S")
@@ -198,7 +198,7 @@ def run_outage(args: argparse.Namespace, console: Console) -> OutageRun:
         side.services.stop("collector")
     rows = _run_rows(db, run_id)
     out.rows = len(rows)
-    out.lost, out.duplicates = _accounted(db, run_id, n)
+    out.lost, out.duplicates = _accounted(db, run_id, cfg.models, n)
     end = outage.ended_at or time.time()
     during = [r for r in rows if outage.started_at <= r[0] <= end]
     out.offloads_in_outage = sum(s in ("cloud", "fallback", "shed") for _, s, _, _ in during)
@@ -337,7 +337,7 @@ def plot(runs: Sequence[TransportRun], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
-    out = Console(width=None if __import__("sys").stdout.isatty() else 170)
+    out = Console(width=None if sys.stdout.isatty() else 170)
     links = [name.strip() for name in args.links.split(",") if name.strip()]
     started = time.monotonic()
     runs: List[TransportRun] = []

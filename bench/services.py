@@ -46,11 +46,17 @@ class ServiceGroup:
         return self.start("collector", ["collect", *self.login(address), "--db", str(db)])
 
     def start_cloud(
-        self, name: str, address: BrokerAddress, models: Path, worker_id: str, extra: Sequence[str] = ()
+        self,
+        name: str,
+        address: BrokerAddress,
+        models: Path,
+        worker_id: str,
+        extra: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen:
         """`edgecascade cloud` serving `models`, with further `extra` flags."""
         args = ["cloud", *self.login(address), "--models", str(models), "--worker-id", worker_id, *extra]
-        return self.start(name, args)
+        return self.start(name, args, prefix=prefix)
 
     def login(self, address: BrokerAddress, user_flag: str = "--user") -> List[str]:
         """The flags that log a child in as `address.username` (an agent's is `--device-id`)."""
@@ -70,15 +76,20 @@ class ServiceGroup:
         module: str = "edgecascade",
         timeout_s: float = 60.0,
         wait_ready: bool = True,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen:
         """Start `python -m MODULE ARGS` and wait for its READY=1 (`wait_ready=False`: many at once, e.g. a
-        fleet's agents; they then get no notify socket, whose datagrams do not say who sent them)."""
+        fleet's agents; they then get no notify socket, whose datagrams do not say who sent them). `prefix`:
+        a command that execs the rest (`nice -n 19`, `CpuQuota.prefix()`), the pid staying the same."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if wait_ready:
             env["NOTIFY_SOCKET"] = str(self._sock_path)
         with open(self.workdir / f"{name}.log", "a") as log:  # the child keeps its own copy of the fd
             proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env
+                [*prefix, sys.executable, "-m", module, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         self.procs[name] = proc
         if wait_ready:
@@ -140,10 +151,17 @@ class ServiceGroup:
 
 @contextlib.contextmanager
 def cloud_site(
-    workdir: Path, db: Path, models: Path, workers: int = 1, task: str = "classify"
+    workdir: Path,
+    db: Path,
+    models: Path,
+    workers: int = 1,
+    task: str = "classify",
+    cloud_cpus: Optional[float] = None,
 ) -> Iterator[Tuple[Any, ServiceGroup]]:
     """A broker (in this process), a collector into `db` and `workers` cloud workers of `task` (one intra-op
-    thread each, as on a shared box): the cloud side every benchmark with agents needs; stopped on exit."""
+    thread each, as on a shared box): the cloud side every benchmark with agents needs; stopped on exit.
+    `cloud_cpus`: each worker held to that many CPUs for its whole life (`bench.cpu_quota`)."""
+    from bench.cpu_quota import CpuQuota
     from broker.launcher import BrokerProcess
 
     with contextlib.ExitStack() as stack:
@@ -153,7 +171,17 @@ def cloud_site(
         stack.callback(services.close)
         services.start_collector(broker.credentials("collector"), db)
         for w in range(workers):
+            prefix: Sequence[str] = ()
+            if cloud_cpus:
+                quota = CpuQuota(f"edgecascade-{os.getpid()}-cloud-{w}", cloud_cpus)
+                stack.callback(quota.close)  # after the worker has stopped (callbacks run last first)
+                prefix = quota.prefix()
             services.start_cloud(
-                f"cloud-{w}", broker.credentials("cloud"), models, f"w{w}", ["--threads", "1", "--task", task]
+                f"cloud-{w}",
+                broker.credentials("cloud"),
+                models,
+                f"w{w}",
+                ["--threads", "1", "--task", task],
+                prefix=prefix,
             )
         yield broker, services
