@@ -17,7 +17,7 @@ COLUMNS = [
     ("policy", "label", "{}"),
     ("samples", "samples", "{:,}"),
     ("accuracy", "accuracy", "{:.2%}"),
-    ("main/ext/cloud/fallback", "exit_mix", "{}"),
+    ("main/ext/cloud/fallback/shed", "exit_mix", "{}"),
     ("device mJ/inf gross", "device_j_gross_per_inference", "mJ"),
     ("net", "device_j_net_per_inference", "mJ"),
     ("analytic", "device_j_analytic_per_inference", "mJ"),
@@ -40,7 +40,7 @@ def summaries(engine: Engine, runs: Dict[str, str]) -> Dict[str, Dict[str, Any]]
             row = rows[run_id]
             row["label"] = label
             row["exit_mix"] = "/".join(
-                f"{100 * (row.get(f'frac_{s}') or 0):.0f}" for s in ("main", "extension", "cloud", "fallback")
+                f"{100 * (row.get(f'frac_{s}') or 0):.0f}" for s in ("main", "extension", "cloud", "fallback", "shed")
             )
             out[label] = row
     return out
