@@ -12,7 +12,7 @@ DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
 DEVICE_PACKAGES := device_agent protocol metering video
 PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video
 
-.PHONY: help setup test lint bench train train-video report clean install fleet-sim
+.PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,14 @@ train-video: setup ## Regenerate the synthetic clips and retrain the REACT detec
 
 report: setup ## Report from results/bench.db into results/report
 	$(VENV)/bin/edgecascade report --db results/bench.db --out results/report
+
+# Chromium is installed here, not by `make setup`: nothing else needs a browser, and CI stays fast.
+screenshots: setup ## Headless-Chromium screenshots of report.html and Datasette into build/screenshots (DB=results/bench.db)
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "missing system package: chromium"; echo "run: sudo apt-get install -y chromium"; exit 1; fi; }
+	$(PY) docs/screenshots.py --db $(or $(DB),results/bench.db) --out build/screenshots
 
 fleet-sim: setup ## Fleet simulation (AGENTS=50 WORKERS=2)
 	$(VENV)/bin/python -m bench.fleet_sim --agents $(or $(AGENTS),50) --workers $(or $(WORKERS),2)
