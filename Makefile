@@ -12,7 +12,7 @@ DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
 DEVICE_PACKAGES := device_agent protocol metering video
 PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video
 
-.PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots
+.PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots check-device-install
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,11 @@ train-video: setup ## Regenerate the synthetic clips and retrain the REACT detec
 
 report: setup ## Report from results/bench.db into results/report
 	$(VENV)/bin/edgecascade report --db results/bench.db --out results/report
+
+# Not part of `make lint`: it asks PyPI (lint needs no network) and takes 5-25 s. CI runs it through the
+# suite (tests/test_check_install.py, marker `network`), which fails rather than skips without PyPI.
+check-device-install: setup ## Resolve .[device,jetson] for JetPack 5/6 (aarch64, Python 3.8/3.10) and .[device] for x86-64 from PyPI (dry run)
+	$(PY) -m deploy.check_install
 
 # Chromium is installed here, not by `make setup`: nothing else needs a browser, and CI stays fast.
 screenshots: setup ## Headless-Chromium screenshots of report.html and Datasette into build/screenshots (DB=results/bench.db)
