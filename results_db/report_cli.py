@@ -1,4 +1,4 @@
-"""CLI for `edgecascade report`: summary table, PNG figures and Markdown from a results database."""
+"""CLI for `edgecascade report`: summary table, PNG figures, Markdown and HTML, or Datasette (--serve)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,11 @@ read-only, with the named queries as canned queries and the views described, unt
 """
 
 
-HELP = "Summarise a results database: terminal table, PNG plots, Markdown"
-DESCRIPTION = "Summarise a results database: a table on the terminal, PNG plots and a Markdown report."
+HELP = "Summarise a results database: terminal table, PNG plots, Markdown and HTML; or serve it in Datasette"
+DESCRIPTION = (
+    "Summarise a results database: a table on the terminal, PNG plots, a Markdown report and the same as one "
+    "HTML page; or (--serve) browse it in Datasette, read-only."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
