@@ -40,7 +40,8 @@ def summaries(engine: Engine, runs: Dict[str, str]) -> Dict[str, Dict[str, Any]]
             row = rows[run_id]
             row["label"] = label
             row["exit_mix"] = "/".join(
-                f"{100 * (row.get(f'frac_{s}') or 0):.0f}" for s in ("main", "extension", "cloud", "fallback", "shed")
+                f"{100 * (row.get(f'frac_{s}') or 0):.0f}"
+                for s in ("main", "extension", "cloud", "fallback", "shed")
             )
             out[label] = row
     return out
