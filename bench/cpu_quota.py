@@ -71,6 +71,22 @@ class CpuQuota:
         (its first timings, too), and keeps its pid."""
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.path / "cgroup.procs")]
 
+    def keep_only(self, pid: int, name_prefix: str) -> str:
+        """Of a process held since its start (`prefix`), let every thread whose OS name does not start with
+        `name_prefix` go back to the root group: a worker's compute stays held while its network thread
+        reads and replies at full speed, as a cloud's NIC and kernel would. cgroup v1 moves one thread at a
+        time; under v2 (threads only in a threaded subtree) the whole process stays held. Says which."""
+        if self._kind != "v1":
+            return "the whole process (cgroup v2: its network thread too)"
+        held = threads_named(pid, name_prefix)
+        if not held:
+            return f"the whole process (no thread named {name_prefix}*)"
+        for tid in threads_named(pid, ""):
+            if tid not in held:
+                with contextlib.suppress(OSError):  # ended meanwhile
+                    (self._base / "tasks").write_text(str(tid))
+        return f"{len(held)} compute thread(s), from the start"
+
     def throttled_s(self) -> float:
         """How long the group's processes were held back by the quota so far."""
         for line in (self.path / "cpu.stat").read_text().splitlines():
@@ -90,3 +106,13 @@ class CpuQuota:
                 (self._base / "cgroup.procs").write_text(pid)
         with contextlib.suppress(OSError):  # a process still exiting: harmless, empty soon
             self.path.rmdir()
+
+
+def threads_named(pid: int, name_prefix: str) -> List[int]:
+    """Thread ids of `pid` whose OS name (/proc/PID/task/TID/comm) starts with `name_prefix`."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            if (task / "comm").read_text().startswith(name_prefix):
+                out.append(int(task.name))
+    return sorted(out)

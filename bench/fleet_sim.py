@@ -27,9 +27,11 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
+from bench.fleet_loads import LoadWatch, all_running
 from bench.run import wait_for_rows
 from bench.services import ServiceGroup, cloud_site
 from broker.launcher import BrokerProcess
+from protocol.topics import Topics
 from results_db.stats import nearest_rank
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class FleetResult:
     accuracy: float = 0.0
     edge_only_accuracy: float = 0.0  # the same samples, the edge cascade answering all
     workers_busy: List[float] = field(default_factory=list)  # each worker's compute time / the run
+    all_running_s: float = 0.0  # how long every agent was running at once
+    workers_busy_all_running: List[float] = field(default_factory=list)  # ... each worker's busy share then
     agent_failures: int = 0
     events: List[str] = field(default_factory=list)
     per_device: List[Dict[str, Any]] = field(default_factory=list)
@@ -126,9 +130,10 @@ def run_fleet(
     devices = [f"sim-{i:03d}" for i in range(agents)]
     workdir = results / "fleet" / fleet_id
     if cloud_cpus:
-        result.events.append(f"each worker held to {cloud_cpus:g} CPU")
+        result.events.append(f"each worker's compute held to {cloud_cpus:g} CPU")
     with cloud_site(workdir, db, models, workers, cloud_cpus=cloud_cpus) as (broker, services):
         broker.add_users(devices)  # each agent its own password; the ACL fences it to its own topics
+        watch = LoadWatch(broker.credentials("sim-loadwatch"), Topics())
         console.print(
             f"[bold]{fleet_id}[/]: {agents} agents x {samples} samples ({policy}), {workers} worker(s)"
         )
@@ -172,6 +177,11 @@ def run_fleet(
         expected = identities(models, samples, with_confidence=policy != "cloud-only")
         wait_for_rows(db, {f"{fleet_id}-{d}": samples for d in devices}, console)
         _account(db, fleet_id, devices, expected, result)
+        window = all_running(db, [f"{fleet_id}-{d}" for d in devices])
+        watch.close()
+        if window is not None:
+            result.all_running_s = window[1] - window[0]
+            result.workers_busy_all_running = list(watch.busy_between(*window).values())
         services.stop("collector")
     result.workers_busy = [_busy(workdir / "logs" / f"cloud-{w}.log", result.seconds) for w in range(workers)]
     result.edge_only_accuracy = _edge_only_accuracy(models, samples)
@@ -268,6 +278,7 @@ def summary_table(results: List[FleetResult]) -> Table:
         "shed",
         "accuracy (edge-only)",
         "workers busy",
+        "... while all ran",
         "agent exits != 0",
         "samples/s",
         "cloud answers/s",
@@ -291,6 +302,7 @@ def summary_table(results: List[FleetResult]) -> Table:
             str(r.shed),
             f"{r.accuracy:.2%} ({r.edge_only_accuracy:.2%})",
             " ".join(f"{b:.0%}" for b in r.workers_busy),
+            " ".join(f"{b:.0%}" for b in r.workers_busy_all_running) + f" ({r.all_running_s:.0f} s)",
             str(r.agent_failures),
             f"{r.throughput:,.0f}",
             f"{r.cloud_rate:,.0f}",

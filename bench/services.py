@@ -160,9 +160,10 @@ def cloud_site(
 ) -> Iterator[Tuple[Any, ServiceGroup]]:
     """A broker (in this process), a collector into `db` and `workers` cloud workers of `task` (one intra-op
     thread each, as on a shared box): the cloud side every benchmark with agents needs; stopped on exit.
-    `cloud_cpus`: each worker held to that many CPUs for its whole life (`bench.cpu_quota`)."""
+    `cloud_cpus`: each worker's compute held to that many CPUs (`bench.cpu_quota`)."""
     from bench.cpu_quota import CpuQuota
     from broker.launcher import BrokerProcess
+    from cloud_worker.worker import COMPUTE_THREAD
 
     with contextlib.ExitStack() as stack:
         broker = BrokerProcess(workdir / "broker").start()
@@ -171,17 +172,18 @@ def cloud_site(
         stack.callback(services.close)
         services.start_collector(broker.credentials("collector"), db)
         for w in range(workers):
-            prefix: Sequence[str] = ()
-            if cloud_cpus:
-                quota = CpuQuota(f"edgecascade-{os.getpid()}-cloud-{w}", cloud_cpus)
+            quota = CpuQuota(f"edgecascade-{os.getpid()}-cloud-{w}", cloud_cpus) if cloud_cpus else None
+            if quota is not None:
                 stack.callback(quota.close)  # after the worker has stopped (callbacks run last first)
-                prefix = quota.prefix()
-            services.start_cloud(
+            proc = services.start_cloud(
                 f"cloud-{w}",
                 broker.credentials("cloud"),
                 models,
                 f"w{w}",
                 ["--threads", "1", "--task", task],
-                prefix=prefix,
+                prefix=quota.prefix() if quota is not None else (),  # held from its first timing on
             )
+            if quota is not None:
+                held = quota.keep_only(proc.pid, COMPUTE_THREAD)
+                logger.info("cloud-%d: %s held to %g CPU", w, held, quota.cpus)
         yield broker, services

@@ -60,6 +60,7 @@ from cloud_worker.link import WorkerLink
 from cloud_worker.load import LoadMeter
 from cloud_worker.requests import HEADER_SLACK_BYTES, Job, parse_offload
 from cloud_worker.tasks import Served, make_task
+from edgecascade.osthread import name_os_thread
 from edgecascade.systemd import Watchdog
 from protocol.codec import CONTENT_TYPE_REFUSAL, OffloadRefusal, ProtocolError, encode_refusal
 from protocol.load import WorkerLoad, encode_load
@@ -82,12 +83,14 @@ STAT_KEYS = (
     "batches",
 )
 # An offload whose predicted wait here exceeds this fraction of the time its deadline leaves is refused at
-# once (`OffloadRefusal`, reason busy): answered now at the edge rather than at the deadline, and below the
-# devices' re-send at half of it, so that a slow queue is not also handed every offload twice.
-REFUSE_ABOVE = 0.4
+# once (`OffloadRefusal`, reason busy): answered now at the edge rather than at the deadline. A quarter (the
+# devices' shed bound, `device_agent.capacity.SHED_ABOVE`, is the same fraction) leaves the batch in progress
+# and both transits well inside the devices' re-send at half the deadline, which would double the work.
+REFUSE_ABOVE = 0.25
 # A compute thread that has not come round for this long is stuck in a batch: the watchdog stops pinging.
 STUCK_S = 60.0
 IDLE_WAIT_S = 0.25
+COMPUTE_THREAD = "ec-compute"  # the OS name of compute stream k is this + k
 
 
 class CloudWorker:
@@ -302,6 +305,9 @@ class CloudWorker:
 
     # -- the compute thread ------------------------------------------------------------------------
     def _compute_loop(self, stream: int) -> None:
+        name_os_thread(
+            f"{COMPUTE_THREAD}{stream}"
+        )  # `top -H` shows it; the fleet simulation's quota finds it
         try:
             while True:
                 batch = self._next_batch(stream)

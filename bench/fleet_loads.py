@@ -1,0 +1,70 @@
+"""What the fleet simulation's workers said about themselves while the whole fleet was running.
+
+A fleet's agents start one after another (50 processes loading onnxruntime on 2 cores take tens of seconds)
+and end one after another, so a worker's busy share over the whole run mixes in the ramps where only a few
+agents offload. The workers publish their load every interval (`protocol.load`: `busy` since the last
+one), so the share while every agent was running is the mean of the loads published in that window.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from protocol.codec import ProtocolError
+from protocol.load import decode_load
+from protocol.mqtt import BrokerAddress, new_client
+from protocol.topics import Topics
+
+
+class LoadWatch:
+    """Subscribes to every worker's load as a device does (`address`: a device account) and keeps them."""
+
+    def __init__(self, address: BrokerAddress, topics: Topics) -> None:
+        self.loads: List[Tuple[float, str, float]] = []  # (ts_unix, worker, busy)
+        self._lock = threading.Lock()
+        self._topic = topics.all_cloud_load
+        self.client = new_client(address, address.username)  # a device account: its client id is its name
+        self.client.on_connect = lambda c, *a: c.subscribe(self._topic, qos=1)
+        self.client.on_message = self._on_message
+        self.client.connect(address.host, address.port)
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        if not message.payload:
+            return  # a will cleared it: the worker is gone
+        try:
+            load = decode_load(bytes(message.payload))
+        except ProtocolError:
+            return
+        with self._lock:
+            self.loads.append((load.ts_unix, load.worker_id, load.busy))
+
+    def busy_between(self, start: float, end: float) -> Dict[str, float]:
+        """Each worker's mean busy share over the loads it published in [start, end] (unix seconds)."""
+        by_worker: Dict[str, List[float]] = {}
+        with self._lock:
+            for ts, worker, busy in self.loads:
+                if start <= ts <= end:
+                    by_worker.setdefault(worker, []).append(busy)
+        return {w: sum(v) / len(v) for w, v in sorted(by_worker.items())}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def all_running(db: Path, run_ids: List[str]) -> Optional[Tuple[float, float]]:
+    """The window in which every run had started and none had ended (by its rows' ts_unix), or None."""
+    marks = ",".join("?" * len(run_ids))
+    with sqlite3.connect(db) as conn:
+        spans = conn.execute(
+            f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
+            run_ids,
+        ).fetchall()
+    if len(spans) < len(run_ids):
+        return None
+    start, end = max(s for s, _ in spans), min(e for _, e in spans)
+    return (start, end) if end > start else None
