@@ -66,6 +66,8 @@ class OutageRun:
     rows: int = 0
     outage_at_s: float = 0.0
     outage_s: float = 0.0
+    # Offloads of samples taken while the link was down, at least a deadline before it came back (later ones
+    # may still be answered in time once it is back): each must be answered at the edge, labelled.
     offloads_in_outage: int = 0
     answered_at_edge_in_outage: int = 0  # fallback or shed
     lost: int = 0
@@ -199,7 +201,8 @@ def run_outage(args: argparse.Namespace, console: Console) -> OutageRun:
     rows = _run_rows(db, run_id)
     out.rows = len(rows)
     out.lost, out.duplicates = _accounted(db, run_id, cfg.models, n)
-    end = outage.ended_at or time.time()
+    deadline_s = float(profile.get("agent", {}).get("offload_deadline_s", 2.0))
+    end = (outage.ended_at or time.time()) - deadline_s
     during = [r for r in rows if outage.started_at <= r[0] <= end]
     out.offloads_in_outage = sum(s in ("cloud", "fallback", "shed") for _, s, _, _ in during)
     out.answered_at_edge_in_outage = sum(s in ("fallback", "shed") for _, s, _, _ in during)
@@ -248,7 +251,7 @@ def outage_table(o: OutageRun) -> Table:
         "rows",
         "lost",
         "dupes",
-        "offloads in outage",
+        "offloads in outage (≥ a deadline before its end)",
         "answered at edge",
         "outbox drained",
     ):
@@ -295,11 +298,14 @@ def evaluate(
     if outage is not None:
         out.append(
             (
-                f"through a {outage.outage_s:g} s outage: 0 samples lost, the outbox drains",
+                f"through a {outage.outage_s:g} s outage: 0 lost, offloads at the edge, the outbox drains",
                 f"{outage.lost} lost, {outage.duplicates} dupes, {outage.answered_at_edge_in_outage} of "
                 f"{outage.offloads_in_outage} offloads in it answered at the edge, drained "
                 + ("never" if outage.drain_s is None else f"{outage.drain_s:.1f} s after"),
-                outage.lost == 0 and outage.duplicates == 0 and outage.drain_s is not None,
+                outage.lost == 0
+                and outage.duplicates == 0
+                and outage.answered_at_edge_in_outage == outage.offloads_in_outage
+                and outage.drain_s is not None,
             )
         )
     return out
