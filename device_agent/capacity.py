@@ -19,18 +19,21 @@ samples that do go. Pure: no MQTT, an injected clock and random source, so every
   it joins the shortest queue).
 - `service_ms`: the mean of the live workers' recent compute time per sample.
 
-The bound is `shed_above` × the deadline, 0.25 by default (500 ms at 2 s): a prediction is up to one
-publishing interval old and the fleet keeps offloading meanwhile; a queue held below a quarter of the deadline
-stays clear of the re-send at half of it (which would double the work of a worker that is merely slow) and
-far from the deadline itself, while still holding many batches, so workers stay busy.
+Two bounds. The whole prediction may be at most `shed_above` × the deadline, 0.4 by default (800 ms at 2 s):
+short of the device's re-send at half the deadline (which doubles the work of a worker that is merely slow;
+with the bound at half, a fleet whose transit the devices' own CPU stretches met it for many offloads), and
+far from the deadline itself. The cloud's part, wait + service, may be at most QUEUE_BOUND × the deadline
+(a quarter, the worker's own refusal bound): a load is up to one publishing interval old and the fleet keeps
+offloading meanwhile, and a queue held there still holds many batches, so workers stay busy. A slow but
+steady link (a satellite's 600 ms) is no reason to shed; a queue that would grow past a quarter is.
 
 A sample is shed, in this order, when
 1. the device's own in-flight window is full (`window`): blocking the inference thread until a place frees
    would stall the easy samples behind it too;
 2. the operator's budget is spent (`budget`): a token bucket of `budget_per_s` offloads a second, at most
    `budget_burst` saved up (None: unlimited);
-3. `predicted_ms` exceeds the bound (`capacity`), or the sample falls outside the device's admission share
-   (`share`, below);
+3. `predicted_ms` exceeds its bound or the workers' part of it the queue bound (`capacity`), or the sample
+   falls outside the device's admission share (`share`, below);
 4. the device's own evidence says the cloud is late (`late`): the latest offload to settle fell back at its
    deadline and none has been answered since. That is also all there is to go on when no worker's load is
    known (none published yet, all gone or stale): then only this rule and the transit estimate apply.
@@ -85,8 +88,9 @@ from typing import Any, Callable, Dict, NamedTuple, Optional
 from protocol import OffloadReply
 from protocol.load import WorkerLoad
 
-SHED_ABOVE = 0.25  # of the deadline: the bound on the predicted round trip (see the module docstring)
-TARGET = 0.5  # of the bound: the prediction the admission share steers to
+SHED_ABOVE = 0.4  # of the deadline: the bound on the predicted round trip (see the module docstring)
+QUEUE_BOUND = 0.25  # of the deadline: the bound on the cloud's part of it, wait + service
+TARGET = 0.5  # of the queue bound: the cloud's part the admission share steers to
 SHARE_START, SHARE_MIN = 1 / 16, 1 / 64  # the admission share's start (slow start) and floor
 SHARE_UP, SHARE_DOWN = 0.1, 0.7  # added / multiplied per round of fresh loads (one from every live worker)
 SHARE_PER_QUICK_ANSWER = 0.25  # slow start: the share grows by this fraction per answer within the target
@@ -147,6 +151,7 @@ class CapacityRule:
             raise ValueError(f"budget_per_s must be > 0 (None: unlimited), got {budget_per_s}")
         self.deadline_ms = deadline_s * 1000.0
         self.bound_ms = shed_above * self.deadline_ms
+        self.queue_bound_ms = min(QUEUE_BOUND, shed_above) * self.deadline_ms
         self.budget_per_s = budget_per_s
         # One second's worth by default (at least one offload): a device may catch up after a quiet second.
         self.budget_burst = float(budget_burst if budget_burst is not None else max(1.0, budget_per_s or 0))
@@ -205,7 +210,7 @@ class CapacityRule:
         if loaded is None:
             return
         step = 1.0 / len(self._loads)
-        if (self._transit_ms or 0.0) + loaded > TARGET * self.bound_ms:
+        if loaded > TARGET * self.queue_bound_ms:
             if not shrunk:  # a queue that drains is answered already: deeper cuts would idle the workers
                 self._share = max(SHARE_MIN, self._share * SHARE_DOWN**step)
                 self._slow_start = False
@@ -221,7 +226,7 @@ class CapacityRule:
             self._late = False
             if round_trip_ms is None:
                 return
-            if self._slow_start and self._loads and round_trip_ms <= TARGET * self.bound_ms:
+            if self._slow_start and self._loads and worker_time_ms(reply) <= TARGET * self.queue_bound_ms:
                 self._share = min(1.0, self._share * (1.0 + SHARE_PER_QUICK_ANSWER))
             transit = max(0.0, round_trip_ms - worker_time_ms(reply))
             if self._transit_ms is None:
@@ -280,10 +285,12 @@ class CapacityRule:
         loaded = self._load_ms(now)
         predicted = (self._transit_ms or 0.0) + (loaded or 0.0)
         probe_due = now - self._last_admitted >= self.probe_s
-        if predicted > (self.bound_ms if edge_answer else self.deadline_ms):
+        bound = self.bound_ms if edge_answer else self.deadline_ms
+        queue_bound = self.queue_bound_ms if edge_answer else self.deadline_ms
+        if predicted > bound or (loaded or 0.0) > queue_bound:
             # Would the workers' load alone have let it go? Then the device's own (transit) evidence shed
             # it, which only offloads can refresh: a probe, now and then.
-            own = loaded is None or loaded <= (self.bound_ms if edge_answer else self.deadline_ms)
+            own = loaded is None or loaded <= min(bound, queue_bound)
             if own and probe_due:
                 return Admission(True, "probe", predicted)
             return Admission(False, "capacity", predicted)
@@ -324,6 +331,7 @@ class CapacityRule:
                 "share": round(self._share, 4),
                 "slow_start": self._slow_start,
                 "bound_ms": self.bound_ms,
+                "queue_bound_ms": self.queue_bound_ms,
             }
 
 

@@ -62,7 +62,7 @@ def reply(cloud_ms: float = 2.0, **extra: Any) -> OffloadReply:
 
 
 def rule(clock: Clock, **kw: Any) -> CapacityRule:
-    """Deadline 2 s: shed above 500 ms predicted; the share steers to 250 ms."""
+    """Deadline 2 s: shed above 800 ms predicted or 500 ms of workers' queue; the share steers to 250 ms."""
     return CapacityRule(2.0, clock=clock, rng=random.Random(7), **kw)
 
 
@@ -98,6 +98,19 @@ def test_a_queue_whose_wait_exceeds_the_bound_is_shed() -> None:
     assert admitted_fraction(r) == pytest.approx(0.8, abs=0.03)
 
 
+def test_a_slow_steady_link_is_no_reason_to_shed_but_a_long_round_trip_is() -> None:
+    """A satellite's 600 ms round trip with idle workers comes back well inside a 2 s deadline: offload.
+    The same queue behind a 1.2 s transit would be re-sent at half the deadline: shed."""
+    clock = Clock()
+    r = opened(clock)
+    r.answered(601.0, reply(1.0))  # transit 600 ms
+    assert all(r.admit().admitted for _ in range(50)) and r.share == 1.0
+    clock.now += 10.0  # the estimate ages: the next answer replaces it almost outright
+    r.answered(1201.0, reply(1.0))
+    assert r.report()["transit_ms"] > 1000.0
+    assert {r.admit().reason for _ in range(20)} <= {"capacity", "probe"}
+
+
 def test_the_share_starts_slowly_then_steers_like_tcp() -> None:
     """A fleet starting together must not fill the queues before the first load shows it; then additive
     increase, multiplicative decrease, and no cut while a long queue is already draining."""
@@ -108,7 +121,7 @@ def test_the_share_starts_slowly_then_steers_like_tcp() -> None:
     assert admitted_fraction(r) == pytest.approx(1 / 8, abs=0.02)
     r.answered(10.0, reply(1.0))  # quick answers open it a little more (a lone device opens up fast)
     r.answered(10.0, reply(1.0))
-    r.answered(300.0, reply(1.0))  # not quick: beyond the 250 ms target
+    r.answered(310.0, reply(300.0))  # not quick: the worker's part beyond the 250 ms target
     share = 1 / 8 * 1.25**2
     assert r.share == pytest.approx(share)
     r.worker_load("t/w1", load(queue=300, ts=2.0))  # 301 ms: cut
@@ -214,13 +227,13 @@ def test_a_slow_transit_alone_sheds_but_probes_until_the_cloud_is_quick_again() 
     an offload comes back, so one a deadline still goes."""
     clock = Clock()
     r = opened(clock)
-    r.answered(701.0, reply(1.0))  # transit 700 ms
-    assert r.admit() == Admission(True, "probe", pytest.approx(701.0))  # nothing sent for a deadline
+    r.answered(1101.0, reply(1.0))  # transit 1.1 s: past the bound, 0.4 of the deadline
+    assert r.admit() == Admission(True, "probe", pytest.approx(1101.0))  # nothing sent for a deadline
     assert [r.admit().reason for _ in range(20)] == ["capacity"] * 20
     clock.now += 2.0
     assert r.admit().reason == "probe"
     r.answered(6.0, reply(1.0))  # the probe came back quick: 0.25 of the old estimate remains
-    assert r.report()["transit_ms"] == pytest.approx(5.0 + 0.25 * 695.0)
+    assert r.report()["transit_ms"] == pytest.approx(5.0 + 0.25 * 1095.0)
     assert all(r.admit().admitted for _ in range(20))
     assert r.stats["probes"] == 2
 
@@ -282,7 +295,7 @@ def test_the_config_validates_its_capacity_settings_and_profiles_set_them(tmp_pa
     from protocol.mqtt import BrokerAddress
 
     base = AgentConfig(device_id="dev-1", broker=BrokerAddress("127.0.0.1", 1883, "dev-1", ""))
-    assert base.capacity_aware and base.shed_above == 0.25 and base.offload_budget_per_s is None
+    assert base.capacity_aware and base.shed_above == 0.4 and base.offload_budget_per_s is None
     for bad in (
         {"shed_above": 0.0},
         {"shed_above": 1.5},
