@@ -11,6 +11,8 @@ Who owns what:
 - `edgecascade-roles.json` (beside this file): the roles and their topic rules: `cloud` (the only role that
   may subscribe `$share/cloud/...`, reads offloads, writes replies), `collector` (reads results and status,
   writes receipts), `device` (no shared subscriptions at all) and `edgecascade-admin` (`$CONTROL` only).
+  A sensor account (`sensor-<device>`, `protocol.ids.sensor_account`) gets a role of its own (`sensor_role`):
+  publish to that one device's `input` topic, everything else refused outright (never falling through).
   Rules no role matches fall through (default access "deny" = defer) to `edgecascade.acl`, whose `%u`
   patterns fence each device to its own topics: dynsec has no `%u`, so those stay in the acl_file.
 - This module: the plugin's state document (accounts with PBKDF2-SHA512 password hashes, as Mosquitto 2.0
@@ -62,8 +64,9 @@ def find_plugin() -> str:
     )
 
 
-def client_entry(username: str, password: str, role: str) -> Dict[str, Any]:
-    """One account as the plugin stores it. Devices are bound to client id = username."""
+def client_entry(username: str, password: str, role: str, *, bound: Optional[bool] = None) -> Dict[str, Any]:
+    """One account as the plugin stores it. Devices (and, with `bound`, sensors) are bound to client id =
+    username."""
     salt = secrets.token_bytes(_SALT_BYTES)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _ITERATIONS, 64)
     entry: Dict[str, Any] = {
@@ -73,9 +76,31 @@ def client_entry(username: str, password: str, role: str) -> Dict[str, Any]:
         "iterations": _ITERATIONS,
         "roles": [{"rolename": role}],
     }
-    if role == DEVICE_ROLE:
+    if role == DEVICE_ROLE if bound is None else bound:
         entry["clientid"] = username
     return entry
+
+
+def sensor_role(rolename: str, device_id: str) -> Dict[str, Any]:
+    """The role of one device's sensor account: it may publish images to that device's `input` topic (also
+    under a namespace, like every rule here) and nothing else. Explicit denials, so that nothing falls through
+    to the acl_file's `%u` patterns (which would let it write `<root>/<its name>/results`)."""
+    inputs = [f"edgecascade/v1/{device_id}/input", f"+/edgecascade/v1/{device_id}/input"]
+    return {
+        "rolename": rolename,
+        "textdescription": f"Sensors and cameras of device {device_id}: publish to its input topic only",
+        "acls": [
+            *({"acltype": "publishClientSend", "topic": t, "priority": 1, "allow": True} for t in inputs),
+            {"acltype": "publishClientSend", "topic": "#", "priority": 0, "allow": False},
+            {"acltype": "publishClientReceive", "topic": "#", "priority": 0, "allow": False},
+            {"acltype": "subscribePattern", "topic": "#", "priority": 0, "allow": False},
+        ],
+    }
+
+
+def create_role_command(role: Dict[str, Any]) -> Dict[str, Any]:
+    """The `$CONTROL` command that adds a role (e.g. `sensor_role`) to a running broker."""
+    return {"command": "createRole", **role}
 
 
 def load_roles(roles_file: Path = ROLES_FILE) -> Dict[str, Any]:
@@ -88,9 +113,15 @@ def role_names(roles_file: Path = ROLES_FILE) -> List[str]:
     return [r["rolename"] for r in load_roles(roles_file)["roles"]]
 
 
-def document(accounts: Iterable[Dict[str, Any]], roles_file: Path = ROLES_FILE) -> Dict[str, Any]:
-    """The plugin's whole state file: `accounts` (from `client_entry`), the roles, no groups."""
+def document(
+    accounts: Iterable[Dict[str, Any]],
+    roles_file: Path = ROLES_FILE,
+    extra_roles: Iterable[Dict[str, Any]] = (),
+) -> Dict[str, Any]:
+    """The plugin's whole state file: `accounts` (from `client_entry`), the roles (the file's and
+    `extra_roles`, e.g. sensors'), no groups."""
     doc = load_roles(roles_file)
+    doc["roles"].extend(extra_roles)
     doc["clients"] = list(accounts)
     doc["groups"] = []
     return doc
@@ -107,7 +138,9 @@ def write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def create_client_command(username: str, password: str, role: str) -> Dict[str, Any]:
+def create_client_command(
+    username: str, password: str, role: str, *, bound: Optional[bool] = None
+) -> Dict[str, Any]:
     """The `$CONTROL` command that adds one account to a running broker, with the same binding as above."""
     command: Dict[str, Any] = {
         "command": "createClient",
@@ -115,7 +148,7 @@ def create_client_command(username: str, password: str, role: str) -> Dict[str, 
         "password": password,
         "roles": [{"rolename": role}],
     }
-    if role == DEVICE_ROLE:
+    if role == DEVICE_ROLE if bound is None else bound:
         command["clientid"] = username
     return command
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from broker import dynsec
-from protocol.ids import check_username, service_role
+from protocol.ids import check_username, sensor_of, service_role
 from protocol.mqtt import BrokerAddress, new_client
 
 Credentials = BrokerAddress
@@ -76,8 +76,21 @@ def make_test_certs(directory: Path) -> Path:
 
 
 def role_of(username: str) -> str:
-    """The dynamic-security role of an account: `cloud`, `collector` (or their `-<x>` instances), `device`."""
+    """The dynamic-security role of an account: `cloud`, `collector` (or their `-<x>` instances), `device`;
+    a sensor account (`sensor-<device>`) has a role of its own, named like it (`dynsec.sensor_role`)."""
+    if sensor_of(username) is not None:
+        return username
     return service_role(username) or dynsec.DEVICE_ROLE
+
+
+def _sensor_role(username: str) -> Optional[Dict[str, Any]]:
+    device = sensor_of(username)
+    return None if device is None else dynsec.sensor_role(role_of(username), device)
+
+
+def _bound(username: str) -> Optional[bool]:
+    """Sensors are bound to client id = username like devices (None: the role decides)."""
+    return True if sensor_of(username) is not None else None
 
 
 # Looked up here, not in the child: between fork and exec the child must not take the dynamic loader's locks.
@@ -209,8 +222,11 @@ class BrokerProcess:
     def _write_accounts(self) -> None:
         """The plugin's account file, from credentials.json (only while the broker is stopped: a running
         plugin owns the file and rewrites it on every change)."""
-        entries = [dynsec.client_entry(u, pw, self._role(u)) for u, pw in sorted(self._passwords.items())]
-        dynsec.write_private(self.dynsec_file, json.dumps(dynsec.document(entries), indent=2) + "\n")
+        users = sorted(self._passwords.items())
+        entries = [dynsec.client_entry(u, pw, self._role(u), bound=_bound(u)) for u, pw in users]
+        roles = [role for role in map(_sensor_role, self._passwords) if role is not None]
+        document = dynsec.document(entries, extra_roles=roles)
+        dynsec.write_private(self.dynsec_file, json.dumps(document, indent=2) + "\n")
 
     @staticmethod
     def _role(username: str) -> str:
@@ -231,8 +247,13 @@ class BrokerProcess:
                 return
             passwords = {u: secrets.token_urlsafe(12) for u in new}
             if self.running:
+                roles = [role for role in map(_sensor_role, new) if role is not None]
                 self._control(
-                    [dynsec.create_client_command(u, pw, role_of(u)) for u, pw in passwords.items()]
+                    [dynsec.create_role_command(role) for role in roles]
+                    + [
+                        dynsec.create_client_command(u, pw, role_of(u), bound=_bound(u))
+                        for u, pw in passwords.items()
+                    ]
                 )
             self._passwords.update(passwords)
             self._save_state()

@@ -10,7 +10,8 @@ for a device id (a generated run id adds 23 to it), 128 for a run id. The servic
 `collector` and their `cloud-*` / `collector-*` instances) are not device ids, and neither is anything
 starting with `edgecascade` (the broker's admin account, the collector's client id `edgecascade-collector`):
 the broker binds a device's client id to its username, so a device named like a service's client id could
-otherwise take that session over.
+otherwise take that session over. A sensor account (`sensor-<device id>`: a camera or sensor that publishes
+images to one device's `input` topic) is not a device id either.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ RUN_ID_MAX = 128
 NAME_MAX = 64  # namespaces, worker ids, group names
 SERVICE_ROLES = ("cloud", "collector")
 RESERVED_PREFIX = "edgecascade"  # infrastructure names: the broker admin, service client ids
+SENSOR_PREFIX = "sensor-"  # + a device id: the account that may publish to that device's input topic
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
@@ -61,13 +63,30 @@ def check_device_id(value: object) -> str:
         raise InvalidId(f"device id {device_id!r} is reserved for the {service_role(device_id)} service")
     if device_id.lower().startswith(RESERVED_PREFIX):
         raise InvalidId(f"device id {device_id!r}: names starting with {RESERVED_PREFIX!r} are reserved")
+    if device_id.startswith(SENSOR_PREFIX):
+        raise InvalidId(f"device id {device_id!r}: {SENSOR_PREFIX}<device> names a device's sensor account")
     return device_id
 
 
+def sensor_account(device_id: str) -> str:
+    """The broker account of `device_id`'s sensors: it may publish to the device's input topic only."""
+    return SENSOR_PREFIX + check_device_id(device_id)
+
+
+def sensor_of(username: str) -> Optional[str]:
+    """The device a sensor account (`sensor-<device id>`) feeds, else None."""
+    if isinstance(username, str) and username.startswith(SENSOR_PREFIX):
+        return check_device_id(username[len(SENSOR_PREFIX) :])
+    return None
+
+
 def check_username(value: object) -> str:
-    """A broker account name: a service account (`cloud`, `collector-2`, ...) or a device id."""
+    """A broker account name: a service account (`cloud`, `collector-2`, ...), a sensor account
+    (`sensor-<device id>`) or a device id."""
     if isinstance(value, str) and service_role(value) is not None:
         return check_name(value, "service account", DEVICE_ID_MAX)
+    if isinstance(value, str) and sensor_of(value) is not None:
+        return value
     return check_device_id(value)
 
 

@@ -34,6 +34,11 @@ class Topics:
         """Video frames offloaded to the cloud detectors (REACT); answered on `reply` like offloads."""
         return f"{self.root}/{check_device_id(device_id)}/frames"
 
+    def input(self, device_id: str) -> str:
+        """Images for the device to classify, from its sensors and cameras (`device_agent.mqtt_input`): only
+        the device's own account and its sensor account (`protocol.ids.sensor_account`) may publish here."""
+        return f"{self.root}/{check_device_id(device_id)}/input"
+
     def results(self, device_id: str) -> str:
         return f"{self.root}/{check_device_id(device_id)}/results"
 
