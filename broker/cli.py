@@ -22,7 +22,8 @@ EPILOG = """examples:
 
 Run it again with the same --workdir and every password and port stay what they were (credentials.json,
 0600, in the workdir), so connected clients simply reconnect. Account names: device ids (letters, digits,
-'.', '_', '-'; no '+', '#', '/') bound to client id = name, or cloud, collector, cloud-<x>, collector-<x>.
+'.', '_', '-'; no '+', '#', '/') bound to client id = name, or cloud, collector, cloud-<x>, collector-<x>, or
+sensor-<device>: a camera's account, which may publish only to that device's input topic (--source mqtt).
 """
 
 
