@@ -8,6 +8,7 @@
 - `capacity.CapacityRule`: whether an offload can come back in time (the workers' load, which the agent reads
   from their retained load topic, and the device's own round trips), else it is shed: answered at the edge;
 - `settlement.Settlement`: outcomes become records, records reach the outbox (and only then are resolved);
+- `drift_watch.DriftWatch`: the main block's outputs against the card's profile, on records and the status;
 - `link.Link`: the MQTT connection that empties the outbox; `outbox.Outbox` + `durable`: what is on disk.
 """
 
@@ -27,6 +28,7 @@ from device_agent.capacity import CapacityRule
 from device_agent.card import load_card
 from device_agent.cascade import EdgeCascade
 from device_agent.config import AgentConfig
+from device_agent.drift_watch import DriftWatch
 from device_agent.durable import Origin, SourceProgress
 from device_agent.energy import DeviceEnergy, baseline_record
 from device_agent.inference import STOP, InferenceLoop
@@ -55,6 +57,7 @@ class DeviceAgent:
         self.run_id = self.session.run_id
         self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "bad_loads": 0}
         self.capacity: Optional[CapacityRule] = None  # None: capacity-awareness is off, every offload goes
+        self.drift: Optional[DriftWatch] = None  # None: drift is not watched (off, no reference, no edge)
         self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
         self._started_mono = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -110,6 +113,15 @@ class DeviceAgent:
         # Every kind of number that names a record survives a restart (`durable`): a resumed run continues.
         self.loop = InferenceLoop(self, self.session.counter("sample"), self.session.counter("window"))
         self._summary.recovered_offloads = self.settlement.recover()
+        self.drift = DriftWatch.for_agent(
+            cfg.drift,
+            self.card,
+            self.policy,
+            run_id=self.run_id,
+            device_id=self.device_id,
+            sink=self.session.sink,
+            link=self.link,
+        )
         if cfg.capacity_aware:
             self.capacity = CapacityRule(
                 cfg.offload_deadline_s,
@@ -163,11 +175,13 @@ class DeviceAgent:
             # Extra to the schema (the collector ignores them): what the policy learned, e.g. regret, and
             # what capacity-awareness did (sheds by reason, its estimates).
             report, capacity = plain(self._summary.policy_report), plain(self._summary.capacity)
+            drift = plain(self._summary.drift)
             self._summary.outbox_left = self.session.finish(
                 lambda count: {
                     **RunEndRecord(self.run_id, self.device_id, time.time(), count).to_map(),
                     "policy_report": report,
                     "capacity": capacity,
+                    "drift": drift,
                 }
             )
             self._summary.refused_records = self.session.refused_records
@@ -283,6 +297,7 @@ class DeviceAgent:
         summary.late_replies = self.offloads.stats["late_replies"]
         summary.policy_report = self.policy.report()
         summary.capacity = self.capacity.report() if self.capacity is not None else {}
+        summary.drift = self.drift.report() if self.drift is not None else {}
 
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
         self.offloads.on_reply(corr, payload)

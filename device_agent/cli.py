@@ -31,6 +31,9 @@ EPILOG = """examples:
   # at most 5 offloads a second (10 saved up), shed when a round trip is predicted beyond 40 % of the deadline
   edgecascade agent ... --offload-budget 5 --offload-budget-burst 10 --shed-above 0.4
 
+  # drift tests on a longer window, at most a 1 % chance of a false alarm in a million clean samples
+  edgecascade agent ... --drift-window 500 --drift-horizon 1000000
+
 Offloads are capacity-aware by default: one the cloud workers' published load and the device's own round
 trips say would come back too late, or one beyond the budget, is answered at the edge, flagged `shed`.
 The run's summary is printed on stdout as JSON (`shed`, and `capacity`: sheds by reason); logs and progress
@@ -97,6 +100,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="offload whatever the policy says, however loaded the cloud (no shedding, no budget)",
     )
     parser.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="do not watch the inputs for drift (default: watch, if the card can)",
+    )
+    parser.add_argument("--drift-window", type=int, help="samples per drift test (default: profile, 300)")
+    parser.add_argument(
+        "--drift-stride", type=int, help="a drift test every N samples (default: profile, 50)"
+    )
+    parser.add_argument(
+        "--drift-alpha", type=float, help="chance of any false drift alarm within the horizon (default 0.01)"
+    )
+    parser.add_argument("--drift-horizon", type=int, help="... of this many clean samples (default 100000)")
+    parser.add_argument(
         "--rate",
         type=float,
         metavar="HZ",
@@ -147,6 +163,7 @@ def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
 def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) -> Any:
     """The agent's config from the flags, built and validated once (ValueError says what is wrong)."""
     from device_agent import AgentConfig, apply_profile, load_profile
+    from device_agent.config import drift_settings
     from device_agent.policies import PolicyError, policy_names
     from protocol.mqtt import BrokerAddress, read_secret
     from protocol.topics import Topics
@@ -184,6 +201,13 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
     )
     if args.profile:
         config = apply_profile(config, load_profile(args.profile))
+    drift = {"drift": False} if args.no_drift else {}
+    drift.update(
+        {f"drift_{k}": getattr(args, f"drift_{k}") for k in ("window", "stride", "alpha", "horizon")}
+    )
+    overrides["drift"] = drift_settings(config.drift, drift)
+    if overrides["drift"] is None:
+        config = dataclasses.replace(config, drift=None)  # `None` below means "no flag", not "off"
     # Flags win over the profile; `replace` validates the result again.
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from device_agent.capacity import SHED_ABOVE
+from device_agent.drift import DriftSettings
 from protocol.ids import check_device_id, check_run_id
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
@@ -52,6 +53,8 @@ class AgentConfig:
     shed_above: float = SHED_ABOVE  # shed when the predicted round trip exceeds this fraction of the deadline
     offload_budget_per_s: Optional[float] = None  # at most this many offloads a second (None: no budget)
     offload_budget_burst: Optional[float] = None  # ... saved up to this many (None: one second's worth)
+    # Drift detection (device_agent.drift) against the card's reference, where it has one. None: off.
+    drift: Optional[DriftSettings] = DriftSettings()
     results_batch: int = 100  # result records per MQTT message
     flush_s: float = 0.2  # a partial batch of records waits at most this long
     results_receipts: bool = True  # keep records until the collector has stored them (False: the broker)
@@ -103,6 +106,8 @@ class AgentConfig:
                 raise ValueError(
                     f"offload_budget_burst must be at least 1, got {self.offload_budget_burst!r}"
                 )
+        if self.drift is not None and not isinstance(self.drift, DriftSettings):
+            raise ValueError(f"drift must be DriftSettings or None, got {self.drift!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
 
@@ -160,7 +165,28 @@ def apply_profile(config: AgentConfig, profile: Dict[str, Any]) -> AgentConfig:
     ):
         if name in agent:
             changes[name] = kind(agent[name])
+    drift = drift_settings(config.drift, agent)
+    if drift is not config.drift:
+        changes["drift"] = drift
     return dataclasses.replace(config, **changes)
+
+
+DRIFT_KEYS = {
+    "drift_window": "window",
+    "drift_stride": "stride",
+    "drift_alpha": "alpha",
+    "drift_horizon": "horizon",
+}
+
+
+def drift_settings(current: Optional[DriftSettings], options: Dict[str, Any]) -> Optional[DriftSettings]:
+    """`current` with a profile's or config file's `drift` (true/false) and `drift_<setting>` keys applied."""
+    if "drift" in options and not _boolean(options["drift"]):
+        return None
+    changes = {field: options[key] for key, field in DRIFT_KEYS.items() if options.get(key) is not None}
+    if not changes and not options.get("drift"):
+        return current
+    return dataclasses.replace(current or DriftSettings(), **changes)
 
 
 def _boolean(value: Any) -> bool:

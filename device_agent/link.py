@@ -2,7 +2,8 @@
 
 - Client id = device id, MQTT 5, clean_start=False with a session expiry: the broker keeps the reply
   subscription (and replies queued for it) across reconnects of the agent.
-- Last Will: retained `offline` on `status`; a retained `online` is published on every connect.
+- Status (`protocol.status`, JSON): the Last Will is a retained `offline`; a retained `online`, with the
+  device's latest drift verdict (`set_drift`), is published on every connect and whenever the verdict changes.
 - Result records leave the outbox in batches (`encode_records`, QoS 1). With receipts (the default) each
   batch carries a token (CorrelationData) and our `receipts` topic (ResponseTopic); the collector answers
   once the batch is committed, and only then are its records deleted. A receipt says how many records were
@@ -47,6 +48,7 @@ from protocol.mqtt import (
     permanent_connack_refusal,
     publish_properties,
 )
+from protocol.status import CONTENT_TYPE_STATUS, DeviceStatus, DriftStatus, encode_status
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,11 @@ class Link:
             "bad_receipts": 0,
         }
         self.client = new_client(address, device_id, on_connect=self._on_connect)
-        self.client.will_set(topics.status(device_id), b"offline", qos=1, retain=True)
+        self._drift: Optional[DriftStatus] = None  # the latest verdict, for the status of every connect
+        self._status_props = publish_properties(content_type=CONTENT_TYPE_STATUS)
+        self.client.will_set(
+            topics.status(device_id), encode_status(DeviceStatus("offline")), qos=1, retain=True
+        )
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
         self.client.message_callback_add(self._reply_topic, self._on_message)
@@ -204,7 +210,7 @@ class Link:
             self._thread.join(5)
         if self.connected.is_set():
             # A clean disconnect does not fire the Will: say it ourselves.
-            info = self.client.publish(self.topics.status(self.device_id), b"offline", qos=1, retain=True)
+            info = self._publish_status("offline")
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(2)
         self.client.disconnect()
@@ -212,6 +218,18 @@ class Link:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def set_drift(self, drift: Optional[DriftStatus]) -> None:
+        """A new drift verdict: on the retained status now (when connected) and on each connect."""
+        self._drift = drift
+        if self.connected.is_set():
+            self._publish_status("online")
+
+    def _publish_status(self, state: str) -> mqtt.MQTTMessageInfo:
+        payload = encode_status(DeviceStatus(state, self._drift if state == "online" else None))
+        return self.client.publish(
+            self.topics.status(self.device_id), payload, qos=1, retain=True, properties=self._status_props
+        )
 
     # -- paho callbacks (network thread) --------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -234,7 +252,7 @@ class Link:
             # A broker that lost our session may never acknowledge (or deliver) batches sent before: send them
             # again from the outbox (the collector's unique key makes a second copy harmless).
             self._requeue_batches = True
-        client.publish(self.topics.status(self.device_id), b"online", qos=1, retain=True)
+        self._publish_status("online")
         self.connected.set()
         self._wake.set()
 

@@ -54,6 +54,9 @@ class EdgeView:
     entropy: Optional[float] = None  # normalised, in [0, 1]
     complex: Optional[bool] = None
     seq: int = -1
+    main_probs: Optional[np.ndarray] = (
+        None  # the main block's softmax over all classes (`device_agent.drift`)
+    )
 
     @property
     def confidence(self) -> float:

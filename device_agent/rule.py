@@ -80,6 +80,7 @@ class EdgeDecision:
     complex: bool  # entropy > card.thresholds["entropy_tau"]
     edge_ms: float  # compute time of this sample (batch time shared equally over the batch's samples)
     answered_by: str = "main"  # "main" | "extension"
+    main_probs: Optional[np.ndarray] = None  # the main block's softmax, whatever answered (drift watches it)
 
 
 def edge_decision(
@@ -112,4 +113,5 @@ def edge_decision(
         complex=entropy > tau,
         edge_ms=edge_ms,
         answered_by=answered_by,
+        main_probs=main_probs,
     )

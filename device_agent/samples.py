@@ -72,6 +72,7 @@ def edge_view(cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int) -> T
         entropy=d.entropy,
         complex=d.complex if edge == "cascade" else None,
         seq=seq,
+        main_probs=d.main_probs,
     )
     return view, blocks
 

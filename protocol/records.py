@@ -6,7 +6,7 @@ map against), the map that travels (`Record.to_record`), and — tested in tests
 the columns of the result tables (the ORM models and the migrations). A record is a plain map with a `type`.
 Keys are idempotent: an inference is identified by (run_id, device_id, seq), a run by run_id, a window by
 (run_id, device_id, window_seq), a baseline by (run_id, device_id, source, measured_unix), a video frame by
-(run_id, device_id, seq).
+(run_id, device_id, seq), a drift test by (run_id, device_id, seq) of its window's last sample.
 """
 
 from __future__ import annotations
@@ -169,9 +169,41 @@ class FrameRecord(Record):
 
 FRAME_SOURCES = ("edge", "tracked", "fused", "cloud", "none")
 
+
+@dataclass
+class DriftRecord(Record):
+    """One test of the device's drift monitor (`device_agent.drift`): the window of its last `window_size`
+    samples, ending at sample `seq`, against the model card's calibration profile. `statistic`, `feature` and
+    `p_value` are those of the most significant feature; `drift` is 1 when `p_value` < `level` (the per-test
+    level that bounds the false alarms of repeated testing)."""
+
+    kind: ClassVar[str] = "drift"
+    run_id: str
+    device_id: str
+    seq: int  # the window's last sample (a sample's seq: never reused within a run)
+    samples: int  # samples the monitor had seen in this process
+    window_size: int
+    statistic: float  # Kolmogorov-Smirnov D
+    feature: str
+    p_value: float
+    level: float
+    drift: int  # 0 or 1
+    ts_unix: float
+
+
+MAX_FEATURE_LEN = 32
+
 RECORD_TYPES: Dict[str, Type[Record]] = {
     cls.kind: cls
-    for cls in (RunRecord, RunEndRecord, InferenceRecord, EnergyWindowRecord, IdleBaselineRecord, FrameRecord)
+    for cls in (
+        RunRecord,
+        RunEndRecord,
+        InferenceRecord,
+        EnergyWindowRecord,
+        IdleBaselineRecord,
+        FrameRecord,
+        DriftRecord,
+    )
 }
 
 
@@ -223,7 +255,20 @@ def validate_record(record: Any) -> Dict[str, Any]:
         raise ProtocolError(f"exit_stage {record['exit_stage']!r} is not one of {EXIT_STAGES}")
     if kind == "frame":
         _check_frame(record)
+    if kind == "drift":
+        _check_drift(record)
     return record
+
+
+def _check_drift(record: Dict[str, Any]) -> None:
+    if record["drift"] not in (0, 1):
+        raise ProtocolError(f"drift must be 0 or 1, got {record['drift']!r}")
+    if not 0.0 <= record["p_value"] <= 1.0 or not 0.0 < record["level"] < 1.0:
+        raise ProtocolError("drift p_value must be in [0, 1] and level in (0, 1)")
+    if not 0.0 <= record["statistic"] <= 1.0 or record["window_size"] < 1:
+        raise ProtocolError("drift statistic must be in [0, 1] and window_size at least 1")
+    if not 0 < len(record["feature"]) <= MAX_FEATURE_LEN:
+        raise ProtocolError(f"drift feature must be 1-{MAX_FEATURE_LEN} characters")
 
 
 MAX_FRAME_BOXES = 200

@@ -31,7 +31,16 @@ import msgpack
 from sqlalchemy import JSON, Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from results_db.models import Device, EnergyWindow, Frame, IdleBaseline, Inference, RejectedRecord, Run
+from results_db.models import (
+    Device,
+    DriftCheck,
+    EnergyWindow,
+    Frame,
+    IdleBaseline,
+    Inference,
+    RejectedRecord,
+    Run,
+)
 
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -44,12 +53,14 @@ DATA_TABLES: Dict[str, Table] = {
     "energy_window": EnergyWindow.__table__,  # type: ignore[dict-item]
     "idle_baseline": IdleBaseline.__table__,  # type: ignore[dict-item]
     "frame": Frame.__table__,  # type: ignore[dict-item]
+    "drift": DriftCheck.__table__,  # type: ignore[dict-item]
 }
 NATURAL_KEYS: Dict[str, List[str]] = {
     "inference": ["run_id", "device_id", "seq"],
     "energy_window": ["run_id", "device_id", "window_seq"],
     "idle_baseline": ["run_id", "device_id", "source", "measured_unix"],
     "frame": ["run_id", "device_id", "seq"],
+    "drift": ["run_id", "device_id", "seq"],
 }
 RUN_FIELDS = [
     "device_id",

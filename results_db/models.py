@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from protocol.records import EXIT_STAGES, FRAME_SOURCES
+from protocol.records import EXIT_STAGES, FRAME_SOURCES, MAX_FEATURE_LEN
 
 # Deterministic constraint names: the same on SQLite and PostgreSQL, and what Alembic compares against.
 NAMING_CONVENTION = {
@@ -238,3 +238,28 @@ class VideoRun(Base):
     map: Mapped[float]
     ground_truth: Mapped[str] = mapped_column(Text)
     evaluated_unix: Mapped[float]
+
+
+class DriftCheck(Base):
+    """One test of a device's drift monitor (the `drift` record): its window against the model card's
+    profile, the most significant feature's KS statistic and p-value, and whether that was drift."""
+
+    __tablename__ = "drift_checks"
+    __table_args__ = (
+        UniqueConstraint("run_id", "device_id", "seq"),
+        CheckConstraint("drift IN (0, 1)", name="drift"),
+        Index(None, "device_id", "ts_unix"),  # drift per device over time
+    )
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    samples: Mapped[int] = mapped_column(BigInteger)
+    window_size: Mapped[int] = mapped_column(Integer)
+    statistic: Mapped[float]
+    feature: Mapped[str] = mapped_column(String(MAX_FEATURE_LEN))
+    p_value: Mapped[float]
+    level: Mapped[float]
+    drift: Mapped[int] = mapped_column(Integer)
+    ts_unix: Mapped[float]

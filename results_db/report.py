@@ -18,6 +18,8 @@ from rich.table import Table
 from sqlalchemy import Engine, text
 
 from results_db import plots
+from results_db.drift_report import FIGURE as DRIFT_FIGURE
+from results_db.drift_report import drift_markdown
 from results_db.labels import FLAT_OUT, METERED, energy_basis, run_pace
 from results_db.report_html import render_html
 
@@ -264,6 +266,10 @@ def build_report(
     result.series["latency_cdf"] = plots.plot_latency_cdf(data.latency_cdf, files["latency_cdf"])
     report = out_dir / "report.md"
     text_md = markdown(data, files, engine.url.render_as_string(hide_password=True))
+    drift = drift_markdown(engine, out_dir, run_id)  # empty when no device tested for drift
+    if drift:
+        text_md += "\n" + drift
+        files["drift"] = out_dir / DRIFT_FIGURE
     report.write_text(text_md)
     page = out_dir / "report.html"
     page.write_text(render_html(text_md, out_dir, title=text_md.splitlines()[0].lstrip("# ")))

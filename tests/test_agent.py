@@ -33,6 +33,7 @@ from protocol import (
     encode_reply,
 )
 from protocol.mqtt import BrokerAddress, new_client, publish_properties
+from protocol.status import decode_status
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig
 
@@ -129,7 +130,7 @@ def test_round_trip(broker, cloud, shared_topics, tiny_models, tmp_path) -> None
     image = tiny_images(1, seed=7)[0]
     with DeviceAgent(config) as agent:
         record = agent.submit(image, label=3).result(10)
-        assert tap.wait_for(lambda: b"online" in tap.status)
+        assert tap.wait_for(lambda: any(decode_status(s).state == "online" for s in tap.status))
     expected = softmax(CloudSession(tiny_models / "cloud.onnx").logits(image[None]))[0]
     assert record.exit_stage == "cloud" and record.prediction == int(expected.argmax())
     assert record.p_cloud == pytest.approx(float(expected.max()), rel=1e-5)
@@ -144,7 +145,7 @@ def test_round_trip(broker, cloud, shared_topics, tiny_models, tmp_path) -> None
     [run] = tap.of_type("run")
     assert run["policy"] == "cloud-only" and run["run_id"] == record.run_id
     assert tap.of_type("energy_window")[0]["samples"] == 1
-    assert tap.wait_for(lambda: tap.status[-1:] == [b"offline"])  # said on a clean close
+    assert tap.wait_for(lambda: decode_status(tap.status[-1]).state == "offline")  # said on a clean close
     tap.close()
 
 

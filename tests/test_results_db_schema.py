@@ -28,8 +28,9 @@ from results_db.models import Base, Device, EnergyWindow, IdleBaseline, Inferenc
 from results_db.synthetic import full_run, inference_records, run_end_record, run_record
 
 TABLES = {"runs", "devices", "inferences", "energy_windows", "idle_baselines", "rejected_records"}
-TABLES |= {"frames", "video_runs"}
+TABLES |= {"frames", "video_runs", "drift_checks"}
 VIEWS = {"inference_facts", "run_summary", "class_accuracy", "pareto_points", "video_run_summary"}
+VIEWS |= {"drift_timeline"}
 
 
 def test_empty_database_migrates_to_head_matching_the_models(db_url: str) -> None:

@@ -75,6 +75,11 @@ def test_quick_run_writes_the_contracted_card(quick_run: dict) -> None:
     assert card["training"]["seed"] == 0 and "--quick" in card["training"]["command"]
     assert "hard classes" in (out / "MODEL_CARD.md").read_text()
     assert "wrote" in quick_run["stdout"]
+    reference = card["drift_reference"]  # the drift monitor's profile, on the quick run's validation split
+    assert (
+        reference["samples"] == card["accuracy"]["validation"]["samples"] and "seed 0" in reference["source"]
+    )
+    assert "drift reference" in (out / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow

@@ -9,11 +9,13 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from device_agent.drift import REFERENCE_KEY
 from training.datasets import DatasetBundle, Split
+from training.drift_profile import source_text, split_images, write_reference
 from training.engine import collect
 from training.export import check_against_torch, count_costs, export_block
 from training.pipeline import Recipe, Trained, save_checkpoint
@@ -205,8 +207,23 @@ def publish(
         },
     }
     (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    # The device's drift monitor compares its inputs with this (the exported main block on validation).
+    card = write_reference(
+        out_dir, split_images(bundle.val), source_text(out_dir, len(bundle.val), recipe.seed)
+    )
     (out_dir / "MODEL_CARD.md").write_text(model_card_markdown(card), encoding="utf-8")
     return card
+
+
+def drift_reference_lines(card: Dict[str, Any]) -> List[str]:
+    ref = card.get(REFERENCE_KEY)
+    if ref is None:
+        return []
+    return [
+        f"- drift reference (`{REFERENCE_KEY}`): {ref['levels']} quantiles of each of the main block's "
+        f"{len(ref['features'])} outputs (confidence, then each class's softmax) on {ref['source']}; the "
+        "device's drift monitor tests its recent samples against them (`device_agent/drift.py`)"
+    ]
 
 
 def _batch(split: Split, n: int) -> torch.Tensor:
@@ -245,6 +262,7 @@ def model_card_markdown(card: Dict[str, Any]) -> str:
             else "; no fraction within the cap could promise that on this validation split, so τ is the "
             "most accurate fraction within the cap (shrunk by the same margin)"
         ),
+        *drift_reference_lines(card),
         "",
         "## Blocks (per image)",
         "",
