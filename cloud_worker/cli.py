@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgecascade.metrics import add_metrics_arguments
+
 logger = logging.getLogger(__name__)
 
 EPILOG = """examples:
@@ -25,6 +27,8 @@ EPILOG = """examples:
       --task detect --models models/video-fmnist
   edgecascade cloud --broker broker.lan:8883 --tls-ca ca.crt --user cloud --password-file cloud.pw \\
       --max-batch 64 --max-wait-ms 5 --providers CUDAExecutionProvider CPUExecutionProvider
+  # Prometheus metrics (replies, refusals by reason, service time, queue wait) on :9102/metrics
+  edgecascade cloud ... --worker-id w1 --metrics-port 9102
 
 Start as many as you like (distinct --worker-id): the broker shares the offloads among them.
 QoS 0 offloads are refused; each device gets a fair share of --max-queue; an offload waits at most
@@ -100,16 +104,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
     parser.add_argument("--idle-seconds", type=float, default=0.0, help="idle baseline before serving")
     parser.add_argument("--stats-interval", type=float, default=60.0, help="log stats every N s (0: never)")
+    add_metrics_arguments(parser, "this worker")
 
 
 def run(args: argparse.Namespace) -> int:
     from cloud_worker.model import ModelError
-    from cloud_worker.worker import CloudWorker, LoginRefused, WorkerConfig
+    from cloud_worker.worker import CloudWorker, WorkerConfig
+    from edgecascade.metrics import check_metrics_port
     from protocol.mqtt import BrokerAddress, read_secret
     from protocol.topics import Topics
 
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
+        check_metrics_port(args.metrics_port)
         password = read_secret(args.password_file)
         broker = BrokerAddress.parse(args.broker, args.user, password, args.tls_ca)
         topics = Topics.namespaced(args.namespace) if args.namespace else Topics()
@@ -146,6 +153,33 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    try:
+        server = _serve_metrics(worker, args)
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        print(
+            f"edgecascade cloud: metrics on {args.metrics_host}:{args.metrics_port}: {exc}", file=sys.stderr
+        )
+        return 2
+    try:
+        return _serve(worker, worker_id, args, stop)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve_metrics(worker: Any, args: argparse.Namespace) -> Any:
+    """The worker's metrics endpoint (`--metrics-port`), or None."""
+    if args.metrics_port is None:
+        return None
+    from cloud_worker.metrics import WorkerMetrics
+    from edgecascade.metrics import serve_metrics
+
+    return serve_metrics(WorkerMetrics(worker).registry, args.metrics_host, args.metrics_port)
+
+
+def _serve(worker: Any, worker_id: str, args: argparse.Namespace, stop: threading.Event) -> int:
+    from cloud_worker.worker import LoginRefused
+
     try:
         worker.start()
     except LoginRefused as exc:

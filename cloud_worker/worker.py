@@ -48,7 +48,8 @@ import math
 import os
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -93,6 +94,17 @@ IDLE_WAIT_S = 0.25
 COMPUTE_THREAD = "ec-compute"  # the OS name of compute stream k is this + k
 
 
+@dataclass(frozen=True)
+class BatchServed:
+    """One batch answered, for `CloudWorker.observers` (the metrics: `cloud_worker.metrics`)."""
+
+    samples: int
+    seconds: float  # the batch's compute
+    queue_waits_s: List[float]  # each sample's wait in the queue, arrival to the batch's start
+    joules: Optional[List[float]]  # each sample's, when a meter was read
+    energy_source: str
+
+
 class CloudWorker:
     """One worker of the shared group. `start()`, then `stats`, then `stop()`; any number may run."""
 
@@ -130,6 +142,7 @@ class CloudWorker:
             beat=self.watchdog.beat,
         )
         self._subscribed = self.link.subscribed  # set while subscribed to the group
+        self.observers: List[Callable[[BatchServed], None]] = []  # told of each batch, after its replies
 
     def _time_one_sample(self) -> float:
         images = np.zeros((1, *self.task.input_shape), dtype=np.uint8)
@@ -382,3 +395,16 @@ class CloudWorker:
             payload = self.task.reply(job.request, outputs, i, served)
             self.link.reply(job.reply_topic, payload, props, job.mid, job.qos, job.generation)
         self._load.end(len(live), stream)
+        if self.observers:
+            served_batch = BatchServed(
+                len(live),
+                seconds,
+                [now - p.arrived for p in live],
+                None if joules is None else list(joules),
+                self._energy.source if joules is not None else "none",
+            )
+            for observe in self.observers:
+                try:
+                    observe(served_batch)
+                except Exception:  # an observer's bug must not stop the compute thread
+                    logger.exception("batch observer failed")

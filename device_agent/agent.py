@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from device_agent.session import RunSession
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
 from edgecascade.systemd import Watchdog
-from protocol import ProtocolError
+from protocol import InferenceRecord, ProtocolError
 from protocol.load import decode_load
 from protocol.records import RunEndRecord
 
@@ -63,6 +63,9 @@ class DeviceAgent:
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self.watchdog = Watchdog(healthy=lambda: self._thread is not None and self._thread.is_alive())
+        # Each stored record, as it is stored (the metrics: `device_agent.metrics`); set before start().
+        self.record_observers: List[Callable[[InferenceRecord], None]] = []
+        self._listening: List[Tuple[str, Callable[[str, bytes], None]]] = []
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
@@ -98,6 +101,7 @@ class DeviceAgent:
             policy=self.policy,
             energy=self.energy,
             summary=self._summary,
+            observers=self.record_observers,
         )
         self.offloads = OffloadTracker(
             self.link,
@@ -130,6 +134,8 @@ class DeviceAgent:
                 budget_burst=cfg.offload_budget_burst,
             )
             self.link.listen(cfg.topics.all_cloud_load, self._on_load)  # subscribed once connected
+        for topic_filter, handler in self._listening:
+            self.link.listen(topic_filter, handler)
         self.link.hooks.append(self._housekeeping)
         self.session.connect(
             lambda: run_record(
@@ -195,6 +201,13 @@ class DeviceAgent:
             self.session.close()
         finally:
             self.energy.close()
+
+    def listen(self, topic_filter: str, handler: Callable[[str, bytes], None]) -> None:
+        """Before `start`: also read `topic_filter` on the agent's connection, at QoS 0 (an input source:
+        `device_agent.mqtt_input`); `handler(topic, payload)` runs on paho's thread and must not block."""
+        if self._thread is not None:
+            raise RuntimeError("listen() comes before start()")
+        self._listening.append((topic_filter, handler))
 
     # -- intake ---------------------------------------------------------------------------------------
     def submit(

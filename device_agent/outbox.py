@@ -344,6 +344,18 @@ class Outbox:
         out.update({str(k): int(n) for k, n in rows})
         return out
 
+    def waiting(self) -> Dict[str, Tuple[int, int, Optional[float]]]:
+        """Per kind: (items waiting, of which on the wire, creation time of the oldest entry or None), for
+        the metrics (one scan of the table: scraped every few seconds, not per sample)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, SUM(items), SUM(CASE WHEN inflight != 0 THEN items ELSE 0 END), "
+                "MIN(created_unix) FROM entries GROUP BY kind"
+            ).fetchall()
+        out: Dict[str, Tuple[int, int, Optional[float]]] = {k: (0, 0, None) for k in KINDS}
+        out.update({str(k): (int(n), int(sent), float(oldest)) for k, n, sent, oldest in rows})
+        return out
+
     def wait_empty(self, kind: str, timeout: float) -> bool:
         """Wait until no entry of `kind` is left; False on timeout."""
         deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, List
+from typing import Any, Callable, List, Sequence
 
 from device_agent.energy import WindowEnergy, window_record
 from device_agent.keys import entry_key
@@ -43,6 +43,7 @@ class Settlement:
         policy: Policy,
         energy: Any,
         summary: RunSummary,
+        observers: Sequence[Callable[[InferenceRecord], None]] = (),
     ) -> None:
         self.run_id = run_id
         self.device_id = device_id
@@ -54,6 +55,7 @@ class Settlement:
         self._lock = threading.Lock()
         self.sink = sink
         self.flush = sink.flush
+        self.observers = observers  # told of each record once it is on disk (metrics)
 
     # -- outcomes -------------------------------------------------------------------------------------
     def edge_exit(self, sample: Sample) -> None:
@@ -144,6 +146,11 @@ class Settlement:
         with self._lock:
             self.summary.add(result)
             self.records += 1
+        for observe in self.observers:
+            try:
+                observe(result)
+            except Exception:  # an observer's bug must not keep the record's caller from hearing back
+                logger.exception("record observer failed on sample %d", sample.seq)
         if sample.future is not None and sample.future.set_running_or_notify_cancel():
             sample.future.set_result(result)  # (a caller who cancelled it does not want it)
         if sample.sink is not None:

@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
+
+from edgecascade.metrics import add_metrics_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,7 @@ EPILOG = """examples:
       --db results/bench.db
   EDGECASCADE_DB_URL=postgresql+psycopg://edge@db.lan/edge edgecascade collect --password-file collector.pw
   edgecascade collect --config /etc/edgecascade/collect.toml      # under systemd (deploy/)
+  edgecascade collect ... --metrics-port 9103    # Prometheus: records by exit stage, refusals by reason
 
 Settings come from the flags, then --config (TOML, the same names with underscores), then systemd
 credentials ($CREDENTIALS_DIRECTORY/mqtt-password, $CREDENTIALS_DIRECTORY/db-url), then $EDGECASCADE_DB_URL,
@@ -40,6 +43,8 @@ _DEFAULTS: Dict[str, Any] = {
     "flush_ms": 200.0,
     "client_id": "edgecascade-collector",
     "session_expiry_s": 7 * 24 * 3600,
+    "metrics_port": None,
+    "metrics_host": "0.0.0.0",
 }
 
 
@@ -70,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--client-id", help=f"MQTT client id = persistent session (default {_DEFAULTS['client_id']})"
     )
     parser.add_argument("--session-expiry-s", type=int, help="how long the broker keeps our queue while away")
+    add_metrics_arguments(parser, "the collector")
 
 
 def _credential(name: str) -> Optional[str]:
@@ -96,6 +102,7 @@ def settings(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgecascade.metrics import check_metrics_port
     from protocol.mqtt import BrokerAddress, BrokerUnusable, read_secret
     from protocol.topics import Topics
     from results_db.collector import CollectorConfig
@@ -103,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         conf = settings(args)
+        check_metrics_port(conf["metrics_port"])
     except (OSError, ValueError) as exc:
         print(f"bad configuration: {exc}", file=sys.stderr)
         return 2
@@ -139,24 +147,48 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        stats = serve(config, stop)
+        stats = serve(config, stop, metrics=(conf["metrics_host"], conf["metrics_port"]))
     except (DatabaseUnusable, BrokerUnusable) as exc:
         print(f"edgecascade collect: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         print(f"edgecascade collect: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the metrics port is taken, or the address is not this host's
+        print(
+            f"edgecascade collect: metrics on {conf['metrics_host']}:{conf['metrics_port']}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
     print(json.dumps(stats, sort_keys=True))
     return 0
 
 
-def serve(config: Any, stop: threading.Event) -> Dict[str, int]:
+def serve(
+    config: Any, stop: threading.Event, metrics: Optional[Tuple[str, Optional[int]]] = None
+) -> Dict[str, int]:
     """Run a `Collector` until `stop` is set, KeyboardInterrupt, the writer dies (RuntimeError) or the broker
-    refuses the login for good, at start or on a reconnect (BrokerUnusable); log the counters each minute."""
-    from protocol.mqtt import BrokerUnusable
+    refuses the login for good, at start or on a reconnect (BrokerUnusable); log the counters each minute.
+    `metrics` (host, port): serve its Prometheus metrics there while it runs (OSError: the port is taken)."""
+    from edgecascade.metrics import serve_metrics
     from results_db.collector import Collector
+    from results_db.collector_metrics import CollectorMetrics
 
-    collector = Collector(config).start()
+    collector = Collector(config)
+    server = None
+    if metrics is not None and metrics[1] is not None:
+        server = serve_metrics(CollectorMetrics(collector).registry, metrics[0], metrics[1])
+    try:
+        collector.start()
+        return _run(collector, stop)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _run(collector: Any, stop: threading.Event) -> Dict[str, int]:
+    from protocol.mqtt import BrokerUnusable
+
     last = time.monotonic()
     try:
         while not stop.wait(1.0) and collector.healthy and collector.refused is None:

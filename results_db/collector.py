@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import paho.mqtt.client as mqtt
 from sqlalchemy.exc import SQLAlchemyError
@@ -88,6 +88,17 @@ class CollectorConfig:
             raise ValueError(f"stop_timeout_s must be > 0, got {self.stop_timeout_s}")
 
 
+@dataclass(frozen=True)
+class Committed:
+    """One committed transaction, for `Collector.observers`: the records written (of which `counts.refused`
+    were refused by index), the records refused before (kept in rejected_records), and the commit's time."""
+
+    records: Sequence[Dict[str, Any]]
+    counts: WriteCounts
+    rejected: Sequence[Rejected]
+    seconds: float
+
+
 class Collector:
     """MQTT → SQL for result records. `start()`, then `stats`, then `stop()`."""
 
@@ -105,6 +116,8 @@ class Collector:
         self._writer: Optional[RecordWriter] = None
         self.failed: Optional[BaseException] = None  # set if the writer thread died
         self.refused: Optional[str] = None  # why the broker refuses our login for good
+        # Told of each committed transaction (the metrics, `results_db.collector_metrics`), before its acks.
+        self.observers: List[Callable[[Committed], None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> Collector:
@@ -175,6 +188,10 @@ class Collector:
         """A snapshot of the counters (see `STAT_KEYS`)."""
         with self._stats_lock:
             return dict(self._stats)
+
+    def inbox_depth(self) -> int:
+        """Messages decoded and waiting for the writer."""
+        return self._inbox.qsize()
 
     def _count(self, **deltas: int) -> None:
         with self._stats_lock:
@@ -292,7 +309,9 @@ class Collector:
         while True:
             try:
                 topics = [item.message.topic for item in owner]
+                began = time.monotonic()
                 counts = self._writer.write(records, rejected, topics)
+                self._observe(Committed(records, counts, rejected, time.monotonic() - began))
                 break
             except (SQLAlchemyError, ArithmeticError, ValueError, TypeError) as exc:
                 # A passing fault: keep the batch and retry; never refuse (ack, receipt) records over it.
@@ -350,7 +369,9 @@ class Collector:
         ]
         while True:
             try:
+                began = time.monotonic()
                 self._writer.write([], rejected)
+                self._observe(Committed([], WriteCounts(), rejected, time.monotonic() - began))
                 break
             except SQLAlchemyError as again:
                 if not is_transient(again):
@@ -361,6 +382,13 @@ class Collector:
         item.rejected, item.records = rejected, []
         self._ack([item])
         return True
+
+    def _observe(self, committed: Committed) -> None:
+        for observe in self.observers:
+            try:
+                observe(committed)
+            except Exception:  # an observer's bug must not stop the writer
+                logger.exception("commit observer failed")
 
     def _tally(self, counts: WriteCounts) -> None:
         self._count(
