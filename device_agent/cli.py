@@ -1,4 +1,5 @@
-"""CLI for `edgecascade agent`: run the device agent on a dataset or a watched directory."""
+"""CLI for `edgecascade agent`: run the device agent on a dataset, a watched directory, the device's MQTT
+input topic or a video (file, RTSP, camera, GStreamer)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+from edgecascade.metrics import add_metrics_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,18 @@ EPILOG = """examples:
 
   # at most 5 offloads a second (10 saved up), shed when a round trip is predicted beyond 40 % of the deadline
   edgecascade agent ... --offload-budget 5 --offload-budget-burst 10 --shed-above 0.4
+
+  # images (PNG, PGM, JPEG at the model's size) that sensors publish to <root>/cam-01/input, at most 64
+  # waiting (the oldest dropped and counted beyond that); Prometheus metrics on :9101/metrics
+  edgecascade agent ... --source mqtt --input-queue 64 --metrics-port 9101
+  mosquitto_pub -h broker.lan -u sensor-cam-01 -P ... -t edgecascade/v1/cam-01/input -f shirt.png
+
+  # a video through OpenCV, each frame resized and converted to the model card's input shape
+  edgecascade agent ... --source file:/srv/clips/belt.mp4
+  edgecascade agent ... --source url:rtsp://10.0.0.7:554/stream1 --rate 10
+  edgecascade agent ... --source camera:0
+  edgecascade agent ... --source 'gst:nvarguscamerasrc ! video/x-raw(memory:NVMM),width=1280,height=720 ! \\
+      nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true'
 
   # drift tests on a longer window, at most a 1 % chance of a false alarm in a million clean samples
   edgecascade agent ... --drift-window 500 --drift-horizon 1000000
@@ -63,8 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--source",
         required=True,
-        help="dataset:NAME:SPLIT[:N] (IDX files) or dir:PATH (watch a directory for PNG/PGM files)",
+        help="dataset:NAME:SPLIT[:N] (IDX files), dir:PATH (watch a directory for PNG/PGM files), mqtt "
+        "(images published to this device's input topic), or a video: file:PATH, url:URL, camera:N, "
+        "gst:PIPELINE",
     )
+    parser.add_argument(
+        "--input-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="mqtt source: images waiting at most; beyond, the oldest is dropped and counted (default 64)",
+    )
+    add_metrics_arguments(parser, "this agent")
     parser.add_argument("--state-dir", type=Path, default=Path("state"), help="outbox and run state")
     parser.add_argument("--namespace", help="topic namespace in front of edgecascade/v1 (tests, staging)")
     parser.add_argument("--profile", help="device profile: a name in bench/profiles or a .toml file")
@@ -116,7 +141,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate",
         type=float,
         metavar="HZ",
-        help="dataset source: feed at most this many samples per second, like a camera (default: flat out)",
+        help="dataset or video source: feed at most this many samples per second, like a camera (default: "
+        "flat out; a live camera paces itself)",
     )
     parser.add_argument(
         "--connect-timeout",
@@ -143,8 +169,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
-    """`dataset:NAME:SPLIT[:N]` or `dir:PATH` -> (kind, fields)."""
+    """`dataset:NAME:SPLIT[:N]`, `dir:PATH`, `mqtt` or a video source (`video.sources.parse_video_source`)
+    -> (kind, fields)."""
+    from video.sources import VIDEO_KINDS, capture_target, parse_video_source
+
     kind, _, rest = source.partition(":")
+    if source == "mqtt":
+        return "mqtt", {}
+    if kind in VIDEO_KINDS and kind != "synthetic":
+        video_kind, where = parse_video_source(source)
+        return "video", {"target": capture_target(video_kind, where)}
     if kind == "dataset":
         parts = rest.split(":")
         if len(parts) not in (2, 3) or not all(parts[:2]):
@@ -157,7 +191,10 @@ def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
         return "dataset", {"name": parts[0], "split": parts[1], "limit": limit}
     if kind == "dir" and rest:
         return "dir", {"path": Path(rest)}
-    raise ValueError(f"--source must be dataset:NAME:SPLIT[:N] or dir:PATH, got {source!r}")
+    raise ValueError(
+        "--source must be dataset:NAME:SPLIT[:N], dir:PATH, mqtt, file:PATH, url:URL, camera:N or "
+        f"gst:PIPELINE, got {source!r}"
+    )
 
 
 def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) -> Any:
@@ -195,7 +232,7 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
         policy={"name": args.policy, "params": params},
         state_dir=args.state_dir,
         run_id=args.run_id,
-        dataset=source["name"] if kind == "dataset" else f"dir:{source['path']}",
+        dataset=source["name"] if kind == "dataset" else _live_name(args, kind, source),
         split=source["split"] if kind == "dataset" else "live",
         results_receipts=not args.no_receipts,
     )
@@ -212,6 +249,13 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
     return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _live_name(args: argparse.Namespace, kind: str, source: Dict[str, Any]) -> str:
+    """What a live source's run records as its dataset."""
+    if kind == "dir":
+        return f"dir:{source['path']}"
+    return "mqtt:input" if kind == "mqtt" else str(args.source)
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit codes: 0 done; 1 nothing could be processed (every sample failed or was refused), the collector
     refused records, or the agent failed; 2 bad arguments or a broker, model or state directory that cannot
@@ -220,15 +264,25 @@ def run(args: argparse.Namespace) -> int:
     from device_agent import DeviceAgent
     from device_agent.outbox import OutboxFull, OutboxInUse
     from device_agent.sources import load_idx_dataset
+    from edgecascade.metrics import check_metrics_port
     from protocol.mqtt import BrokerUnusable
 
+    data: Any = None
     try:
         kind, source = parse_source(args.source)
+        check_metrics_port(args.metrics_port)
+        if args.input_queue < 1:
+            raise ValueError(f"--input-queue must be at least 1, got {args.input_queue}")
         config = build_config(args, kind, source)
         if kind == "dataset":  # read it now: a wrong name or split is an argument error, not a crash later
-            images, labels = load_idx_dataset(source["name"], source["split"], source["limit"])
-        elif not source["path"].is_dir():
+            data = load_idx_dataset(source["name"], source["split"], source["limit"])
+        elif kind == "dir" and not source["path"].is_dir():
             raise FileNotFoundError(f"{source['path']} is not a directory")
+        elif kind == "video":  # opened now: a source OpenCV cannot open is an argument error
+            from device_agent.card import load_card
+            from video.sources import capture_images
+
+            data = capture_images(source["target"], load_card(config.model_dir).input_shape)[1]
     except (ValueError, OSError) as exc:  # json errors, bad files, bad addresses, invalid ids and values
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
@@ -236,34 +290,67 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # a clean stop: run_end, the outbox drained
         signal.signal(signum, lambda *_: stop.set())
+    agent = DeviceAgent(config)
     try:
-        agent = DeviceAgent(config).start()
-    except (ValueError, OSError, BrokerUnusable, OutboxInUse) as exc:  # no model or card, bad params, TLS
+        inputs, server = _attach(agent, args, kind)  # before start: the input subscription, the metrics
+    except (OSError, ValueError) as exc:  # a metrics port taken, an address not this host's, no model card
         print(f"edgecascade agent: {exc}", file=sys.stderr)
         return 2
-    except OutboxFull as exc:  # still full from the last run, and the broker still away
-        print(f"edgecascade agent: {exc}", file=sys.stderr)
-        return 3
     try:
-        summary = _serve(agent, args, kind, source, (images, labels) if kind == "dataset" else None, stop)
-        final = agent.close()
-    except BaseException as exc:
-        code = close_after_failure("edgecascade agent", agent, exc)
-        if code is None:
-            raise
-        return code
+        try:
+            agent.start()
+        except (ValueError, OSError, BrokerUnusable, OutboxInUse) as exc:  # no model or card, bad params, TLS
+            print(f"edgecascade agent: {exc}", file=sys.stderr)
+            return 2
+        except OutboxFull as exc:  # still full from the last run, and the broker still away
+            print(f"edgecascade agent: {exc}", file=sys.stderr)
+            return 3
+        try:
+            summary = _serve(agent, args, kind, source, inputs if kind == "mqtt" else data, stop)
+            final = agent.close()
+        except BaseException as exc:
+            code = close_after_failure("edgecascade agent", agent, exc)
+            if code is None:
+                raise
+            return code
+    finally:
+        if server is not None:
+            server.close()
     out = (final if args.loop else summary).as_dict()
     out["outbox_left"] = final.outbox_left
     out["refused_records"] = final.refused_records
     out["offload_stats"] = dict(agent.offloads.stats)
+    if inputs is not None:
+        out["input"] = {**inputs.stats, "bad": inputs.bad_by_reason()}
     print(json.dumps(out, default=str))
     return _exit_code(summary, final, config, agent.link.refused)
+
+
+def _attach(agent: Any, args: argparse.Namespace, kind: str) -> Tuple[Any, Any]:
+    """(the MQTT input or None, the metrics server or None), attached to an agent not yet started."""
+    from device_agent.mqtt_input import MqttInput
+
+    inputs = MqttInput(agent, queue_size=args.input_queue) if kind == "mqtt" else None
+    if args.metrics_port is None:
+        return inputs, None
+    from device_agent.metrics import AgentMetrics
+    from edgecascade.metrics import serve_metrics
+
+    metrics = AgentMetrics(agent)
+    if inputs is not None:
+        metrics.inputs.append(inputs)
+    return inputs, serve_metrics(metrics.registry, args.metrics_host, args.metrics_port)
 
 
 def _serve(
     agent: Any, args: argparse.Namespace, kind: str, source: Dict[str, Any], data: Any, stop: Any
 ) -> Any:
     """The source through the agent until it ends (every pass, with --loop) or SIGTERM; its summary."""
+    if kind == "mqtt":
+        return data.serve(stop)
+    if kind == "video":
+        frames = ((image, None) for image in data)
+        return agent.run_dataset(_until(frames, stop, args.rate), progress=not args.no_progress)
     if kind != "dataset":
         return agent.watch(source["path"], stop)
     images, labels = data

@@ -1,4 +1,5 @@
-"""Where samples come from: a dataset in IDX files, a directory watched for image files, or an array.
+"""Where samples come from: a dataset in IDX files, a directory watched for image files, or an array; the
+decoder of image files and of images received as messages (`decode_image`: `mqtt_input`).
 
 Images come out as uint8 CHW arrays; a label, when the source knows one, beside them. Image files are decoded
 by Pillow, which reads a file's header before it decodes anything: a file whose header does not announce the
@@ -8,6 +9,7 @@ model's size is refused before a byte is decompressed (a 249 KB PNG can announce
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import re
@@ -16,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image
@@ -48,12 +50,17 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_SUFFIXES = (".png", ".pgm", ".pnm")
 IMAGE_FORMATS = ("PNG", "PPM")  # Pillow's names; PPM covers PGM and PNM
+PAYLOAD_FORMATS = ("PNG", "PPM", "JPEG")  # what cameras and sensors publish (`decode_image`)
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a model input is kilobytes: anything this big is not one
 _LABEL_IN_NAME = re.compile(r"(?:^|[_\-.])label[_\-]?(\d+)(?:[_\-.]|$)", re.IGNORECASE)
 
 
 class ImageError(ValueError):
     """A file that is not an image this agent can read, or not the shape the model takes."""
+
+
+class ImageSizeError(ImageError):
+    """An image whose header announces another size than the model takes (nothing was decoded)."""
 
 
 # -- datasets --------------------------------------------------------------------------------------------
@@ -126,16 +133,49 @@ def read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
 
     ImageError for anything else: not a PNG/PGM, truncated or corrupt, bigger than `MAX_FILE_BYTES`, or a
     header that announces another size than the model's (checked before decoding)."""
-    channels, height, width = (int(d) for d in input_shape)
     try:
         size = os.stat(path).st_size
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"{path}: {size} bytes, more than {MAX_FILE_BYTES}")
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"{path}: {size} bytes, more than {MAX_FILE_BYTES}")
+    return _decode(path, str(path), input_shape, IMAGE_FORMATS)[0]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An image from a message: the model's input and the label its sender put in it, if any."""
+
+    image: np.ndarray
+    label: Optional[int]
+
+
+def decode_image(
+    data: bytes, input_shape: Sequence[int], what: str = "image", formats: Sequence[str] = PAYLOAD_FORMATS
+) -> Decoded:
+    """An encoded image (PNG, PGM/PPM, JPEG) received as bytes, checked as `read_image` checks a file; a PNG's
+    `label` text chunk (`label=7`) is its label, like `label7` in a watched file's name."""
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageError(f"{what}: {len(data)} bytes, more than {MAX_FILE_BYTES}")
+    pixels, info = _decode(io.BytesIO(data), what, input_shape, formats)
+    label = info.get("label")
+    if label is not None and not (isinstance(label, str) and label.isdigit()):
+        raise ImageError(f"{what}: its label {label!r} is not a class number")
+    return Decoded(pixels, None if label is None else int(label))
+
+
+def _decode(
+    source: Union[Path, BinaryIO], what: str, input_shape: Sequence[int], formats: Sequence[str]
+) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """(uint8 CHW pixels, the header's info) of an image whose header announces the model's size."""
+    channels, height, width = (int(d) for d in input_shape)
+    try:
+        with Image.open(source, formats=list(formats)) as image:
             if image.size != (width, height):
-                raise ImageError(
-                    f"{path}: image is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}"
+                raise ImageSizeError(
+                    f"{what}: image is {image.size[0]}x{image.size[1]}, the model takes {width}x{height}"
                 )
+            info = {str(k): v for k, v in image.info.items()}
             pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except ImageError:
         raise
@@ -149,10 +189,10 @@ def read_image(path: Path, input_shape: Sequence[int]) -> np.ndarray:
         Image.DecompressionBombError,
     ) as exc:
         # Pillow's errors for unreadable, truncated and corrupt files, and ours for unreadable paths
-        raise ImageError(f"{path}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
+        raise ImageError(f"{what}: cannot read it as an image ({type(exc).__name__}: {exc})") from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)), info
 
 
 def label_from_name(path: Path) -> Optional[int]:

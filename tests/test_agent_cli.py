@@ -61,7 +61,11 @@ def test_capacity_flags_build_the_config_and_win_over_the_profile(tmp_path: Path
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--source", "camera:0"], "--source must be dataset:NAME:SPLIT[:N] or dir:PATH"),
+        (["--source", "webcam:0"], "--source must be dataset:NAME:SPLIT[:N], dir:PATH, mqtt, file:PATH"),
+        (["--source", "camera:front"], "camera:N takes a device index"),
+        (["--source", "file:/nonexistent/clip.mp4"], "OpenCV cannot open video source"),
+        (["--source", "mqtt", "--input-queue", "0"], "--input-queue must be at least 1"),
+        (["--source", "mqtt", "--metrics-port", "70000"], "--metrics-port must be in 0..65535"),
         (["--source", "dataset:fashion-mnist:test", "--policy", "best"], "unknown policy 'best'"),
         (["--source", "dataset:fashion-mnist:test", "--policy-params", "[1]"], "must be a JSON object"),
         (["--source", "dataset:fashion-mnist:test", "--policy-params", "{oops"], "Expecting property name"),

@@ -222,7 +222,9 @@ def test_parse_source(text: str, expected) -> None:
     assert parse_source(text) == expected
 
 
-@pytest.mark.parametrize("text", ["dataset:fashion-mnist", "dataset:x:test:0", "dir:", "camera:0", "x"])
+@pytest.mark.parametrize(
+    "text", ["dataset:fashion-mnist", "dataset:x:test:0", "dir:", "webcam:0", "camera:", "x"]
+)
 def test_parse_source_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="source"):
         parse_source(text)
