@@ -18,6 +18,8 @@ EPILOG = """examples:
   edgecascade bench --link lte            # every policy with the device behind an emulated LTE link
   edgecascade bench --task links          # MQTT vs HTTP over lan, wifi, lte, satellite + a 30 s outage
   edgecascade bench --task links --links lte --outage-s 0 --samples 300
+  edgecascade bench --corruptions --quick  # every policy on each corruption kind at severity 2, 300 samples
+  edgecascade bench --corruptions --kinds gaussian-noise,blur --severities 1,2,3 --samples 1000
 The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
 results/report/*.png + report.md, and prints one row per policy and the targets: accuracy, energy and
 throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
@@ -82,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--outage-run-s", type=float, default=60.0, help="--task links: length of the outage run"
     )
+    parser.add_argument(
+        "--corruptions",
+        action="store_true",
+        help="classify: every policy on each corruption of the suite (training/corruptions.py) and on the "
+        "clean test images, one row per policy per corruption (results/corruptions/; default 1,000 samples "
+        "per run, all kinds x severities; --quick: 300 samples, severity 2)",
+    )
+    parser.add_argument("--kinds", help="--corruptions: comma-separated kinds (default: all)")
+    parser.add_argument("--severities", help="--corruptions: comma-separated severities 1-3 (default: all)")
     parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
     parser.add_argument(
         "--check",
@@ -105,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         status = run_and_report(args.quick, models, args.results, None, None, args.json)
         return status if args.check or status != 1 else 0
     args.models = args.models or Path("models/fashion-mnist")
+    if args.corruptions:
+        return run_corruptions(args)
     from rich.console import Console
     from rich.markup import escape
 
@@ -180,3 +193,47 @@ def exit_status(targets: List[Tuple[str, str, bool]], check: bool, console: Any)
             f"{failed} target(s) not met (see above); the run finished, so exit 0 (--check: exit 1)"
         )
     return 0
+
+
+def run_corruptions(args: argparse.Namespace) -> int:
+    """`--corruptions`: bench/corruption_bench.py over the real pipeline; the table, and JSON with --json."""
+    from rich.console import Console
+
+    from bench.corruption_bench import QUICK_SEVERITIES, as_json, corruption_table
+    from bench.corruption_bench import run_corruptions as run_suite
+    from bench.run import BenchConfig
+    from training.corruptions import SEVERITIES, suite
+
+    kinds = args.kinds.split(",") if args.kinds else None
+    if args.severities:
+        severities: Tuple[int, ...] = tuple(int(s) for s in args.severities.split(","))
+    else:
+        severities = QUICK_SEVERITIES if args.quick else SEVERITIES
+    corruptions = suite(kinds, severities)  # ValueError for an unknown kind or severity
+    cfg = BenchConfig(
+        profile=args.profile,
+        quick=args.quick,
+        samples=args.samples,
+        models=args.models,
+        results=args.results / "corruptions",
+        broker=args.broker,
+        credentials=args.credentials,
+        http_peer=False,
+        progress=False,
+        rate_hz=0.0,
+    )
+    from results_db import open_database
+    from results_db.report import build_report
+
+    result = run_suite(cfg, corruptions, Console(stderr=True))
+    engine = open_database(result.db)
+    build_report(engine, cfg.results / "report")  # with its Drift section: the agents' tests of every run
+    engine.dispose()
+    out = Console(width=None if sys.stdout.isatty() else 170)
+    out.print(corruption_table(result))
+    report = cfg.results / "report" / "report.md"
+    out.print(f"database: {result.db}   report: {report}   {result.seconds / 60:.1f} min")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(as_json(result), indent=2, default=str))
+    return 130 if result.interrupted else 0

@@ -135,6 +135,22 @@ def test_settings_and_references_are_checked() -> None:
     assert DriftReference.from_card({}) is None
 
 
+def test_the_drift_bench_counts_samples_from_the_onset_at_each_phase() -> None:
+    from bench.drift_bench import TARGET_SAMPLES, flag_corruption
+
+    rng = np.random.default_rng(11)
+    ref = DriftReference.of(features(rng.dirichlet(np.full(4, 0.5), size=5000)), feature_names(4))
+    clean = rng.dirichlet(np.full(4, 0.5), size=1000).astype(np.float32)
+    shifted = rng.dirichlet([4.0, 0.5, 0.5, 0.5], size=1000).astype(np.float32)
+    flagged = flag_corruption(ref, DriftSettings(window=100, stride=25), clean, shifted, [400, 410])
+    first, second = flagged.samples_to_flag
+    assert first is not None and second is not None and 0 < first <= 100 and 0 < second <= 100
+    assert (400 + first - 1) % 25 == 24 and (410 + second - 1) % 25 == 24  # a test ends at each flag
+    assert flagged.alarms_before_onset == 0 and flagged.met and flagged.worst <= TARGET_SAMPLES
+    unflagged = flag_corruption(ref, DriftSettings(window=100, stride=25), clean, clean, [400])
+    assert unflagged.samples_to_flag == [None] and not unflagged.met
+
+
 # -- record, status, card ----------------------------------------------------------------------------------
 def drift_record(
     seq: int, drift: int, p: float = 0.5, run_id: str = "run-d", device: str = "dev-d"
