@@ -15,6 +15,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
+from agents import quick_agent_config
 from tinymodels import tiny_images
 from waiting import wait_for
 
@@ -527,20 +528,7 @@ def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
     ).start()
     swamp = LoadPublisher(broker, topics, "swamped")
     swamp.publish(queue=10_000, capacity=100.0)  # 100 s of queue: hopeless for a 2 s deadline
-    device_id = f"dev-{uuid.uuid4().hex[:8]}"
-    config = AgentConfig(
-        device_id=device_id,
-        broker=broker.credentials(device_id),
-        topics=topics,
-        model_dir=tiny_models,
-        state_dir=tmp_path / "state",
-        policy={"name": "meanet", "params": {}},
-        meters=["estimate"],
-        idle_seconds=0.0,
-        window_size=8,
-        flush_s=0.05,
-        connect_timeout_s=5.0,
-    )
+    config = quick_agent_config(broker, topics, tiny_models, tmp_path / "state")
     n = 48
     first, second = tiny_images(n, seed=21), tiny_images(n, seed=22)
     agent = DeviceAgent(config).start()
@@ -635,19 +623,8 @@ def test_an_offload_a_worker_refuses_is_answered_at_the_edge_at_once_as_shed(
     ).start()
     device_id = f"dev-{uuid.uuid4().hex[:8]}"
     cloud = RefusingCloud(broker, topics, device_id)
-    config = AgentConfig(
-        device_id=device_id,
-        broker=broker.credentials(device_id),
-        topics=topics,
-        model_dir=tiny_models,
-        state_dir=tmp_path / "state",
-        policy={"name": "meanet", "params": {}},
-        meters=["estimate"],
-        idle_seconds=0.0,
-        window_size=8,
-        flush_s=0.05,
-        connect_timeout_s=5.0,
-        offload_deadline_s=30.0,
+    config = quick_agent_config(
+        broker, topics, tiny_models, tmp_path / "state", device_id=device_id, offload_deadline_s=30.0
     )
     n = 48
     images = tiny_images(n, seed=23)
