@@ -60,6 +60,8 @@ class MqttInput:
         self._bad: Dict[str, int] = {"too_large": 0, "undecodable": 0, "shape": 0}
         self._dropped_logged = 0
         self._drop_logged_at = 0.0
+        self._bad_unlogged = 0
+        self._bad_logged_at = -DROP_LOG_S
         agent.listen(self.topic, self._on_message)
 
     # -- paho's thread: never blocks ---------------------------------------------------------------------
@@ -133,7 +135,7 @@ class MqttInput:
                 reason = "shape" if isinstance(exc, ImageSizeError) else "undecodable"
                 with self._ready:
                     self._bad[reason] += 1
-                logger.warning("%s", exc)
+                self._log_bad(exc)
                 continue
             agent.submit(decoded.image, decoded.label).add_done_callback(done)
             with self._ready:
@@ -145,6 +147,15 @@ class MqttInput:
         summary.seconds = time.monotonic() - started
         agent._report_into(summary)
         return summary
+
+    def _log_bad(self, exc: ImageError) -> None:
+        """The first bad message, then one line every DROP_LOG_S with the count since: a sensor sending junk
+        must not flood the journal."""
+        self._bad_unlogged += 1
+        now = time.monotonic()
+        if now - self._bad_logged_at >= DROP_LOG_S:
+            logger.warning("%s (%d bad messages since the last report)", exc, self._bad_unlogged)
+            self._bad_unlogged, self._bad_logged_at = 0, now
 
     def _log_drops(self, force: bool = False) -> None:
         now = time.monotonic()
