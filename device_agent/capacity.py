@@ -29,7 +29,10 @@ steady link (a satellite's 600 ms) is no reason to shed; a queue that would grow
 
 A sample is shed, in this order, when
 1. the device's own in-flight window is full (`window`): blocking the inference thread until a place frees
-   would stall the easy samples behind it too;
+   would stall the easy samples behind it too; or, until the cloud has answered once (a reply or a
+   refusal), one offload is in flight already (`start`): TCP's slow start begins from one segment, and a
+   fleet that starts together would otherwise send its first burst on loads alone, before any device has
+   measured a round trip (in the fleet simulation most deadline waits fell in those first seconds);
 2. the operator's budget is spent (`budget`): a token bucket of `budget_per_s` offloads a second, at most
    `budget_burst` saved up (None: unlimited);
 3. `predicted_ms` exceeds its bound or the workers' part of it the queue bound (`capacity`), or the sample
@@ -108,7 +111,7 @@ class Admission(NamedTuple):
     predicted_ms: Optional[float] = None
 
 
-SHED_REASONS = ("window", "budget", "capacity", "share", "late")
+SHED_REASONS = ("window", "start", "budget", "capacity", "share", "late")
 
 
 @dataclass
@@ -167,6 +170,7 @@ class CapacityRule:
         self._transit_ms: Optional[float] = None
         self._transit_at = 0.0
         self._late = False
+        self._heard = False  # the cloud has answered (a reply or a refusal) since the start
         self._share, self._slow_start = SHARE_START, True
         self._tokens = self.budget_burst
         self._tokens_at = clock()
@@ -224,6 +228,7 @@ class CapacityRule:
         now = self._clock()
         with self._lock:
             self._late = False
+            self._heard = True
             if round_trip_ms is None:
                 return
             if self._slow_start and self._loads and worker_time_ms(reply) <= TARGET * self.queue_bound_ms:
@@ -243,6 +248,7 @@ class CapacityRule:
         with self._lock:
             self.stats["refused"] += 1
             self._late = False  # the cloud answers, with a no
+            self._heard = True
             self._cut(self._clock())
 
     def fell_back(self) -> None:
@@ -259,12 +265,13 @@ class CapacityRule:
             self._last_cut = now
 
     # -- the decision ---------------------------------------------------------------------------------
-    def admit(self, *, window_full: bool = False, edge_answer: bool = True) -> Admission:
+    def admit(self, *, window_full: bool = False, edge_answer: bool = True, in_flight: int = 0) -> Admission:
         """Whether the sample the policy wants to offload goes (see the module docstring); counted.
-        `window_full`: an offload now would wait for a place in flight; `edge_answer`: the edge has one."""
+        `window_full`: an offload now would wait for a place in flight; `edge_answer`: the edge has one;
+        `in_flight`: the device's offloads awaiting an answer."""
         now = self._clock()
         with self._lock:
-            verdict = self._decide(now, window_full, edge_answer)
+            verdict = self._decide(now, window_full, edge_answer, in_flight)
             if verdict.admitted:
                 if self.budget_per_s is not None:
                     self._tokens -= 1.0
@@ -274,9 +281,11 @@ class CapacityRule:
                 self.stats[f"shed_{verdict.reason}"] += 1
             return verdict
 
-    def _decide(self, now: float, window_full: bool, edge_answer: bool) -> Admission:
+    def _decide(self, now: float, window_full: bool, edge_answer: bool, in_flight: int) -> Admission:
         if window_full and edge_answer:
             return Admission(False, "window")
+        if not self._heard and in_flight > 0 and edge_answer:
+            return Admission(False, "start")
         if self.budget_per_s is not None:
             self._tokens = min(self.budget_burst, self._tokens + (now - self._tokens_at) * self.budget_per_s)
             self._tokens_at = now

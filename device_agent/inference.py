@@ -165,7 +165,9 @@ class InferenceLoop:
             if offload and agent.capacity is not None:
                 # Asked before the request is encoded: a shed sample costs no bytes at all.
                 full, answer = agent.offloads.window_full(), view.prediction is not None
-                offload = agent.capacity.admit(window_full=full, edge_answer=answer).admitted
+                offload = agent.capacity.admit(
+                    window_full=full, edge_answer=answer, in_flight=agent.offloads.in_flight()
+                ).admitted
             if offload:
                 request = OffloadRequest(agent.run_id, agent.device_id, seq, image, time.time_ns())
                 payload = encode_offload(request)

@@ -48,9 +48,9 @@ def test_capacity_flags_build_the_config_and_win_over_the_profile(tmp_path: Path
         return build_config(args, *parse_source(args.source))
 
     default = config("--profile", "x86")
-    assert (default.capacity_aware, default.shed_above, default.offload_budget_per_s) == (True, 0.25, None)
-    tuned = config("--shed-above", "0.4", "--offload-budget", "5", "--offload-budget-burst", "10")
-    assert (tuned.shed_above, tuned.offload_budget_per_s, tuned.offload_budget_burst) == (0.4, 5.0, 10.0)
+    assert (default.capacity_aware, default.shed_above, default.offload_budget_per_s) == (True, 0.4, None)
+    tuned = config("--shed-above", "0.3", "--offload-budget", "5", "--offload-budget-burst", "10")
+    assert (tuned.shed_above, tuned.offload_budget_per_s, tuned.offload_budget_burst) == (0.3, 5.0, 10.0)
     assert not config("--no-capacity").capacity_aware
     with pytest.raises(ValueError, match="shed_above"):
         config("--shed-above", "2")

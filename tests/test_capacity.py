@@ -112,6 +112,20 @@ def test_a_slow_steady_link_is_no_reason_to_shed_but_a_long_round_trip_is() -> N
     assert {r.admit().reason for _ in range(20)} <= {"capacity", "probe"}
 
 
+def test_until_the_cloud_has_answered_once_one_offload_at_a_time_goes() -> None:
+    """Slow start from one: a fleet starting together sends no burst before any device measured a round
+    trip; a refusal is an answer too."""
+    r = opened(Clock())
+    assert r.admit(in_flight=0).admitted
+    assert [r.admit(in_flight=1).reason for _ in range(3)] == ["start"] * 3
+    assert r.admit(in_flight=1, edge_answer=False).admitted  # without an edge answer only the cloud has one
+    r.refused()
+    assert r.admit(in_flight=1).reason != "start"
+    r2 = opened(Clock())
+    r2.answered(5.0, reply(1.0))
+    assert all(r2.admit(in_flight=5).admitted for _ in range(10)) and r2.report()["shed_start"] == 0
+
+
 def test_the_share_starts_slowly_then_steers_like_tcp() -> None:
     """A fleet starting together must not fill the queues before the first load shows it; then additive
     increase, multiplicative decrease, and no cut while a long queue is already draining."""
@@ -560,17 +574,22 @@ def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
     complex_first = sum(d.complex for d in decisions[:n])
     assert 0 < complex_first < n and 0 < sum(d.complex for d in decisions[n:]) < n
     assert (swamped.shed, swamped.fallbacks, swamped.offloaded) == (complex_first, 0, 0)
-    assert (idle.shed, idle.fallbacks, idle.exits.get("cloud")) == (
-        0,
-        0,
-        sum(d.complex for d in decisions[n:]),
-    )
-    assert report["shed_capacity"] == complex_first and report["probes"] == 0
+    # Idle: the complex samples go again, except that until the first answer came back one offload at a time
+    # does (slow start from one, shed "start"); none waits out a deadline.
+    complex_second = sum(d.complex for d in decisions[n:])
+    assert idle.fallbacks == 0 and idle.exits.get("cloud", 0) + idle.shed == complex_second
+    assert idle.exits.get("cloud", 0) > idle.shed - report["shed_start"] >= 0
+    assert report["shed_capacity"] >= complex_first and report["probes"] == 0
     assert final.outbox_left == {"record": 0, "offload": 0} and final.refused_records == 0  # run_end too
 
     rows = _rows(db, agent.run_id)
     assert sorted(rows) == list(range(2 * n))  # none lost, none twice
-    assert [rows[i]["exit_stage"] for i in range(2 * n)] == expected
+    stages = [rows[i]["exit_stage"] for i in range(2 * n)]
+    first_sent = next(i for i in range(n, 2 * n) if decisions[i].complex)
+    assert stages[first_sent] == "cloud"  # the first offload always goes
+    kept = {i for i in range(n, 2 * n) if expected[i] == "cloud" and stages[i] == "shed"}
+    assert len(kept) == idle.shed
+    assert [("shed" if i in kept else e) for i, e in enumerate(expected)] == stages
     for i, d in enumerate(decisions[:n]):
         if d.complex:  # the edge's answer, an edge exit in every account
             row = rows[i]
@@ -581,7 +600,7 @@ def test_a_swamped_cloud_gets_shed_samples_and_an_idle_one_gets_offloads_again(
         summary = raw.execute(
             "SELECT exit_shed, exit_fallback, exit_cloud FROM run_summary WHERE run_id = ?", (agent.run_id,)
         ).fetchone()
-    assert summary == (complex_first, 0, idle.exits["cloud"])
+    assert summary == (complex_first + idle.shed, 0, idle.exits["cloud"])
 
 
 class RefusingCloud:
