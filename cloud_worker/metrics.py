@@ -100,11 +100,13 @@ class _WorkerState:
         yield _counter("busy_seconds", "Seconds the compute streams spent on batches", stats["busy_s"])
         yield _gauge("queue_depth", "Offloads waiting in the worker's queue", stats["queued"])
         yield _gauge("streams", "Compute streams (batches computed at once)", stats["streams"])
-        load = worker.load()
+        figures = worker.load_figures()  # not load(): its busy share is the published load's, since its last
         yield _gauge(
-            "capacity_per_second", "Samples per second the worker can answer (measured)", load.capacity_per_s
+            "capacity_per_second",
+            "Samples per second the worker can answer (measured)",
+            figures["capacity_per_s"],
         )
-        yield _gauge("service_mean_seconds", "Mean compute per sample lately", load.service_ms / 1000.0)
+        yield _gauge("service_mean_seconds", "Mean compute per sample lately", figures["service_ms"] / 1000.0)
         info = InfoMetricFamily(
             NS, "The worker's id, task and model (version: sha256 prefix of the model file)"
         )

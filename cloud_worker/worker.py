@@ -245,6 +245,11 @@ class CloudWorker:
         out.update(streams=self.config.streams, busy=round(figures["busy"], 4))
         return out
 
+    def load_figures(self) -> Dict[str, float]:
+        """service_ms, capacity_per_s and the busy totals since start, as `load()` has them but without its
+        side effect (its `busy` covers the time since the previous call): for readers other than the load."""
+        return self._load.figures()
+
     def load(self) -> WorkerLoad:
         """The figures published on `Topics.cloud_load`; `busy` covers the time since the previous call."""
         figures = self._load.figures()
