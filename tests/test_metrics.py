@@ -203,3 +203,26 @@ def test_exported_names_include_families_without_samples_yet() -> None:
 )
 def test_refusal_texts_map_to_a_bounded_reason(text: str, undecodable: bool, reason: str) -> None:
     assert rejection_reason(text, undecodable) == reason in REJECTION_REASONS
+
+
+def test_the_drift_verdict_is_a_gauge_once_a_test_has_run(tiny_models: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from broker.launcher import Credentials
+    from protocol.status import DriftStatus
+
+    nowhere = Credentials("127.0.0.1", 9, "dev-d", "pw")  # never started: no broker needed
+    agent = DeviceAgent(
+        AgentConfig(device_id="dev-d", broker=nowhere, model_dir=tiny_models, state_dir=tmp_path)
+    )
+    registry = AgentMetrics(agent).registry
+    assert registry.get_sample_value("edgecascade_agent_drifting") is None  # not watched: no sample, no guess
+    agent.drift = SimpleNamespace(status=lambda: None)  # type: ignore[assignment]
+    assert registry.get_sample_value("edgecascade_agent_drifting") is None  # watched, not tested yet
+    verdict = DriftStatus(
+        True, since_seq=300, seq=350, p_value=1e-9, feature="p3", checked_unix=0.0, alarms=2
+    )
+    agent.drift = SimpleNamespace(status=lambda: verdict)  # type: ignore[assignment]
+    assert registry.get_sample_value("edgecascade_agent_drifting") == 1.0
+    assert registry.get_sample_value("edgecascade_agent_drift_p_value") == 1e-9
+    assert registry.get_sample_value("edgecascade_agent_drift_alarms_total") == 2
