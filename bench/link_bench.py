@@ -159,6 +159,7 @@ def run_outage(args: argparse.Namespace, console: Console) -> OutageRun:
         progress=args.progress,
         http_peer=False,
         link=args.outage_link,
+        capacity_aware=True,  # offloads made in the outage are shed once the rule sees it, not all fallbacks
     )
     cfg.results.mkdir(parents=True, exist_ok=True)
     db = cfg.results / "bench.db"
