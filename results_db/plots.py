@@ -15,7 +15,14 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from protocol.records import EXIT_STAGES
-from results_db.labels import ANALYTIC, FLAT_OUT, METERED, energy_basis, plotted_j_per_inference
+from results_db.labels import (
+    ANALYTIC,
+    FLAT_OUT,
+    METERED,
+    energy_basis,
+    plotted_j_per_inference,
+    run_pace,
+)
 
 STAGE_COLOURS = {
     "main": "#4c72b0",
@@ -63,6 +70,8 @@ def plot_accuracy_energy(
     """
     panels: Dict[str, List[Dict[str, Any]]] = {}
     for run in runs:
+        if run_pace(str(run.get("run_id", "")), run.get("policy_params")) != FLAT_OUT:
+            continue  # a latency run on the first few hundred items: another sample set, not comparable
         if run.get("accuracy") is not None and plotted_j_per_inference(run) is not None:
             panels.setdefault(energy_basis(run.get("energy_source")), []).append(run)
     bases = [b for b in (METERED, ANALYTIC) if b in panels]

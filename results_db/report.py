@@ -211,7 +211,8 @@ def markdown(data: ReportData, files: Dict[str, Path], source: str) -> str:
     captions = {
         "accuracy_energy": "Accuracy against device energy per inference; dashed: the Pareto front. Runs a "
         "meter measured are placed by their gross joules; runs where no meter was read by their analytic "
-        "joules, in a panel of their own whose axis says so.",
+        "joules, in a panel of their own whose axis says so. Paced latency runs are left out (they see only "
+        "the first few hundred items).",
         "exit_mix": "Where samples exit: main block, extension block, cloud, or the edge answer after the "
         "cloud missed its deadline (fallback) or instead of an offload that would have missed it (shed).",
         "latency_cdf": "Latency per sample (edge + network + cloud), cumulative, one curve per policy and "
