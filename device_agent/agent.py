@@ -35,7 +35,7 @@ from device_agent.inference import STOP, InferenceLoop
 from device_agent.keys import source_stream
 from device_agent.offloads import OffloadTracker, Settled
 from device_agent.policies import make_policy
-from device_agent.runs import RunSummary, Stream, plain, run_record
+from device_agent.runs import LiveTally, RunSummary, Stream, plain, run_record
 from device_agent.session import RunSession
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
@@ -176,7 +176,7 @@ class DeviceAgent:
                 self._thread.join()
             self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
             self._summary.seconds = time.monotonic() - self._started_mono
-            self._report_into(self._summary)
+            self.report_into(self._summary)
             # `samples` in run_end: the run's records on disk over every process that took part in it.
             # Extra to the schema (the collector ignores them): what the policy learned, e.g. regret, and
             # what capacity-awareness did (sheds by reason, its estimates).
@@ -246,7 +246,7 @@ class DeviceAgent:
         `durable`); `SourceProgress.finish_pass` (the CLI calls it) ends the pass. The inference thread
         pulls the samples from the iterable itself (submits wait meanwhile).
         """
-        summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
+        summary = self.new_summary()
         progress_of = self.source_progress(source) if source else None
         stream = Stream(iter(samples), summary, progress, progress_of)
         if summary.resumed_done:
@@ -265,7 +265,7 @@ class DeviceAgent:
         if stream.error is not None:
             raise stream.error
         summary.seconds = time.monotonic() - started
-        self._report_into(summary)
+        self.report_into(summary)
         return summary
 
     def source_progress(self, source: str) -> SourceProgress:
@@ -277,35 +277,22 @@ class DeviceAgent:
         `stop` is set. A file is read once, across restarts too (see `durable`); unreadable files are
         logged, counted (`skipped_files`) and never read again."""
         progress = SourceProgress(self.outbox, f"dir:{Path(directory).resolve()}")
-        summary = RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
-        lock = threading.Lock()
-        outstanding = threading.Semaphore(0)
-        submitted = 0
-
-        def done(future: Future) -> None:
-            # Tallied as they finish, so a long watch keeps no futures around.
-            with lock:
-                if future.exception() is None:
-                    summary.add(future.result())
-                else:
-                    summary.failed += 1
-            outstanding.release()
-
-        started = time.monotonic()
+        tally = LiveTally(self.new_summary())
         for found in watch_directory(directory, self.input_shape, stop, progress, poll_s):
             if found.image is None:
-                summary.skipped_files += 1
+                tally.summary.skipped_files += 1
                 continue
-            self.submit(found.image, found.label, found.origin).add_done_callback(done)
-            submitted += 1
-        for _ in range(submitted):
-            outstanding.acquire()
-        summary.seconds = time.monotonic() - started
-        self._report_into(summary)
+            tally.track(self.submit(found.image, found.label, found.origin))
+        summary = tally.wait()
+        self.report_into(summary)
         return summary
 
     # -- the rest -------------------------------------------------------------------------------------
-    def _report_into(self, summary: RunSummary) -> None:
+    def new_summary(self) -> RunSummary:
+        """An empty summary of this run's samples, for one span of them (a dataset pass, a live source)."""
+        return RunSummary(self.run_id, self.device_id, self.policy.name, energy_source=self.energy.source)
+
+    def report_into(self, summary: RunSummary) -> None:
         """What the parts have to say at the end of a summary's span (they count over the whole run)."""
         summary.late_replies = self.offloads.stats["late_replies"]
         summary.policy_report = self.policy.report()

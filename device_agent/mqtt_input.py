@@ -20,10 +20,9 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future
 from typing import Any, Deque, Dict, Optional
 
-from device_agent.runs import RunSummary
+from device_agent.runs import LiveTally, RunSummary
 from device_agent.sources import MAX_FILE_BYTES, ImageError, ImageSizeError, decode_image
 
 logger = logging.getLogger(__name__)
@@ -108,22 +107,7 @@ class MqttInput:
         """Run each image that arrives until `stop` is set; a summary of them once their records are on disk
         (what is still queued at the stop is left: a live source's backlog)."""
         agent = self.agent
-        summary = RunSummary(
-            agent.run_id, agent.device_id, agent.policy.name, energy_source=agent.energy.source
-        )
-        lock = threading.Lock()
-        outstanding = threading.Semaphore(0)
-        submitted = 0
-
-        def done(future: Future) -> None:
-            with lock:
-                if future.exception() is None:
-                    summary.add(future.result())
-                else:
-                    summary.failed += 1
-            outstanding.release()
-
-        started = time.monotonic()
+        tally = LiveTally(agent.new_summary())
         while True:
             self._log_drops()
             payload = self._take(stop)
@@ -137,15 +121,12 @@ class MqttInput:
                     self._bad[reason] += 1
                 self._log_bad(exc)
                 continue
-            agent.submit(decoded.image, decoded.label).add_done_callback(done)
+            tally.track(agent.submit(decoded.image, decoded.label))
             with self._ready:
                 self.stats["accepted"] += 1
-            submitted += 1
-        for _ in range(submitted):
-            outstanding.acquire()
+        summary = tally.wait()
         self._log_drops(force=True)
-        summary.seconds = time.monotonic() - started
-        agent._report_into(summary)
+        agent.report_into(summary)
         return summary
 
     def _log_bad(self, exc: ImageError) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
@@ -212,3 +213,34 @@ def code_revision() -> str:
     except (OSError, subprocess.SubprocessError):  # no git on the device: the version is what we know
         return __version__
     return f"{__version__}+g{sha.stdout.strip()}{'.dirty' if dirty else ''}"
+
+
+class LiveTally:
+    """A live source's samples (a watched directory, an MQTT input), tallied into `summary` as they finish,
+    so a run of months keeps no futures; `wait` returns once every tracked one is on disk."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        self.summary = summary
+        self._lock = threading.Lock()
+        self._finished = threading.Semaphore(0)
+        self._tracked = 0
+        self._started = time.monotonic()
+
+    def track(self, future: Future) -> None:
+        self._tracked += 1
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future) -> None:
+        with self._lock:
+            if future.exception() is None:
+                self.summary.add(future.result())
+            else:
+                self.summary.failed += 1
+        self._finished.release()
+
+    def wait(self) -> RunSummary:
+        """Block until every tracked sample has finished; the summary, its `seconds` the span since made."""
+        for _ in range(self._tracked):
+            self._finished.acquire()
+        self.summary.seconds = time.monotonic() - self._started
+        return self.summary
