@@ -14,13 +14,14 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pytest
+from agents import quick_agent_config
 from scipy import special, stats
 from sqlalchemy import text
 from tinymodels import tiny_images
 from waiting import wait_for
 
 from broker.launcher import BrokerProcess
-from device_agent import AgentConfig, DeviceAgent
+from device_agent import DeviceAgent
 from device_agent.card import load_card
 from device_agent.drift import (
     DriftMonitor,
@@ -278,18 +279,13 @@ def test_an_agent_fed_corrupted_samples_reports_drift_on_its_status_and_the_coll
     ).start()
     device_id = f"dev-{uuid.uuid4().hex[:8]}"
     tap = StatusTap(broker, topics, device_id)
-    config = AgentConfig(
+    config = quick_agent_config(
+        broker,
+        topics,
+        models,
+        tmp_path / "state",
         device_id=device_id,
-        broker=broker.credentials(device_id),
-        topics=topics,
-        model_dir=models,
-        state_dir=tmp_path / "state",
         policy={"name": "edge-only", "params": {}},
-        meters=["estimate"],
-        idle_seconds=0.0,
-        window_size=8,
-        flush_s=0.05,
-        connect_timeout_s=5.0,
         drift=DriftSettings(window=100, stride=25),
     )
     clean = tiny_images(300, seed=41)

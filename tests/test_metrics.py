@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, FrozenSet, Iterator, List, Tuple
 
 import pytest
+from agents import quick_agent_config
 from prometheus_client.parser import text_string_to_metric_families
 from tinymodels import tiny_images
 from waiting import wait_for
@@ -90,17 +91,12 @@ def test_scraped_counters_equal_the_sql_rows_by_exit_stage(
 ) -> None:
     worker, collector, worker_server, collector_server, db = stack
     device_id = f"dev-{uuid.uuid4().hex[:8]}"
-    config = AgentConfig(
+    config = quick_agent_config(
+        broker,
+        topics,
+        tiny_models,
+        tmp_path / "state",
         device_id=device_id,
-        broker=broker.credentials(device_id),
-        topics=topics,
-        model_dir=tiny_models,
-        state_dir=tmp_path / "state",
-        meters=["estimate"],
-        idle_seconds=0.0,
-        window_size=8,
-        flush_s=0.05,
-        connect_timeout_s=5.0,
         offload_budget_per_s=20.0,  # beyond it offloads are shed: a fourth exit stage to count
         offload_budget_burst=5.0,
     )

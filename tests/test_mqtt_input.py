@@ -16,12 +16,13 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
+from agents import quick_agent_config
 from PIL import Image, PngImagePlugin
 from tinymodels import tiny_images
 from waiting import wait_for
 
 from broker.launcher import BrokerProcess
-from device_agent import AgentConfig, DeviceAgent
+from device_agent import DeviceAgent
 from device_agent.mqtt_input import MqttInput
 from device_agent.sources import ImageSizeError, decode_image
 from protocol.ids import sensor_account
@@ -86,18 +87,13 @@ def device(broker: BrokerProcess, topics: Topics, tiny_models: Path, tmp_path: P
         CollectorConfig(broker.credentials("collector"), topics, db, client_id=f"col-{uuid.uuid4().hex[:8]}")
     ).start()
     device_id = f"dev-{uuid.uuid4().hex[:8]}"
-    config = AgentConfig(
+    config = quick_agent_config(
+        broker,
+        topics,
+        tiny_models,
+        tmp_path / "state",
         device_id=device_id,
-        broker=broker.credentials(device_id),
-        topics=topics,
-        model_dir=tiny_models,
-        state_dir=tmp_path / "state",
         policy={"name": "edge-only", "params": {}},
-        meters=["estimate"],
-        idle_seconds=0.0,
-        window_size=8,
-        flush_s=0.05,
-        connect_timeout_s=5.0,
     )
     try:
         yield config, db, collector
