@@ -81,6 +81,11 @@ class LoadMeter:
         wall = (now - since) * self.streams
         return min(1.0, max(0.0, (busy - busy_then) / wall)) if wall > 0 else 0.0
 
+    def capacity_per_s(self) -> float:
+        """The measured capacity alone (samples/s, all streams): each arriving offload is judged by it."""
+        with self._lock:
+            return self.streams * self._capacity_per_s
+
     def figures(self) -> Dict[str, float]:
         """service_ms and capacity_per_s (the averages), busy_s and wall_s (totals since start), busy
         (busy_s / (wall_s x streams))."""

@@ -292,7 +292,7 @@ class CloudWorker:
             logger.warning("rejected offload on %s: %s", message.topic, exc)
             self.link.ack(message.mid, message.qos, generation)
             return
-        capacity = self._load.figures()["capacity_per_s"]
+        capacity = self._load.capacity_per_s()
         with self._ready:
             # This one waits for what is served before it (fair turns: `ahead`), then its own turn.
             key = job.request.device_id
