@@ -21,8 +21,9 @@ from protocol.ids import InvalidId, check_device_id, check_run_id
 
 # Where a sample's answer came from: the main or extension block, the cloud; the edge's answer after an
 # offload missed its deadline (fallback), or instead of an offload the device predicted would (shed:
-# `device_agent.capacity`; no bytes sent, an edge exit in every account). The results schema checks it.
-EXIT_STAGES = ("main", "extension", "cloud", "fallback", "shed")
+# `device_agent.capacity`; no bytes sent, an edge exit in every account), or at a gateway between a sensor
+# and the cloud (the fault-detection hierarchy: it left the sensor). The results schema checks it.
+EXIT_STAGES = ("main", "extension", "cloud", "fallback", "shed", "gateway")
 R = TypeVar("R", bound="Record")
 
 
@@ -101,6 +102,7 @@ class InferenceRecord(Record):
     cloud_j: Optional[float] = None
     energy_source: str = "none"
     ts_unix: float = 0.0
+    model_version: Optional[str] = None  # what answered it (`device_agent.rollout`); a run may span two
 
 
 @dataclass

@@ -131,6 +131,8 @@ class Inference(Base):
     cloud_j: Mapped[Optional[float]]
     energy_source: Mapped[str] = mapped_column(String(SHORT_LEN))
     ts_unix: Mapped[float]
+    # The model the sample was answered with; a run's model_sha256 cannot say it across a hot swap.
+    model_version: Mapped[Optional[str]] = mapped_column(String(64))
 
 
 class EnergyWindow(Base):

@@ -30,6 +30,7 @@ STAGE_COLOURS = {
     "cloud": "#dd8452",
     "fallback": "#c44e52",
     "shed": "#8172b3",
+    "gateway": "#937860",
 }
 DPI = 110
 

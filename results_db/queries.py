@@ -37,9 +37,9 @@ _HOURLY = """
 SELECT device_id,
        {hour} AS hour_utc,
        COUNT(*) AS samples,
-       SUM(CASE WHEN exit_stage IN ('cloud', 'fallback') THEN 1 ELSE 0 END) AS offloaded,
-       CAST(SUM(CASE WHEN exit_stage IN ('cloud', 'fallback') THEN 1 ELSE 0 END) AS DOUBLE PRECISION)
-           / COUNT(*) AS offload_fraction
+       SUM(CASE WHEN exit_stage IN ('cloud', 'fallback', 'gateway') THEN 1 ELSE 0 END) AS offloaded,
+       CAST(SUM(CASE WHEN exit_stage IN ('cloud', 'fallback', 'gateway') THEN 1 ELSE 0 END)
+            AS DOUBLE PRECISION) / COUNT(*) AS offload_fraction
 FROM inferences
 GROUP BY device_id, hour_utc
 ORDER BY device_id, hour_utc

@@ -62,6 +62,7 @@ def inference_records(
     offload_fraction: float = 0.25,
     fallback_fraction: float = 0.02,
     shed_fraction: float = 0.0,
+    gateway_fraction: float = 0.0,
     edge_accuracy: float = 0.85,
     cloud_accuracy: float = 0.95,
     device_j: Optional[float] = 0.01,
@@ -83,9 +84,11 @@ def inference_records(
             stage = "cloud"
         elif draw < offload_fraction + shed_fraction:  # never drawn at 0: earlier seeds stay as they were
             stage = "shed"
+        elif draw < offload_fraction + shed_fraction + gateway_fraction:  # likewise
+            stage = "gateway"
         else:
             stage = "main" if rng.random() < 0.7 else "extension"
-        offloaded = stage in ("cloud", "fallback")
+        offloaded = stage in ("cloud", "fallback", "gateway")
         accurate = rng.random() < (cloud_accuracy if stage == "cloud" else edge_accuracy)
         edge_ms = round(rng.uniform(0.5, 2.0) * (1.6 if stage == "extension" else 1.0), 3)
         gross = None if device_j is None else device_j * (1.5 if stage == "extension" else 1.0)

@@ -84,12 +84,11 @@ def test_a_database_at_0004_upgrades_and_then_takes_shed_rows(db_url: str) -> No
     """Migration 0005 widens the exit-stage CHECK (SQLite: a table rebuild) and run_summary counts `shed`;
     the rows already there come through unchanged."""
     engine = open_database(db_url)
+    RecordWriter(engine).write(full_run("run-m", "dev-m", 20))  # written at head: today's writer
     cfg = alembic_config()
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
         command.downgrade(cfg, "0004")
-    writer = RecordWriter(engine)
-    writer.write(full_run("run-m", "dev-m", 20))
     with pytest.raises(IntegrityError), engine.begin() as connection:  # 0004 refuses the new stage
         _insert_inference(connection, "run-m", 100, "shed")
     with engine.connect() as connection:
@@ -104,7 +103,10 @@ def test_a_database_at_0004_upgrades_and_then_takes_shed_rows(db_url: str) -> No
     with pytest.raises(IntegrityError), engine.begin() as connection:  # still a checked list
         _insert_inference(connection, "run-m", 102, "teleport")
     with engine.connect() as connection:
-        after = connection.execute(text("SELECT * FROM inferences WHERE seq < 100 ORDER BY seq")).all()
+        columns = ", ".join(before[0]._fields)  # 0007 added model_version (NULL for these rows)
+        after = connection.execute(
+            text(f"SELECT {columns} FROM inferences WHERE seq < 100 ORDER BY seq")
+        ).all()
         summary = connection.execute(text("SELECT * FROM run_summary WHERE run_id = 'run-m'")).one()._mapping
         views = set(inspect(connection).get_view_names())
     assert after == before
@@ -125,6 +127,44 @@ def test_a_database_at_0004_upgrades_and_then_takes_shed_rows(db_url: str) -> No
     with engine.connect() as connection:
         assert "exit_shed" not in list(connection.execute(text("SELECT * FROM run_summary")).keys())
         assert len(connection.execute(text("SELECT * FROM inferences")).all()) == 20
+    engine.dispose()
+
+
+def test_0007_keeps_each_rows_model_version_and_counts_gateway_exits(db_url: str) -> None:
+    """Migration 0007: inferences carry the model version (shown by inference_facts); `gateway` is an exit
+    stage that counts as offloaded; back to 0006 only without gateway rows, and the rows stay."""
+    engine = open_database(db_url)
+    records = full_run("run-g", "dev-m", 10)
+    inferences = [r for r in records if r["type"] == "inference"]
+    for r in inferences[:4]:
+        r.update(exit_stage="gateway", model_version="v2")
+    RecordWriter(engine).write(records)
+    with engine.connect() as connection:
+        facts = connection.execute(
+            text(
+                "SELECT seq, model_version, offloaded FROM inference_facts "
+                "WHERE run_id = 'run-g' ORDER BY seq"
+            )
+        ).all()
+        summary = connection.execute(text("SELECT * FROM run_summary WHERE run_id = 'run-g'")).one()._mapping
+    assert [f.model_version for f in facts] == ["v2"] * 4 + [None] * 6
+    assert all(f.offloaded == 1 for f in facts[:4])
+    offloaded = 4 + sum(r["exit_stage"] in ("cloud", "fallback") for r in inferences[4:])
+    assert (summary["exit_gateway"], summary["frac_gateway"]) == (4, pytest.approx(0.4))
+    assert summary["offload_fraction"] == pytest.approx(offloaded / 10)
+    cfg = alembic_config()
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        with pytest.raises(RuntimeError, match="4 inference rows have exit stage 'gateway'"):
+            command.downgrade(cfg, "0006")
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM inferences WHERE exit_stage = 'gateway'"))
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0006")
+    with engine.connect() as connection:
+        assert "exit_gateway" not in list(connection.execute(text("SELECT * FROM run_summary")).keys())
+        assert "model_version" not in list(connection.execute(text("SELECT * FROM inferences")).keys())
+        assert len(connection.execute(text("SELECT * FROM inferences")).all()) == 6
     engine.dispose()
 
 

@@ -38,9 +38,11 @@ def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         "exit_cloud": stage["cloud"],
         "exit_fallback": stage["fallback"],
         "exit_shed": stage["shed"],
+        "exit_gateway": stage["gateway"],
         "frac_cloud": stage["cloud"] / n,
         "frac_shed": stage["shed"] / n,
-        "offload_fraction": (stage["cloud"] + stage["fallback"]) / n,
+        "frac_gateway": stage["gateway"] / n,
+        "offload_fraction": (stage["cloud"] + stage["fallback"] + stage["gateway"]) / n,
         "device_j_gross_per_inference": sum(gross) / len(gross),
         "device_j_net_per_inference": sum(net) / len(net),
         "cloud_j_per_inference": sum(cloud) / n,
@@ -56,9 +58,9 @@ def expected_summary(records: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def test_run_summary_matches_a_python_recomputation(db_url: str) -> None:
-    records = full_run("run-1", "dev-1", 257, seed=5, shed_fraction=0.1)
+    records = full_run("run-1", "dev-1", 400, seed=5, shed_fraction=0.1, gateway_fraction=0.05)
     stages = {r["exit_stage"] for r in records if r["type"] == "inference"}
-    assert stages == set(EXIT_STAGES)  # every stage is counted, shed too (not as offloaded)
+    assert stages == set(EXIT_STAGES)  # every stage is counted: shed (not offloaded), gateway (offloaded)
     engine = open_database(db_url)
     RecordWriter(engine).write(records)
     with engine.connect() as connection:
