@@ -69,7 +69,9 @@ def cut(signal: np.ndarray, hop: int = WINDOW, window: int = WINDOW) -> np.ndarr
     if hop < 1:
         raise ValueError("hop must be at least 1")
     starts = range(0, signal.shape[1] - window + 1, hop)
-    return np.stack([signal[:, s : s + window] for s in starts]) if len(starts) else signal[:0, :, :0]
+    if not len(starts):
+        return np.zeros((0, signal.shape[0], window), dtype=signal.dtype)
+    return np.stack([signal[:, s : s + window] for s in starts])
 
 
 def make_windows(spec: SplitSpec, limit: Optional[int] = None) -> Windows:
