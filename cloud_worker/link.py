@@ -44,6 +44,7 @@ from typing import Any, Callable, Deque, Optional, Set, Tuple
 import paho.mqtt.client as mqtt
 
 from cloud_worker.config import BACKOFF_MAX_S, BACKOFF_MIN_S, WorkerConfig
+from protocol.capabilities import BrokerOffer, RoleNeeds, refusal
 from protocol.load import CONTENT_TYPE_LOAD
 from protocol.mqtt import PublishProperties, connect_properties, new_client, permanent_connack_refusal
 
@@ -325,6 +326,16 @@ class WorkerLink:
             select.select([], [sock], [], 0.05)
         self.client.disconnect()
 
+    def needs(self) -> RoleNeeds:
+        """What this worker needs of the broker: its group's shared subscription (a wildcard filter),
+        QoS 1, and retain when it publishes its load."""
+        return RoleNeeds(
+            "cloud worker",
+            retain=self.config.load_interval_s > 0,
+            wildcards="+" in self.subscription or "#" in self.subscription,
+            shared_subscriptions=self.subscription.startswith("$share/"),
+        )
+
     # -- MQTT callbacks (run inside paho's calls, on the network thread) ----------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
@@ -335,6 +346,11 @@ class WorkerLink:
                     f"{self.config.broker.username!r} with client id {self.client_id!r}: {why}"
                 )
             return  # new_client logged it; otherwise the network thread retries with backoff
+        broker = f"{self.config.broker.host}:{self.config.broker.port}"
+        unfit = refusal(BrokerOffer.from_connack(props), self.needs(), broker)
+        if unfit is not None:  # e.g. no $share/: ejabberd would close us on the SUBSCRIBE, again and again
+            self.fatal = unfit
+            return
         self._connack_ok = True
         self.generation += 1
         if self._leaving:  # stopping: do not join the group again

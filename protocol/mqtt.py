@@ -20,6 +20,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
+from protocol.capabilities import BrokerOffer, clamp_inflight
+
 logger = logging.getLogger(__name__)
 
 
@@ -80,6 +82,9 @@ _PERMANENT_CONNACK = {
     0x87: "not authorized (wrong password, unknown user, or a client id this account may not use)",
     0x8A: "this client is banned",
     0x8C: "the broker does not support this authentication method",
+    # A broker without retain (Mosquitto's `retain_available false`) refuses a retained Last Will this way.
+    0x9A: "the broker does not support retained messages (this client's Last Will is retained)",
+    0x9B: "the broker does not support the QoS this client asked for",
 }
 
 
@@ -108,7 +113,8 @@ def new_client(
     max_inflight: int = 1000,
     max_queued: int = 0,
 ) -> mqtt.Client:
-    """A configured, not yet connected MQTT 5 client; `on_connect` runs after TCP_NODELAY is set."""
+    """A configured, not yet connected MQTT 5 client; `on_connect` runs after TCP_NODELAY is set and our
+    in-flight window is cut to the broker's ReceiveMaximum (`protocol.capabilities`)."""
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -126,6 +132,8 @@ def new_client(
         set_nodelay(c)
         if reason.is_failure:
             logger.warning("%s: broker refused connection: %s", client_id, reason)
+        else:
+            clamp_inflight(c, BrokerOffer.from_connack(props), max_inflight)
         if on_connect is not None:
             on_connect(c, userdata, flags, reason, props)
 

@@ -33,6 +33,8 @@ import paho.mqtt.client as mqtt
 from sqlalchemy.exc import SQLAlchemyError
 
 from edgecascade.systemd import Watchdog
+from protocol.capabilities import BrokerOffer, RoleNeeds, session_note
+from protocol.capabilities import refusal as broker_refusal
 from protocol.codec import encode_receipt
 from protocol.mqtt import (
     BrokerAddress,
@@ -61,6 +63,8 @@ STAT_KEYS = (
     "db_retries",  # transactions retried because the database was unavailable
     "receipts",  # receipts sent to devices for settled batches
 )
+# The collector reads `<root>/+/results` at QoS 1 and answers with small receipts.
+COLLECTOR_NEEDS = RoleNeeds("collector", wildcards=True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,16 @@ class Collector:
                 broker = self.config.broker
                 self.refused = f"broker {broker.host}:{broker.port} refused {broker.username!r}: {why}"
             return
+        broker = self.config.broker
+        offer = BrokerOffer.from_connack(props)
+        unfit = broker_refusal(offer, COLLECTOR_NEEDS, f"{broker.host}:{broker.port}")
+        if unfit is not None:  # start() raises BrokerUnusable with it; no reconnect makes it fit
+            self.refused = unfit
+            client.disconnect()
+            return
+        note = session_note(offer, self.config.session_expiry_s)
+        if note is not None:
+            logger.warning("collector: %s", note)
         self._generation += 1
         logger.info("collector connected (session %s)", "resumed" if flags.session_present else "new")
         client.subscribe(self.config.topics.all_results, qos=1)
