@@ -7,10 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 EXTRAS := device,cloud,train,db,jetson,dev
-SYSTEM_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist postgresql
+SYSTEM_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist postgresql haproxy
 DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
 DEVICE_PACKAGES := device_agent protocol metering video
-PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video
+PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video cells
 
 .PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots check-device-install
 

@@ -143,6 +143,12 @@ class _Spawner:
 _SPAWNER = _Spawner()
 
 
+def spawn(args: List[str], **kwargs: Any) -> subprocess.Popen:
+    """`subprocess.Popen(args, **kwargs)` of a child that gets SIGTERM when this process dies (HAProxy in
+    front of the broker cells uses it too)."""
+    return _SPAWNER.popen(args, **kwargs)
+
+
 class BrokerProcess:
     """A Mosquitto child process with its own config, accounts, ACL and persistence directory.
 
@@ -227,6 +233,14 @@ class BrokerProcess:
         roles = [role for role in map(_sensor_role, self._passwords) if role is not None]
         document = dynsec.document(entries, extra_roles=roles)
         dynsec.write_private(self.dynsec_file, json.dumps(document, indent=2) + "\n")
+
+    def write_accounts(self) -> None:
+        """Write the plugin's account file now (not only at start), for a broker that someone else starts
+        with plain `mosquitto -c <workdir>/mosquitto.conf` (the cells' generated config)."""
+        if self.running:
+            raise RuntimeError("the running broker's plugin owns its account file")
+        with self._lock:
+            self._write_accounts()
 
     @staticmethod
     def _role(username: str) -> str:
