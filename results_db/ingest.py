@@ -1,10 +1,13 @@
 """Write validated result records to the database: one transaction per batch, idempotent.
 
 Data rows are inserted with `INSERT ... ON CONFLICT (natural key) DO NOTHING`, so a re-delivered batch writes
-nothing twice and costs one index probe per row. They go straight to the driver's `executemany` as tuples:
-SQLAlchemy's per-row parameter processing would halve the rate on SQLite, and its batched path on PostgreSQL
-loses the rowcount, which is how we count duplicates (the drivers sum it over the batch). Runs and devices,
-a few rows per batch, use the dialect's own insert construct (`on_conflict_do_update`).
+nothing twice and costs one index probe per row; its rowcount says how many were new, which is how we count
+duplicates. On SQLite they go straight to the driver's `executemany` as tuples (SQLAlchemy's per-row
+parameter processing would halve the rate). On PostgreSQL they are COPYed (psycopg 3 `cursor.copy`) into a
+temporary staging table of the same columns, then moved with one `INSERT ... SELECT ... ON CONFLICT DO
+NOTHING`: one statement per batch instead of one per row (bench/collector_bench.py: 8-14 k rows/s with
+executemany, see docs/sections/scale.md for COPY). Runs and devices, a few rows per batch, use the dialect's
+own insert construct (`on_conflict_do_update`).
 
 A `run` record may arrive after the rows that reference it (or never, if the collector joined late): a bare
 `runs` row is created first and filled in when the record comes. A run belongs to the device that first
@@ -82,6 +85,21 @@ _JSON_COLUMNS = {
 }
 
 
+def _staging_sql(kind: str) -> Tuple[str, str, str, str]:
+    """PostgreSQL: create the staging table (once per session), COPY into it, move its rows, empty it."""
+    table, columns = DATA_TABLES[kind].name, ", ".join(_COLUMNS[kind])
+    stage = f"_stage_{table}"
+    return (
+        # Only the data columns, no constraints: ON COMMIT DELETE ROWS leaves it empty between transactions.
+        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+        f"SELECT {columns} FROM {table} WITH NO DATA",
+        f"COPY {stage} ({columns}) FROM STDIN",
+        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
+        f"ON CONFLICT ({', '.join(NATURAL_KEYS[kind])}) DO NOTHING",
+        f"DELETE FROM {stage}",  # a second write in the same transaction starts from an empty stage
+    )
+
+
 def _insert_sql(kind: str, placeholder: str) -> str:
     columns = _COLUMNS[kind]
     return (
@@ -149,6 +167,8 @@ class RecordWriter:
         insert = _INSERTS[dialect]
         placeholder = "?" if dialect == "sqlite" else "%s"  # sqlite3 is qmark, psycopg format style
         self._insert_sql = {kind: _insert_sql(kind, placeholder) for kind in DATA_TABLES}
+        self._copy = dialect == "postgresql"
+        self._staging_sql = {kind: _staging_sql(kind) for kind in DATA_TABLES}
         self._placeholder = placeholder
         self._json_is_text = dialect == "sqlite"  # psycopg hands JSONB back decoded, sqlite3 as text
         self._reject = insert(REJECTED).on_conflict_do_nothing(index_elements=["digest"])
@@ -301,8 +321,24 @@ class RecordWriter:
 
     def _insert(self, connection: Connection, kind: str, rows: List[Dict[str, Any]]) -> int:
         """Insert the rows that are new; return how many were."""
+        if self._copy:
+            return self._insert_by_copy(connection, kind, rows)
         result = connection.exec_driver_sql(self._insert_sql[kind], self._tuples(kind, rows))  # type: ignore[arg-type]
         return max(result.rowcount, 0)
+
+    def _insert_by_copy(self, connection: Connection, kind: str, rows: List[Dict[str, Any]]) -> int:
+        create, copy_sql, move, empty = self._staging_sql[kind]
+        # The psycopg connection under SQLAlchemy's, in the same transaction: COPY has no SQLAlchemy API.
+        raw = connection.connection.driver_connection
+        with raw.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(create)
+            with cursor.copy(copy_sql) as copy:
+                for row in self._tuples(kind, rows):
+                    copy.write_row(row)
+            cursor.execute(move)
+            inserted = cursor.rowcount
+            cursor.execute(empty)
+        return max(inserted, 0)
 
     def _tuples(self, kind: str, rows: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
         columns = _COLUMNS[kind]
