@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Counter, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Counter, Dict, List, Optional, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -122,7 +122,11 @@ def run_fleet(
     cloud_cpus: Optional[float] = None,
     device_nice: int = DEVICE_NICE,
     console: Console,
+    site: Callable[..., ContextManager[Tuple[Any, ServiceGroup]]] = cloud_site,
+    broker_down_s: float = 1.0,
 ) -> FleetResult:
+    """`site(workdir, db, models, workers, cloud_cpus=...)`: the cloud side, `cloud_site` (one broker) unless
+    told otherwise (`bench.cells_bench`: cells behind HAProxy, its `broker` the front that kills one cell)."""
     fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
     result = FleetResult(agents, workers, samples)
     results.mkdir(parents=True, exist_ok=True)
@@ -131,7 +135,7 @@ def run_fleet(
     workdir = results / "fleet" / fleet_id
     if cloud_cpus:
         result.events.append(f"each worker's compute held to {cloud_cpus:g} CPU")
-    with cloud_site(workdir, db, models, workers, cloud_cpus=cloud_cpus) as (broker, services):
+    with site(workdir, db, models, workers, cloud_cpus=cloud_cpus) as (broker, services):
         broker.add_users(devices)  # each agent its own password; the ACL fences it to its own topics
         watch = LoadWatch(broker.credentials("sim-loadwatch"), Topics())
         console.print(
@@ -166,6 +170,7 @@ def run_fleet(
                 result,
                 console,
                 hard_broker_kill,
+                broker_down_s,
             ),
             daemon=True,
         )
@@ -217,6 +222,7 @@ def _chaos(
     result: FleetResult,
     console: Console,
     hard_broker_kill: bool = False,
+    broker_down_s: float = 1.0,
 ) -> None:
     plan = sorted([(t, what) for t, what in ((kill_worker_at, "worker"), (kill_broker_at, "broker")) if t])
     for at, what in plan:
@@ -231,10 +237,11 @@ def _chaos(
                 broker.kill()  # SIGKILL, a power cut: loses what it acknowledged since its last save
             else:
                 broker.stop()  # SIGTERM: mosquitto writes its persistence file first
-            time.sleep(1.0)
+            time.sleep(broker_down_s)
             broker.start()
             how = "killed (SIGKILL)" if hard_broker_kill else "stopped (SIGTERM)"
-            result.events.append(f"t={at:g}s broker {how} and restarted after 1 s")
+            what = getattr(broker, "name", "broker")
+            result.events.append(f"t={at:g}s {what} {how} and restarted after {broker_down_s:g} s")
         console.print(f"[yellow]{result.events[-1]}[/]")
 
 

@@ -182,7 +182,7 @@ def routes_in_log(log_file: Path) -> Dict[str, List[Tuple[str, str]]]:
         match = _LOG_LINE.search(line)
         if match:
             client, cell, state = match.groups()
-            if not client:  # a connection that never sent a CONNECT (a port probe)
+            if client in ("", "-"):  # a connection that never sent a CONNECT (a port probe)
                 continue
             routes.setdefault(client, []).append((cell, state))
     return routes

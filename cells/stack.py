@@ -61,7 +61,9 @@ class CellStack:
             )
             for w in range(self.plan.workers_per_cell):
                 toml = cell.directory / f"cloud-{w}.toml"
-                group.start(f"cloud-{cell.index}-{w}", ["cloud", "--config", str(toml)])
+                # numbered across cells (cloud-0, cloud-1, ...) as the fleet simulation numbers its workers
+                k = cell.index * self.plan.workers_per_cell + w
+                group.start(f"cloud-{k}", ["cloud", "--config", str(toml)])
 
     def close(self) -> None:
         self._stack.close()
