@@ -38,10 +38,10 @@ FULL_SCALE_G = 16.0  # ±16 g MEMS accelerometer, int16 counts
 COUNTS_PER_G = 32767.0 / FULL_SCALE_G
 # Impact strength (g at the sensor, before the path's gain) per severity: incipient faults barely stand out
 # of the noise; severe ones dominate the resonance band.
-SEVERITY_G = {1: 0.35, 2: 0.8, 3: 1.8}
+SEVERITY_G = {1: 0.5, 2: 1.0, 3: 2.0}
 # Inner-race and ball impacts travel through more interfaces to the housing than outer-race ones
 # (Randall & Antoni 2011, sec. 2): they arrive weaker.
-PATH_GAIN = {"outer": 1.0, "inner": 0.7, "ball": 0.6}
+PATH_GAIN = {"outer": 1.0, "inner": 0.75, "ball": 0.7}
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,9 @@ def simulate(
     t = np.arange(n) / fs
 
     load = float(rng.uniform(0.0, 3.0))
-    shaft0 = float(rng.uniform(20.0, 30.0)) * (1.0 - 0.01 * load)  # an induction motor slows under load
+    # A 4-pole induction motor on a 60 Hz supply: just under 30 rev/s unloaded, slower under load (CWRU's
+    # 1797-1730 rpm for 0-3 hp), with a spread between machines.
+    shaft0 = float(rng.uniform(27.5, 30.0)) * (1.0 - 0.012 * load)
     drift = 0.005 * np.sin(2.0 * math.pi * t / rng.uniform(1.0, 4.0) + rng.uniform(0, 2 * math.pi))
     shaft_hz_t = shaft0 * (1.0 + drift)
     theta = 2.0 * math.pi * np.cumsum(shaft_hz_t) / fs  # shaft angle
@@ -155,8 +157,8 @@ def simulate(
 
     # Random shocks, faulty or not: roughness and other machinery (Poisson in time, exponential in size).
     shocks = np.zeros(n)
-    count = rng.poisson(rng.uniform(5.0, 40.0) * duration_s)
-    shocks[rng.integers(0, n, size=count)] += rng.exponential(0.25, size=count) * rng.choice([-1, 1], count)
+    count = rng.poisson(rng.uniform(2.0, 20.0) * duration_s)
+    shocks[rng.integers(0, n, size=count)] += rng.exponential(0.15, size=count) * rng.choice([-1, 1], count)
 
     # Other machinery and the motor: shaft harmonics, a gear mesh with sidebands at its shaft, 2 x line.
     tones = np.zeros(n)
