@@ -1,4 +1,6 @@
-"""The cloud model on onnxruntime: uint8 image batch in, logits out (contract: `cloud.onnx`, input `image`).
+"""The cloud model on onnxruntime: a batch of samples in, logits out (contract: `cloud.onnx`, one input with
+fixed non-batch dims — `image` uint8 for the classification cascade, `window` int16 for fault detection — and
+an output `logits`).
 
 The one wrapper of the cloud block: the worker, the HTTP peer of the benchmark, training's publish step and
 the model checks all open it here, with the same session options (no spinning: see `CloudSession`).
@@ -19,6 +21,8 @@ from video.providers import usable_providers
 logger = logging.getLogger(__name__)
 
 CLOUD_FILE = "cloud.onnx"
+# onnxruntime's input types -> numpy: the inputs a cloud model may take (each also travels: protocol.codec)
+_ONNX_DTYPES = {"tensor(uint8)": "uint8", "tensor(int16)": "int16", "tensor(float)": "float32"}
 
 
 class ModelError(RuntimeError):
@@ -75,23 +79,28 @@ class CloudSession:
         self._session: Any = ort.InferenceSession(data, sess_options=opts, providers=usable)
         self.providers: List[str] = self._session.get_providers()
         inputs = self._session.get_inputs()
-        if [i.name for i in inputs] != ["image"] or inputs[0].type != "tensor(uint8)":
-            raise ModelError(f"{self.path}: expected one uint8 input `image`, got {[i.name for i in inputs]}")
+        if len(inputs) != 1 or inputs[0].type not in _ONNX_DTYPES:
+            raise ModelError(
+                f"{self.path}: expected one input of {sorted(_ONNX_DTYPES)}, got "
+                f"{[(i.name, i.type) for i in inputs]}"
+            )
+        self.input_name = str(inputs[0].name)
+        self.input_dtype = np.dtype(_ONNX_DTYPES[inputs[0].type])
         dims = inputs[0].shape[1:]
         if not all(isinstance(d, int) for d in dims):
             raise ModelError(f"{self.path}: non-batch input dims must be fixed, got {dims}")
         self.input_shape: Tuple[int, ...] = tuple(int(d) for d in dims)
-        self.sample_bytes = int(np.prod(self.input_shape))
+        self.sample_bytes = int(np.prod(self.input_shape)) * self.input_dtype.itemsize
         outputs = [o.name for o in self._session.get_outputs()]
         if "logits" not in outputs:
             raise ModelError(f"{self.path}: no `logits` output (has {outputs})")
 
     def logits(self, images: np.ndarray) -> np.ndarray:
-        """Logits [N, num_classes] for a uint8 batch [N, *input_shape]."""
-        (out,) = self._session.run(["logits"], {"image": images})
+        """Logits [N, num_classes] for a batch [N, *input_shape] of the input's dtype."""
+        (out,) = self._session.run(["logits"], {self.input_name: images})
         return np.asarray(out, dtype=np.float32)
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """First runs allocate arenas and pick kernels; do it before announcing readiness."""
         for n in batch_sizes:
-            self.logits(np.zeros((n, *self.input_shape), dtype=np.uint8))
+            self.logits(np.zeros((n, *self.input_shape), dtype=self.input_dtype))

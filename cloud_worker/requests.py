@@ -17,8 +17,8 @@ import numpy as np
 from protocol.codec import CONTENT_TYPE_OFFLOAD, OffloadRequest, ProtocolError, decode_offload
 from protocol.topics import Topics
 
-# Room for the envelope's preamble and msgpack header on top of the image bytes; anything larger than
-# image + slack cannot be a valid offload for this model and is refused before decoding.
+# Room for the envelope's preamble and msgpack header on top of the sample's bytes; anything larger than
+# sample + slack cannot be a valid offload for this model and is refused before decoding.
 HEADER_SLACK_BYTES = 1024
 
 
@@ -41,12 +41,13 @@ def parse_offload(
     max_expiry_s: float,
     received: float,
     generation: int,
+    input_dtype: Any = np.uint8,
 ) -> Job:
     """The job of one paho message; its deadline counts from `received` (monotonic seconds)."""
     payload = bytes(message.payload)
     if len(payload) > max_payload_bytes:
         raise ProtocolError(
-            f"oversized: {len(payload)} bytes, a {input_shape} uint8 offload needs at most "
+            f"oversized: {len(payload)} bytes, a {input_shape} {np.dtype(input_dtype)} offload needs at most "
             f"{max_payload_bytes}"
         )
     props = message.properties
@@ -67,12 +68,12 @@ def parse_offload(
     if reply_topic != topics.reply(device):
         raise ProtocolError(f"ResponseTopic {reply_topic!r} is not {device!r}'s reply topic")
     tensor = request.tensor
-    if tensor.dtype != np.uint8:
-        raise ProtocolError(f"image dtype {tensor.dtype} is not uint8")
+    if tensor.dtype != input_dtype:
+        raise ProtocolError(f"sample dtype {tensor.dtype} is not the model input's {np.dtype(input_dtype)}")
     if tuple(tensor.shape) == (1, *input_shape):
         tensor = tensor.reshape(input_shape)
     if tuple(tensor.shape) != input_shape:
-        raise ProtocolError(f"image shape {list(tensor.shape)} != model input {list(input_shape)}")
+        raise ProtocolError(f"sample shape {list(tensor.shape)} != model input {list(input_shape)}")
     request.tensor = tensor
     expiry = getattr(props, "MessageExpiryInterval", None)
     # No offload waits forever: one without expiry (or a longer one) gets the worker's maximum.

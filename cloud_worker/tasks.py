@@ -39,7 +39,7 @@ class Served:
 
 class Classify:
     """The cloud block of the classification cascade: uint8 images in, logits out (the device applies the
-    softmax)."""
+    softmax); any other single-input classifier too, e.g. the fault model's int16 vibration windows."""
 
     topic_kind = "offload"
     reply_content_type = CONTENT_TYPE_REPLY
@@ -48,13 +48,14 @@ class Classify:
         self.session = session
         self.path = session.path
         self.input_shape: Tuple[int, ...] = session.input_shape
+        self.input_dtype = session.input_dtype
         self.sample_bytes = session.sample_bytes
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         self.session.warm_up(batch_sizes)
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        """Logits [N, classes] of a uint8 batch (the device turns them into probabilities, its own way)."""
+        """Logits [N, classes] of a batch (the device turns them into probabilities, its own way)."""
         return self.session.logits(images)
 
     def reply(self, request: OffloadRequest, logits: np.ndarray, i: int, served: Served) -> bytes:
@@ -93,6 +94,7 @@ class Detect:
         self.path = Path(model_dir)
         height, width = self.detector.input_hw
         self.input_shape: Tuple[int, ...] = (1, height, width)
+        self.input_dtype = np.dtype(np.uint8)
         self.sample_bytes = height * width
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:

@@ -145,7 +145,7 @@ class CloudWorker:
         self.observers: List[Callable[[BatchServed], None]] = []  # told of each batch, after its replies
 
     def _time_one_sample(self) -> float:
-        images = np.zeros((1, *self.task.input_shape), dtype=np.uint8)
+        images = np.zeros((1, *self.task.input_shape), dtype=self.task.input_dtype)
         start = time.perf_counter()
         self.task.run(images)
         return time.perf_counter() - start
@@ -286,6 +286,7 @@ class CloudWorker:
                 self.config.max_expiry_s,
                 now,
                 generation,
+                self.task.input_dtype,
             )
         except ProtocolError as exc:
             self._count("rejected")

@@ -1,8 +1,9 @@
 """The binary envelope: `b"EC"`, version, kind, header length, msgpack header, raw tensor bytes.
 
-Tensors travel as the bytes they were captured in (a 28x28 uint8 image is 784 bytes of body), never as float
-lists. Every decoder validates magic, version, kind, header keys and types, dtype, shape x itemsize == body
-length and the size limit, and raises `ProtocolError` (one error type) for anything else.
+Tensors travel as the bytes they were captured in (a 28x28 uint8 image is 784 bytes of body, a window of two
+accelerometer axes x 2,048 int16 samples 8,192), never as float lists. Every decoder validates magic, version,
+kind, header keys and types, dtype, shape x itemsize == body length and the size limit, and raises
+`ProtocolError` (one error type) for anything else.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ MAX_DETECTIONS = 1000  # boxes in one detections reply
 _MAGIC = b"EC"
 _PREAMBLE = struct.Struct(">2sBBI")  # magic, version, kind, header length
 _KIND_OFFLOAD, _KIND_REPLY, _KIND_RECORDS, _KIND_RECEIPT, _KIND_DETECTIONS, _KIND_REFUSAL = 1, 2, 3, 4, 5, 6
-_DTYPES = {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
+# The dtypes a tensor may travel as: an image's uint8 pixels, a sensor's int16 ADC counts, float32 features...
+TENSOR_DTYPES = frozenset(
+    {"uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64"}
+)
+_DTYPES = TENSOR_DTYPES
 
 
 class ProtocolError(ValueError):
