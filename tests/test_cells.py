@@ -7,7 +7,10 @@ successful CONNACK through HAProxy is itself a check that the routing matched `c
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,3 +141,25 @@ def test_bytes_that_are_not_mqtt_are_refused_and_a_split_connect_still_routes(st
         split.sendall(packet[7:])
         connack = split.recv(4)
     assert connack[:1] == b"\x20" and connack[3] != 0  # a CONNACK, refusing the anonymous login
+
+
+def test_cells_up_starts_the_planned_brokers_and_haproxy_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The newcomer's command, as a process (`--no-services`: the cells benchmark runs the services)."""
+    plan = write_plan(tmp_path / "plan", cells=2, port=find_free_port(), devices=["dev-up"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecascade", "cells", "up", str(plan.directory), "--no-services"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline() or "{}")
+        assert info["haproxy"] == f"{plan.host}:{plan.port}" and len(info["cells"]) == 2
+        reason = connect_once(plan.device_address("dev-up"), "dev-up")
+        assert reason is not None and not reason.is_failure
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read() if proc.stderr else ""
+    with pytest.raises(OSError):  # HAProxy went with it
+        socket.create_connection((plan.host, plan.port), timeout=1).close()
