@@ -9,8 +9,8 @@ STAMP := $(VENV)/.setup-stamp
 EXTRAS := device,cloud,train,db,jetson,dev
 SYSTEM_PACKAGES := mosquitto mosquitto-clients dataset-fashion-mnist postgresql haproxy
 DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
-DEVICE_PACKAGES := device_agent protocol metering video
-PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video cells
+DEVICE_PACKAGES := device_agent protocol metering video vibration
+PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video cells vibration
 
 .PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots check-device-install
 
