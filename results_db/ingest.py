@@ -44,6 +44,7 @@ from results_db.models import (
     RejectedRecord,
     Run,
 )
+from results_db.partitions import PartitionKeeper, is_partitioned
 
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -85,17 +86,26 @@ _JSON_COLUMNS = {
 }
 
 
-def _staging_sql(kind: str) -> Tuple[str, str, str, str]:
-    """PostgreSQL: create the staging table (once per session), COPY into it, move its rows, empty it."""
+def _staging_sql(kind: str, partitioned: bool) -> Tuple[str, str, str, str]:
+    """PostgreSQL: create the staging table (once per session), COPY into it, move its rows, empty it.
+
+    Into the partitioned `inferences` (migration 0008), whose unique key must hold the partition key
+    (ts_unix), only keys stored in no partition move: a stored key with another ts_unix is then not
+    inserted as a second row but found by `_conflicts` and refused, as on a plain table."""
     table, columns = DATA_TABLES[kind].name, ", ".join(_COLUMNS[kind])
     stage = f"_stage_{table}"
+    keys = NATURAL_KEYS[kind]
+    move = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} s "
+    if partitioned:
+        same_key = " AND ".join(f"t.{k} = s.{k}" for k in keys)
+        move += f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {same_key}) "
+        keys = [*keys, "ts_unix"]
     return (
         # Only the data columns, no constraints: ON COMMIT DELETE ROWS leaves it empty between transactions.
         f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
         f"SELECT {columns} FROM {table} WITH NO DATA",
         f"COPY {stage} ({columns}) FROM STDIN",
-        f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} "
-        f"ON CONFLICT ({', '.join(NATURAL_KEYS[kind])}) DO NOTHING",
+        move + f"ON CONFLICT ({', '.join(keys)}) DO NOTHING",
         f"DELETE FROM {stage}",  # a second write in the same transaction starts from an empty stage
     )
 
@@ -168,7 +178,13 @@ class RecordWriter:
         placeholder = "?" if dialect == "sqlite" else "%s"  # sqlite3 is qmark, psycopg format style
         self._insert_sql = {kind: _insert_sql(kind, placeholder) for kind in DATA_TABLES}
         self._copy = dialect == "postgresql"
-        self._staging_sql = {kind: _staging_sql(kind) for kind in DATA_TABLES}
+        with engine.connect() as connection:
+            partitioned = is_partitioned(connection)
+        # inferences partitioned by day (PostgreSQL, 0008): the writer creates the days it writes into
+        self._partitions = PartitionKeeper(engine) if partitioned else None
+        self._staging_sql = {
+            kind: _staging_sql(kind, partitioned and kind == "inference") for kind in DATA_TABLES
+        }
         self._placeholder = placeholder
         self._json_is_text = dialect == "sqlite"  # psycopg hands JSONB back decoded, sqlite3 as text
         self._reject = insert(REJECTED).on_conflict_do_nothing(index_elements=["digest"])
@@ -203,6 +219,8 @@ class RecordWriter:
     ) -> WriteCounts:
         """Write `records` in one transaction (committed on return); `rejected`, and the records this write
         refuses (with their `topics`, when given), are kept in `rejected_records` in the same transaction."""
+        if self._partitions is not None:  # before the transaction: creating one locks the parent table
+            self._partitions.ensure((r["ts_unix"] for r in records if r["type"] == "inference"), time.time())
         with self.engine.begin() as connection:
             counts = self.write_in(connection, records)
             own = [
@@ -330,6 +348,8 @@ class RecordWriter:
         create, copy_sql, move, empty = self._staging_sql[kind]
         # The psycopg connection under SQLAlchemy's, in the same transaction: COPY has no SQLAlchemy API.
         raw = connection.connection.driver_connection
+        if self._partitions is not None and kind == "inference":
+            rows = _first_of_each_key(kind, rows)  # NOT EXISTS cannot see a row of the same statement
         with raw.cursor() as cursor:  # type: ignore[union-attr]
             cursor.execute(create)
             with cursor.copy(copy_sql) as copy:
@@ -402,6 +422,15 @@ class RecordWriter:
                 for row in connection.exec_driver_sql(sql, (*group, *chunk)):
                     found[tuple(row[i] for i in positions)] = row
         return found
+
+
+def _first_of_each_key(kind: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The rows whose natural key comes first in the batch; the others are compared by `_conflicts`."""
+    keys = NATURAL_KEYS[kind]
+    first: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+    for row in rows:
+        first.setdefault(tuple(row[k] for k in keys), row)
+    return list(first.values()) if len(first) < len(rows) else rows
 
 
 def _json_normal(value: Any, is_text: bool) -> Any:
