@@ -9,23 +9,27 @@
   from their retained load topic, and the device's own round trips), else it is shed: answered at the edge;
 - `settlement.Settlement`: outcomes become records, records reach the outbox (and only then are resolved);
 - `drift_watch.DriftWatch`: the main block's outputs against the card's profile, on records and the status;
+- `rollout.ModelRollout`: new model versions from the operator, verified and installed, then swapped in
+  here (`serve`) between two samples; `rollout.AgreementTracker`: the cloud's answers against the edge's;
 - `link.Link`: the MQTT connection that empties the outbox; `outbox.Outbox` + `durable`: what is on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 from device_agent.capacity import CapacityRule
-from device_agent.card import load_card
+from device_agent.card import ModelCard, ModelCardError, load_card
 from device_agent.cascade import EdgeCascade
 from device_agent.config import AgentConfig
 from device_agent.drift_watch import DriftWatch
@@ -33,8 +37,10 @@ from device_agent.durable import Origin, SourceProgress
 from device_agent.energy import DeviceEnergy, baseline_record
 from device_agent.inference import STOP, InferenceLoop
 from device_agent.keys import source_stream
+from device_agent.model_store import model_version_of
 from device_agent.offloads import OffloadTracker, Settled
-from device_agent.policies import make_policy
+from device_agent.policies import Policy, make_policy
+from device_agent.rollout import AgreementTracker, ModelRollout
 from device_agent.runs import LiveTally, RunSummary, Stream, plain, run_record
 from device_agent.session import RunSession
 from device_agent.settlement import Settlement
@@ -43,8 +49,23 @@ from edgecascade.systemd import Watchdog
 from protocol import InferenceRecord, ProtocolError
 from protocol.load import decode_load
 from protocol.records import RunEndRecord
+from protocol.status import ModelStatus
 
 logger = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 1.0  # the model status (agreement) is republished at most this often
+
+
+@dataclass
+class ServedModel:
+    """What the agent serves from one model directory, built whole before it is swapped in."""
+
+    version: str
+    model_dir: Path
+    card: ModelCard
+    policy: Policy
+    cascade: EdgeCascade
+    drift: Optional[DriftWatch]
 
 
 class DeviceAgent:
@@ -66,13 +87,21 @@ class DeviceAgent:
         # Each stored record, as it is stored (the metrics: `device_agent.metrics`); set before start().
         self.record_observers: List[Callable[[InferenceRecord], None]] = []
         self._listening: List[Tuple[str, Callable[[str, bytes], None]]] = []
+        self.rollout: Optional[ModelRollout] = None  # None: the config follows no device group
+        self._status_sent = (-1, 0.0)  # (agreement changes, monotonic time) of the last model status
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
         cfg = self.config
-        self.card = load_card(cfg.model_dir)
+        if cfg.rollout is not None:
+            self.rollout = ModelRollout(cfg.rollout, cfg.state_dir, cfg.topics)
+        # A version installed by a rollout is served again after a restart (once it verifies again).
+        self.model_dir = self.rollout.startup_dir(cfg.model_dir) if self.rollout else Path(cfg.model_dir)
+        self.model_version = model_version_of(self.model_dir)
+        self.agreement = AgreementTracker(self.model_version)
+        self.card = load_card(self.model_dir)
         self.policy = make_policy(cfg.policy, self.card)
-        self.cascade = EdgeCascade(cfg.model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
+        self.cascade = EdgeCascade(self.model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
         self.input_shape = tuple(self.card.input_shape)
         self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, self.card.raw)
         try:
@@ -93,6 +122,7 @@ class DeviceAgent:
         tick_s = max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20))
         self.session.open(self._on_reply, tick_s)
         self.outbox, self.link = self.session.outbox, self.session.link
+        self.link.largest_payload_bytes = int(np.prod(self.input_shape))  # an offload: one raw sample
         self.settlement = Settlement(
             run_id=self.run_id,
             device_id=self.device_id,
@@ -136,10 +166,15 @@ class DeviceAgent:
             self.link.listen(cfg.topics.all_cloud_load, self._on_load)  # subscribed once connected
         for topic_filter, handler in self._listening:
             self.link.listen(topic_filter, handler)
+        if self.rollout is not None:
+            self.rollout.attach(
+                self.link, self.agreement, self.model_version, self.prepare_model, self.loop.offer
+            )
+        self.link.set_model(self.model_status())  # in the first `online` already
         self.link.hooks.append(self._housekeeping)
         self.session.connect(
             lambda: run_record(
-                cfg,
+                dataclasses.replace(cfg, model_dir=self.model_dir),
                 self.run_id,
                 policy=self.policy.name,
                 params=self.policy.params(),
@@ -198,6 +233,8 @@ class DeviceAgent:
 
     def _teardown(self) -> None:
         try:
+            if self.rollout is not None:
+                self.rollout.close()
             self.session.close()
         finally:
             self.energy.close()
@@ -298,11 +335,66 @@ class DeviceAgent:
         summary.policy_report = self.policy.report()
         summary.capacity = self.capacity.report() if self.capacity is not None else {}
         summary.drift = self.drift.report() if self.drift is not None else {}
+        if self.rollout is not None:
+            summary.rollout = {**self.rollout.stats, "refusals": dict(self.rollout.refusals)}
 
     def _on_reply(self, corr: Optional[bytes], payload: bytes) -> None:
         self.offloads.on_reply(corr, payload)
 
+    # -- model versions -------------------------------------------------------------------------------
+    def prepare_model(self, model_dir: Path) -> ServedModel:
+        """Everything the agent serves, built from `model_dir` on the caller's thread (the rollout's) and
+        tried on one image: a model that cannot load or run raises here, never on a sample."""
+        cfg = self.config
+        card = load_card(model_dir)
+        if list(card.input_shape) != list(self.card.input_shape) or card.num_classes != self.card.num_classes:
+            raise ModelCardError(
+                f"{model_dir}: input {card.input_shape} with {card.num_classes} classes, but the agent "
+                f"serves {self.card.input_shape} with {self.card.num_classes} (a swap cannot change samples)"
+            )
+        policy = make_policy(cfg.policy, card)
+        cascade = EdgeCascade(model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
+        cascade.decide(np.zeros(tuple(card.input_shape), dtype=np.uint8))
+        drift = DriftWatch.for_agent(
+            cfg.drift,
+            card,
+            policy,
+            run_id=self.run_id,
+            device_id=self.device_id,
+            sink=self.session.sink,
+            link=self.link,
+        )
+        return ServedModel(model_version_of(model_dir), Path(model_dir), card, policy, cascade, drift)
+
+    def serve(self, model: ServedModel) -> None:
+        """The inference thread, between two samples: the next sample is answered by `model`."""
+        was = self.model_version
+        self.card, self.policy, self.cascade, self.drift = (
+            model.card,
+            model.policy,
+            model.cascade,
+            model.drift,
+        )
+        self.settlement.policy = (
+            model.policy
+        )  # offloads still in flight teach the new policy (its thresholds)
+        self.energy.use_card(model.card.raw)
+        self.model_dir, self.model_version = model.model_dir, model.version
+        self.agreement.swapped(model.version)
+        if self.rollout is not None:
+            self.rollout.swapped(model.version)
+        logger.info("agent %s swapped model %s for %s", self.device_id, was, model.version)
+
+    def model_status(self) -> ModelStatus:
+        if self.rollout is not None:
+            return self.rollout.status()
+        return ModelStatus(None, self.agreement.current(), self.agreement.previous, 0)
+
     def _offload_settled(self, settled: Settled) -> None:
+        reply, sample = settled.reply, settled.sample
+        if reply is not None and sample.view.prediction is not None:
+            # The device's one view of its model's quality: does the cloud agree with the edge's answer?
+            self.agreement.observe(sample.model_version, int(reply.prediction) == int(sample.view.prediction))
         if self.capacity is not None:
             if settled.refusal is not None:
                 self.capacity.refused()
@@ -329,3 +421,7 @@ class DeviceAgent:
     def _housekeeping(self, connected: bool) -> None:
         self.offloads.tick(connected)
         self.settlement.flush(block=False)
+        changes, sent_at = self.agreement.changes, self._status_sent[1]
+        if changes != self._status_sent[0] and time.monotonic() - sent_at >= STATUS_EVERY_S:
+            self._status_sent = (changes, time.monotonic())
+            self.link.set_model(self.model_status())

@@ -49,6 +49,10 @@ EPILOG = """examples:
   # drift tests on a longer window, at most a 1 % chance of a false alarm in a million clean samples
   edgecascade agent ... --drift-window 500 --drift-horizon 1000000
 
+  # follow the model versions the operator rolls out to group `canary` (`edgecascade models publish`),
+  # signed with the key whose public half is model-signing.pub; each is swapped in between two samples
+  edgecascade agent ... --model-group canary --trusted-key /etc/edgecascade/model-signing.pub
+
 Offloads are capacity-aware by default: one the cloud workers' published load and the device's own round
 trips say would come back too late, or one beyond the budget, is answered at the edge, flagged `shed`.
 The run's summary is printed on stdout as JSON (`shed`, and `capacity`: sheds by reason); logs and progress
@@ -166,6 +170,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset source: start the next pass when one ends, until SIGTERM (a camera that never stops)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--model-group",
+        metavar="GROUP",
+        help="follow the model versions rolled out to this device group (needs --trusted-key; default: "
+        "serve --models only)",
+    )
+    parser.add_argument(
+        "--trusted-key",
+        type=Path,
+        metavar="FILE.pub",
+        help="ed25519 public key (PEM) whose signature a rolled-out model version must carry",
+    )
+    parser.add_argument(
+        "--model-download-timeout",
+        type=float,
+        metavar="S",
+        default=120.0,
+        help="a model version whose files have not all arrived within S seconds is refused (default 120)",
+    )
 
 
 def parse_source(source: str) -> Tuple[str, Dict[str, Any]]:
@@ -212,6 +235,15 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
         raise PolicyError(f"unknown policy {args.policy!r}; known: {', '.join(policy_names())}")
     if args.rate is not None and not args.rate > 0:
         raise ValueError(f"--rate must be positive, got {args.rate}")
+    if (args.model_group is None) != (args.trusted_key is None):
+        raise ValueError("--model-group and --trusted-key go together (a rollout must be signed)")
+    rollout = None
+    if args.model_group is not None:
+        from device_agent.rollout import RolloutSettings
+
+        rollout = RolloutSettings(
+            args.model_group, args.trusted_key, download_timeout_s=args.model_download_timeout
+        )
     password = read_secret(args.password_file) if args.password_file else ""
     broker = BrokerAddress.parse(args.broker, args.username or args.device_id, password, args.tls_ca)
     overrides = {
@@ -235,6 +267,7 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
         dataset=source["name"] if kind == "dataset" else _live_name(args, kind, source),
         split=source["split"] if kind == "dataset" else "live",
         results_receipts=not args.no_receipts,
+        rollout=rollout,
     )
     if args.profile:
         config = apply_profile(config, load_profile(args.profile))

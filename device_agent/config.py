@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from device_agent.capacity import SHED_ABOVE
 from device_agent.drift import DriftSettings
+from device_agent.rollout import RolloutSettings
 from protocol.ids import check_device_id, check_run_id
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
@@ -55,6 +56,8 @@ class AgentConfig:
     offload_budget_burst: Optional[float] = None  # ... saved up to this many (None: one second's worth)
     # Drift detection (device_agent.drift) against the card's reference, where it has one. None: off.
     drift: Optional[DriftSettings] = DriftSettings()
+    # Model rollouts (device_agent.rollout): the device group whose signed manifest it follows. None: off.
+    rollout: Optional[RolloutSettings] = None
     results_batch: int = 100  # result records per MQTT message
     flush_s: float = 0.2  # a partial batch of records waits at most this long
     results_receipts: bool = True  # keep records until the collector has stored them (False: the broker)
@@ -108,6 +111,8 @@ class AgentConfig:
                 )
         if self.drift is not None and not isinstance(self.drift, DriftSettings):
             raise ValueError(f"drift must be DriftSettings or None, got {self.drift!r}")
+        if self.rollout is not None and not isinstance(self.rollout, RolloutSettings):
+            raise ValueError(f"rollout must be RolloutSettings or None, got {self.rollout!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads!r}")
 

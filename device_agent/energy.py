@@ -143,6 +143,11 @@ class DeviceEnergy:
         self._analytic_sums[key] = total
         return total
 
+    def use_card(self, card_raw: Dict[str, Any]) -> None:
+        """The analytic figures of a model swapped in (`device_agent.rollout`); the meter stays."""
+        self._analytic = _analytic_blocks(card_raw)
+        self._analytic_sums = {}
+
     def close(self) -> None:
         if self.meter is not None:
             self.meter.close()

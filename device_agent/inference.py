@@ -6,6 +6,10 @@ Inferences are grouped in meter windows whose joules are split over them by comp
 after `window_size` inferences, after `window_max_s` seconds, or when the queue runs dry, and hands its
 members to `Settlement`. Items on the queue are single samples (`submit`) or a whole `Stream` (`run_dataset`),
 which this thread pulls itself: a thread hand-off per sample costs as much as a small model.
+
+A new model version (`device_agent.rollout`, built whole on another thread) is `offer`ed here and swapped in
+by this thread before the next sample (or while idle): no sample sees half of one model and half of another,
+and each sample names the version that answered it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable, List, Optional, Tuple
@@ -42,6 +47,20 @@ class InferenceLoop:
         self.queue: queue.Queue = queue.Queue(maxsize=max(4 * self.config.window_size, 64))
         self.samples = samples
         self.windows = windows
+        self._offered: Any = None  # a model built to be served next (`offer`), swapped in by this thread
+        self._offer_lock = threading.Lock()
+
+    def offer(self, model: Any) -> None:
+        """Any thread: serve `model` from the next sample on (a newer offer replaces one not yet taken)."""
+        with self._offer_lock:
+            self._offered = model
+
+    def _maybe_swap(self) -> None:
+        if self._offered is None:
+            return
+        with self._offer_lock:
+            model, self._offered = self._offered, None
+        self.agent.serve(model)
 
     def check(self, arr: np.ndarray) -> Optional[str]:
         """Why `arr` cannot be a sample (counted and logged), or None."""
@@ -61,6 +80,7 @@ class InferenceLoop:
             try:
                 item = self.queue.get(timeout=0.5)
             except queue.Empty:
+                self._maybe_swap()
                 watchdog.beat()
                 continue
             if item is STOP:
@@ -150,9 +170,10 @@ class InferenceLoop:
     ) -> Optional[Sample]:
         agent = self.agent
         try:
+            self._maybe_swap()  # between two samples
             seq = self.samples.take()
             sample = Sample(seq, image, label, future, time.time())
-            sample.sink, sample.origin = sink, origin
+            sample.sink, sample.origin, sample.model_version = sink, origin, agent.model_version
             started = time.perf_counter()
             policy = agent.policy
             view, blocks = edge_view(agent.cascade, policy.edge, image, seq)

@@ -3,7 +3,8 @@
 - Client id = device id, MQTT 5, clean_start=False with a session expiry: the broker keeps the reply
   subscription (and replies queued for it) across reconnects of the agent.
 - Status (`protocol.status`, JSON): the Last Will is a retained `offline`; a retained `online`, with the
-  device's latest drift verdict (`set_drift`), is published on every connect and whenever the verdict changes.
+  device's latest drift verdict (`set_drift`) and model status (`set_model`), is published on every connect
+  and whenever either changes.
 - Result records leave the outbox in batches (`encode_records`, QoS 1). With receipts (the default) each
   batch carries a token (CorrelationData) and our `receipts` topic (ResponseTopic); the collector answers
   once the batch is committed, and only then are its records deleted. A receipt says how many records were
@@ -40,6 +41,7 @@ import paho.mqtt.client as mqtt
 
 from device_agent.outbox import Outbox
 from protocol import CONTENT_TYPE_RESULTS, ProtocolError, Topics, decode_receipt, encode_records
+from protocol.capabilities import BrokerOffer, RoleNeeds, refusal, session_note
 from protocol.mqtt import (
     BrokerAddress,
     BrokerUnusable,
@@ -48,7 +50,7 @@ from protocol.mqtt import (
     permanent_connack_refusal,
     publish_properties,
 )
-from protocol.status import CONTENT_TYPE_STATUS, DeviceStatus, DriftStatus, encode_status
+from protocol.status import CONTENT_TYPE_STATUS, DeviceStatus, DriftStatus, ModelStatus, encode_status
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ class Link:
         self.connected = threading.Event()
         self.hooks: List[Callable[[bool], None]] = []  # called each tick with the connected flag
         self._listening: List[str] = []  # topic filters read besides our own (`listen`)
+        self._subscribed: Dict[str, int] = {}  # filters subscribed while running (`subscribe`), with QoS
         self._on_reply = on_reply
         self._session_expiry_s = session_expiry_s
         self._reply_topic = topics.reply(device_id)
@@ -110,6 +113,9 @@ class Link:
         self._receipts_in: Deque[Tuple[bytes, bytes]] = collections.deque()  # (token, payload)
         self.last_error: Optional[str] = None  # why the last connection attempt failed
         self.refused: Optional[str] = None  # set while the broker refuses our login for good (CONNACK)
+        # The largest payload we publish (an offload: the sample's bytes), set by the agent before `start`:
+        # a broker whose MaximumPacketSize is smaller is refused at connect.
+        self.largest_payload_bytes = 0
         self._receipt_wait_s = receipt_timeout_s  # current timeout: doubles while receipts stay away
         self._backed_off_at = 0.0  # when it last doubled: at most once per timeout period
         self._warned_no_receipts = False
@@ -132,6 +138,7 @@ class Link:
         }
         self.client = new_client(address, device_id, on_connect=self._on_connect)
         self._drift: Optional[DriftStatus] = None  # the latest verdict, for the status of every connect
+        self._model: Optional[ModelStatus] = None  # the model served and its agreement (`set_model`)
         self._status_props = publish_properties(content_type=CONTENT_TYPE_STATUS)
         self.client.will_set(
             topics.status(device_id), encode_status(DeviceStatus("offline")), qos=1, retain=True
@@ -163,6 +170,21 @@ class Link:
         we were away would be old. `handler(topic, payload)` runs on paho's thread."""
         self._listening.append(topic_filter)
         self.client.message_callback_add(topic_filter, lambda c, u, m: handler(m.topic, bytes(m.payload)))
+
+    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None], qos: int = 1) -> None:
+        """While running too: read `topic_filter` at `qos` until `unsubscribe` (e.g. a model file's chunks,
+        `device_agent.rollout`), again after every reconnect; `handler` runs on paho's thread."""
+        self.client.message_callback_add(topic_filter, lambda c, u, m: handler(m.topic, bytes(m.payload)))
+        self._subscribed[topic_filter] = qos
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        if self._subscribed.pop(topic_filter, None) is None:
+            return
+        self.client.message_callback_remove(topic_filter)
+        if self.connected.is_set():
+            self.client.unsubscribe(topic_filter)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -225,29 +247,61 @@ class Link:
         if self.connected.is_set():
             self._publish_status("online")
 
+    def set_model(self, model: Optional[ModelStatus]) -> None:
+        """The model served and its agreement with the cloud: on the retained status now and each connect."""
+        self._model = model
+        if self.connected.is_set():
+            self._publish_status("online")
+
     def _publish_status(self, state: str) -> mqtt.MQTTMessageInfo:
-        payload = encode_status(DeviceStatus(state, self._drift if state == "online" else None))
+        online = state == "online"
+        payload = encode_status(
+            DeviceStatus(state, self._drift if online else None, self._model if online else None)
+        )
         return self.client.publish(
             self.topics.status(self.device_id), payload, qos=1, retain=True, properties=self._status_props
         )
 
+    def needs(self) -> RoleNeeds:
+        """What this device needs of the broker: QoS 1, retain (its status and Last Will), wildcards when it
+        listens to a filter (the workers' load), packets that hold its largest payload."""
+        wildcards = any("+" in f or "#" in f for f in self._listening)
+        return RoleNeeds(
+            "device", retain=True, wildcards=wildcards, largest_payload_bytes=self.largest_payload_bytes
+        )
+
     # -- paho callbacks (network thread) --------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        address = self.address
         if reason.is_failure:
             why = permanent_connack_refusal(reason)
             if why is not None and self.refused is None:
-                address = self.address
                 self.refused = f"broker {address.host}:{address.port} refused {address.username!r}: {why}"
                 logger.error("%s (retrying with back-off; the outbox keeps everything)", self.refused)
             self.last_error = str(reason)
             return
+        offer = BrokerOffer.from_connack(props)
+        unfit = refusal(offer, self.needs(), f"{address.host}:{address.port}")
+        if unfit is not None:  # no retry makes it fit: say so once and leave (start() raises BrokerUnusable)
+            if self.refused != unfit:
+                logger.error("%s", unfit)
+            self.refused = self.last_error = unfit
+            client.disconnect()
+            return
+        note = session_note(offer, self._session_expiry_s)
+        if note is not None:
+            logger.warning("%s: %s", self.device_id, note)
         self.refused = None
         self.stats["connects"] += 1
         logger.info("%s connected (session present: %s)", self.device_id, flags.session_present)
         # Subscribe even when the session is present: a broker that lost its state (SIGKILL before its
         # autosave) reports no session, and re-subscribing an existing subscription is harmless.
         ours = [(self._reply_topic, 1)] + ([(self._receipts_topic, 1)] if self.receipts else [])
-        client.subscribe(ours + [(topic_filter, 0) for topic_filter in self._listening])
+        client.subscribe(
+            ours
+            + [(topic_filter, 0) for topic_filter in self._listening]
+            + list(dict(self._subscribed).items())
+        )
         if not flags.session_present:
             # A broker that lost our session may never acknowledge (or deliver) batches sent before: send them
             # again from the outbox (the collector's unique key makes a second copy harmless).

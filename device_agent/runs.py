@@ -51,6 +51,8 @@ class RunSummary:
     resumed_done: int = 0  # ... and how many of its items an earlier process had already recorded
     recovered_offloads: int = 0  # offloads an earlier process left, recorded as fallbacks at start
     refused_records: int = 0  # records the collector could not store (kept in its rejected_records table)
+    model_versions: Dict[str, int] = field(default_factory=dict)  # model version -> samples it answered
+    rollout: Dict[str, Any] = field(default_factory=dict)  # ModelRollout.stats and refusals by reason
 
     @property
     def accuracy(self) -> Optional[float]:
@@ -63,6 +65,8 @@ class RunSummary:
     def add(self, record: InferenceRecord) -> None:
         self.samples += 1
         self.exits[record.exit_stage] = self.exits.get(record.exit_stage, 0) + 1
+        version = str(record.model_version)
+        self.model_versions[version] = self.model_versions.get(version, 0) + 1
         if record.exit_stage in ("cloud", "fallback") and record.bytes_up:
             self.offloaded += 1
         self.fallbacks += record.exit_stage == "fallback"

@@ -21,6 +21,7 @@ class Sample:
         "seq", "image", "label", "future", "ts_unix", "view", "decision", "blocks", "edge_ms",
         "compute_s", "bytes_up", "bytes_down", "network_ms", "reply", "offload_outbox_id",
         "device_j_gross", "device_j_net", "energy_done", "exit_stage", "finished", "sink", "origin",
+        "model_version",
     )  # fmt: skip
 
     def __init__(
@@ -48,6 +49,7 @@ class Sample:
         self.finished = False
         self.sink: Optional[Callable[[Optional[InferenceRecord]], None]] = None  # run_dataset's tally
         self.origin: Optional[Origin] = None  # the source item it came from, marked done with its record
+        self.model_version: Optional[str] = None  # the model version that answered it at the edge
 
 
 def edge_view(cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int) -> Tuple[EdgeView, List[str]]:
@@ -118,4 +120,5 @@ def record_of(
         cloud_j=cloud_j,
         energy_source=energy_source,
         ts_unix=sample.ts_unix,
+        model_version=sample.model_version,
     )
