@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Counter, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Counter, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 from rich.table import Table
@@ -124,9 +124,14 @@ def run_fleet(
     console: Console,
     site: Callable[..., ContextManager[Tuple[Any, ServiceGroup]]] = cloud_site,
     broker_down_s: float = 1.0,
+    extra_agent_args: Callable[[str], Sequence[str]] = lambda device: (),
+    during: Optional[Callable[[Any, List[str], FleetResult], None]] = None,
 ) -> FleetResult:
     """`site(workdir, db, models, workers, cloud_cpus=...)`: the cloud side, `cloud_site` (one broker) unless
-    told otherwise (`bench.cells_bench`: cells behind HAProxy, its `broker` the front that kills one cell)."""
+    told otherwise (`bench.cells_bench`: cells behind HAProxy, its `broker` the front that kills one cell).
+    `extra_agent_args(device)`: more flags for that device's agent; `during(broker, devices, result)`: a
+    scenario on a thread of its own while the agents stream (`bench.rollout_bench`: a model rollout), joined
+    before the rows are accounted for."""
     fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
     result = FleetResult(agents, workers, samples)
     results.mkdir(parents=True, exist_ok=True)
@@ -157,6 +162,7 @@ def run_fleet(
                 "--close-timeout", "180",
                 "--no-progress",
                 *(["--rate", str(rate)] if rate else []),
+                *extra_agent_args(device),
             ]  # fmt: skip
             services.start(device, agent_args, wait_ready=False, prefix=nice)
         chaos = threading.Thread(
@@ -175,10 +181,16 @@ def run_fleet(
             daemon=True,
         )
         chaos.start()
+        scenario = None
+        if during is not None:
+            scenario = threading.Thread(target=during, args=(broker, devices, result), daemon=True)
+            scenario.start()
         for device in devices:
             result.agent_failures += services.wait(device, timeout_s=900) != 0
         result.seconds = time.monotonic() - started
         chaos.join(1)
+        if scenario is not None:
+            scenario.join(60)
         expected = identities(models, samples, with_confidence=policy != "cloud-only")
         wait_for_rows(db, {f"{fleet_id}-{d}": samples for d in devices}, console)
         _account(db, fleet_id, devices, expected, result)
