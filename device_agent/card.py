@@ -10,9 +10,10 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 CARD_FILE = "card.json"
+NO_GATE = 2.0  # above any softmax: the extension gate's upper bound when the card sets none
 CARD_SCHEMA = 1
 BLOCK_NAMES = ("main", "extension", "cloud")
 
@@ -58,6 +59,13 @@ class ModelCard:
     @property
     def hi_theta(self) -> float:
         return float(self.thresholds["hi_theta"])
+
+    @property
+    def extension_gate(self) -> Tuple[float, float]:
+        """The band [low, high) of the main block's max-softmax where the extension runs (for a hard
+        top-1); a card without one runs it for every hard top-1 (the MEANet rule as published)."""
+        low, high = self.thresholds.get("extension_gate", (0.0, NO_GATE))
+        return float(low), float(high)
 
     def block_path(self, name: str) -> Path:
         """Path of a block's ONNX file (`main`, `extension` or `cloud`)."""
@@ -123,6 +131,16 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
         # `not 0 <= value <= 1` is also true for NaN, which would otherwise decide every sample one way
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ModelCardError(f"model card {card_path}: threshold {name} must be in [0, 1], got {value!r}")
+    gate = card.thresholds.get("extension_gate", [0.0, NO_GATE])
+    if (
+        not isinstance(gate, list)
+        or len(gate) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in gate)
+        or not 0.0 <= gate[0] < gate[1] <= NO_GATE
+    ):
+        raise ModelCardError(
+            f"model card {card_path}: extension_gate must be [low, high], 0 <= low < high, got {gate!r}"
+        )
     return card
 
 

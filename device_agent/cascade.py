@@ -107,6 +107,9 @@ class EdgeCascade:
         self._is_hard = np.zeros(self.card.num_classes, dtype=bool)
         self._is_hard[self.hard_classes] = True
         self.entropy_tau = self.card.entropy_tau
+        # The extension runs for a hard top-1 whose main max-softmax is in [low, high): above, the main block
+        # is sure enough; below, the sample is headed for the cloud whatever the extension says.
+        self.gate_low, self.gate_high = self.card.extension_gate
         # Per-call constants of the batch-1 path (`_decide_one`), computed once here.
         self._hard_set = frozenset(self.card.hard_classes)
         self._image_shape = tuple(self.card.input_shape)
@@ -135,7 +138,8 @@ class EdgeCascade:
 
     def decide(self, images: np.ndarray) -> List[EdgeDecision]:
         """The MEANet edge rule (`rule.edge_decision`) on a batch; the extension runs, batched, only on rows
-        whose main top-1 is hard. A batch of one (the agent's case) takes `_decide_one`."""
+        whose main top-1 is hard and whose confidence is in the card's gate. A batch of one (the agent's
+        case) takes `_decide_one`."""
         if (
             type(images) is np.ndarray
             and images.dtype == np.uint8
@@ -149,7 +153,9 @@ class EdgeCascade:
         t0 = time.perf_counter()
         main = self.run_main(batch)
         main_ms = (time.perf_counter() - t0) * 1000.0 / n
-        rows = np.flatnonzero(self._is_hard[main.probs.argmax(axis=1)])
+        p_main = main.probs.max(axis=1)
+        gated = (p_main >= self.gate_low) & (p_main < self.gate_high)
+        rows = np.flatnonzero(self._is_hard[main.probs.argmax(axis=1)] & gated)
         ext: List[Optional[np.ndarray]] = [None] * n
         ext_ms = 0.0
         if rows.size:
@@ -178,7 +184,8 @@ class EdgeCascade:
         logits, features = self._main.run(self._main_outputs, {"image": batch})
         probs = softmax_row(logits[0])
         q: Optional[np.ndarray] = None
-        if int(probs.argmax()) in self._hard_set:
+        top1 = int(probs.argmax())
+        if top1 in self._hard_set and self.gate_low <= probs[top1] < self.gate_high:
             (ext_logits,) = self._ext.run(self._ext_outputs, {"image": batch, "features": features})
             q = softmax_row(ext_logits[0])
         edge_ms = (time.perf_counter() - t0) * 1000.0

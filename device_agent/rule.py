@@ -1,7 +1,9 @@
 """The MEANet edge rule, softmax and normalised entropy: defined once, here, for every part that decides.
 
 The rule (`training.reference` is its torch twin, tested to decide alike on the 10,000 test images):
-  1. main softmax over all classes; if its top-1 is not a hard class the sample exits at the main block;
+  1. main softmax over all classes; if its top-1 is not a hard class, or its max-softmax is outside the
+     card's extension gate [low, high) (`card.extension_gate`; no gate: always inside), the sample exits at
+     the main block;
   2. else the extension block runs (softmax over the hard classes) and its answer replaces the main one only
      where its max-probability is strictly higher (ties keep the main answer);
   3. the edge answer (a full-class distribution) is *complex* when its normalised entropy exceeds

@@ -4,6 +4,7 @@ reference on the test set, the cloud model, and clear errors for broken model di
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -89,7 +90,10 @@ def test_runner_agrees_with_the_torch_reference_on_the_test_set(
             ref_parts.append((logits, ext(x, feats)))
             decisions += cascade.decide(images[start : start + 1000])
     ref = edge_rule(
-        torch.cat([p[0] for p in ref_parts]), torch.cat([p[1] for p in ref_parts]), card.hard_classes
+        torch.cat([p[0] for p in ref_parts]),
+        torch.cat([p[1] for p in ref_parts]),
+        card.hard_classes,
+        card.extension_gate,
     )
     tau = card.entropy_tau
     pred = np.array([d.prediction for d in decisions])
@@ -100,6 +104,7 @@ def test_runner_agrees_with_the_torch_reference_on_the_test_set(
     for i in np.flatnonzero(mismatch):  # each disagreement must be an exact tie up to float rounding
         top2 = np.sort(ref.probs[i].numpy())[-2:]
         margins = [abs(float(ref.entropy[i]) - tau), float(top2[1] - top2[0])]
+        margins += [abs(float(ref.p_main[i]) - bound) for bound in card.extension_gate]
         if bool(ref.ran_extension[i]):
             margins.append(abs(float(ref.p_ext[i]) - float(ref.p_main[i])))
         assert min(margins) < TIE_EPS, f"sample {i}: runner and torch reference disagree"
@@ -193,6 +198,37 @@ def test_broken_model_directories_are_refused(tmp_path: Path) -> None:
     (copy / "card.json").write_text("{not json")
     with pytest.raises(ModelCardError, match="JSON"):
         load_card(copy)
+
+
+def _gated_copy(tmp_path: Path, gate: object) -> Path:
+    copy = tmp_path / "gated"
+    shutil.copytree(MODELS, copy, ignore=shutil.ignore_patterns("cloud.onnx", "torch"))
+    card = json.loads((copy / "card.json").read_text())
+    card["thresholds"]["extension_gate"] = gate
+    (copy / "card.json").write_text(json.dumps(card))
+    return copy
+
+
+def test_the_extension_runs_only_inside_the_cards_gate(tmp_path: Path, test_set: tuple) -> None:
+    """A hard top-1 whose main confidence is outside [low, high) exits at the main block; inside, the
+    extension runs; one image at a time decides as the batch does."""
+    images, _ = test_set
+    gated = EdgeCascade(_gated_copy(tmp_path, [0.6, 0.9]))
+    assert gated.card.extension_gate == (0.6, 0.9)
+    batch = images[:400]
+    main = gated.run_main(batch).probs
+    hard = np.isin(main.argmax(1), gated.card.hard_classes)
+    inside = (main.max(1) >= 0.6) & (main.max(1) < 0.9)
+    decisions = gated.decide(batch)
+    ran = np.array([d.exit_stage == "extension" for d in decisions])
+    assert ran.tolist() == (hard & inside).tolist()
+    assert 0 < ran.sum() < hard.sum()  # the gate made a difference on these images
+    assert [gated.decide(x[None])[0].exit_stage for x in batch[:100]] == [
+        d.exit_stage for d in decisions[:100]
+    ]
+    for i, bad in enumerate(([0.9, 0.6], [0.5], "0.5", [-0.1, 0.5], [0.0, 3.0])):
+        with pytest.raises(ModelCardError, match="extension_gate"):
+            load_card(_gated_copy(tmp_path / f"bad{i}", bad))
 
 
 def test_normalised_entropy_is_zero_for_one_hot_and_one_for_uniform() -> None:

@@ -17,6 +17,8 @@ EPILOG = """examples:
   edgecascade train --device cuda --checkpoint-dir ckpt --no-export   # train only (e.g. on a GPU box) ...
   edgecascade train --checkpoint-dir ckpt --out models/fashion-mnist  # ... then calibrate + export elsewhere
   edgecascade train --reuse-cloud models/fashion-mnist --out models/fmnist-edge2   # new edge, same cloud
+  edgecascade train --init-from models/fashion-mnist --corruption-p 0.5 --lr 0.02 --out build/robust
+                                                        # fine-tune for robustness to corruptions
 """
 
 
@@ -74,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_g.add_argument("--lr", type=float, dest="max_lr", help="one-cycle peak learning rate (default 0.1)")
     run_g.add_argument("--train-limit", type=int, help="use at most this many training images")
     run_g.add_argument("--test-limit", type=int, help="evaluate at most this many test images")
+    robust = parser.add_argument_group("robust training (issue 16)")
+    robust.add_argument(
+        "--corruption-p",
+        type=float,
+        help="corrupt this share of training images: noise, blur, contrast, brightness (default 0)",
+    )
+    robust.add_argument(
+        "--crop-padding", type=int, help="random shifts of up to this many px (default H // 8)"
+    )
+    robust.add_argument(
+        "--init-from",
+        metavar="MODEL_DIR",
+        help="fine-tune the published models of this directory (keeps its architecture and hard classes)",
+    )
     run_g.add_argument(
         "--max-offload", type=float, help="cap on the calibrated offload fraction (default 0.25)"
     )
@@ -149,6 +165,9 @@ def recipe_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "extension_blocks": args.ext_blocks,
         "main_overrides": {k: v for k, v in main_o.items() if v is not None} or None,
         "cloud_overrides": {k: v for k, v in cloud_o.items() if v is not None} or None,
+        "corruption_p": args.corruption_p,
+        "crop_padding": args.crop_padding,
+        "init_from": args.init_from,
     }
     if args.quick:
         return Recipe.quick_recipe(**kw)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from training.augment import corrupt_batch
 from training.datasets import Split, TensorSplit
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class OptimConfig:
     label_smoothing: float = 0.05
     crop_padding: Optional[int] = None  # None: H // 8 (at least 2)
     flip: bool = True
+    corruption_p: float = 0.0  # share of training images corrupted (training/augment.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +126,7 @@ def train_stage(
             if label_map is not None:
                 labels = label_map[labels]
             images = augment(images, padding, cfg.flip, generator)
+            images = corrupt_batch(images, cfg.corruption_p, generator)
             logits = forward(images)
             loss = loss_fn(logits, labels)
             opt.zero_grad(set_to_none=True)

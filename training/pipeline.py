@@ -59,6 +59,12 @@ class Recipe:
     extension_blocks: int = 2
     main_overrides: Dict[str, Any] = field(default_factory=dict)
     cloud_overrides: Dict[str, Any] = field(default_factory=dict)
+    # Robust training (issue 16): corrupt this share of training images (training/augment.py), crop shifts of
+    # up to `crop_padding` px (None: H // 8), and start from a published model directory (fine-tuning: its
+    # architecture and hard classes are kept) instead of from scratch.
+    corruption_p: float = 0.0
+    crop_padding: Optional[int] = None
+    init_from: Optional[str] = None
 
     @classmethod
     def quick_recipe(cls, **kw: Any) -> Recipe:
@@ -88,6 +94,8 @@ class Recipe:
             max_lr=self.max_lr,
             weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing,
+            crop_padding=self.crop_padding,
+            corruption_p=self.corruption_p,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -160,8 +168,12 @@ def recipe_architecture(
     )
 
 
-def _stage_facts(stats: Dict[str, float], epochs: int, device: torch.device) -> Dict[str, Any]:
+def _stage_facts(
+    stats: Dict[str, float], epochs: int, device: torch.device, start: Any = None
+) -> Dict[str, Any]:
+    fine_tuned = {} if start is None else {"fine_tuned_from": start.source}
     return {
+        **fine_tuned,
         "epochs": epochs,
         "seconds": round(stats.get("seconds", 0.0), 1),
         "train_loss": round(stats.get("loss", float("nan")), 5),
@@ -204,6 +216,13 @@ def train_models(
     logger.info("training on %s", device)
     facts: Dict[str, Dict[str, Any]] = {}
     ckpt = {s: checkpoint_dir / f"{s}.pt" for s in STAGES} if checkpoint_dir else {}
+    start = None
+    if recipe.init_from:
+        from training.published import load_published
+
+        start = load_published(Path(recipe.init_from), bundle)
+        facts = {name: {**start.stages[name], "kept_from": start.source} for name in STAGES}
+        logger.info("starting from %s (hard classes %s)", recipe.init_from, start.arch.hard_classes)
 
     # ---- stage 1: main block on all classes
     if ckpt and ckpt["main"].exists():
@@ -214,13 +233,15 @@ def train_models(
         main.load_state_dict(saved["state_dict"])
         facts["main"] = saved["facts"]
         logger.info("main block loaded from %s (hard classes %s)", ckpt["main"], arch.hard_classes)
+    elif start is not None and "main" not in stages:
+        arch, main, extension, cloud = start.arch, start.main, start.extension, start.cloud
     elif "main" not in stages:
         arch = architecture_for(recipe, bundle, hard_classes=[0])
         main, extension, cloud = build_models(arch, bundle.input_shape)
     else:
         torch.manual_seed(recipe.seed)
-        arch = architecture_for(recipe, bundle, hard_classes=[0])
-        main = MainBlock(arch).to(device)
+        arch = start.arch if start else architecture_for(recipe, bundle, hard_classes=[0])
+        main = (start.main if start else MainBlock(arch)).to(device)
         stats = train_stage(
             "main",
             list(main.parameters()),
@@ -234,18 +255,22 @@ def train_models(
             progress=progress,
         )
         main.eval()
-        (val_logits, _), val_labels = collect(lambda x: main(x), bundle.val, device)
-        count = recipe.hard_count or bundle.num_classes // 2
-        hard = select_hard_classes(val_logits, val_labels, bundle.num_classes, count, recipe.hard_mode)
-        arch = architecture_for(recipe, bundle, hard)
-        logger.info("hard classes (%s, validation): %s", recipe.hard_mode, hard)
-        facts["main"] = _stage_facts(stats, recipe.epochs_main, device)
+        if start is None:
+            (val_logits, _), val_labels = collect(lambda x: main(x), bundle.val, device)
+            count = recipe.hard_count or bundle.num_classes // 2
+            hard = select_hard_classes(val_logits, val_labels, bundle.num_classes, count, recipe.hard_mode)
+            arch = architecture_for(recipe, bundle, hard)
+            logger.info("hard classes (%s, validation): %s", recipe.hard_mode, hard)
+        facts["main"] = _stage_facts(stats, recipe.epochs_main, device, start)
         facts["main"]["command"] = command
         if ckpt:
             save_checkpoint(ckpt["main"], main, arch, recipe, facts["main"])
-        main_state = main.state_dict()
-        main, extension, cloud = build_models(arch, bundle.input_shape)
-        main.load_state_dict(main_state)
+        if start is None:
+            main_state = main.state_dict()
+            main, extension, cloud = build_models(arch, bundle.input_shape)
+            main.load_state_dict(main_state)
+        else:
+            extension, cloud = start.extension, start.cloud
     main.to(device).eval()
 
     # ---- stage 2: adaptive + extension on hard-class samples, main frozen (BatchNorm in eval mode)
@@ -259,7 +284,8 @@ def train_models(
         facts["extension"] = saved["facts"]
     else:
         torch.manual_seed(recipe.seed + 1)
-        extension = ExtensionBlock(arch, main.feature_channels, main.total_stride)
+        if start is None:
+            extension = ExtensionBlock(arch, main.feature_channels, main.total_stride)
         extension.to(device)
         for p in main.parameters():
             p.requires_grad_(False)
@@ -287,7 +313,7 @@ def train_models(
             label_map=label_map,
             progress=progress,
         )
-        facts["extension"] = _stage_facts(stats, recipe.epochs_ext, device)
+        facts["extension"] = _stage_facts(stats, recipe.epochs_ext, device, start)
         facts["extension"]["command"] = command
         facts["extension"]["train_samples"] = len(hard_train)
         if ckpt:
@@ -303,7 +329,7 @@ def train_models(
         facts["cloud"] = saved["facts"]
     else:
         torch.manual_seed(recipe.seed + 2)
-        cloud = CloudNet(arch).to(device)
+        cloud = (cloud if start else CloudNet(arch)).to(device)
         stats = train_stage(
             "cloud",
             list(cloud.parameters()),
@@ -316,7 +342,7 @@ def train_models(
             recipe.seed + 2,
             progress=progress,
         )
-        facts["cloud"] = _stage_facts(stats, recipe.epochs_cloud, device)
+        facts["cloud"] = _stage_facts(stats, recipe.epochs_cloud, device, start)
         facts["cloud"]["command"] = command
         if ckpt:
             save_checkpoint(ckpt["cloud"], cloud, arch, recipe, facts["cloud"])

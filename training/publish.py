@@ -19,12 +19,12 @@ from training.drift_profile import source_text, split_images, write_reference
 from training.engine import collect
 from training.export import check_against_torch, count_costs, export_block
 from training.pipeline import Recipe, Trained, save_checkpoint
-from training.reference import calibrate_thresholds, cascade_metrics
+from training.reference import calibrate_gate, calibrate_thresholds, cascade_metrics
 
 logger = logging.getLogger(__name__)
 
 FILES = {"main": "main.onnx", "extension": "extension.onnx", "cloud": "cloud.onnx"}
-TORCH_DIR = "torch"  # main/extension state dicts: the torch reference for the agreement test
+TORCH_DIR = "torch"  # state dicts: the torch reference for the agreement test, and what training resumes
 
 
 @dataclass
@@ -102,6 +102,17 @@ def publish(
     val = outputs_on(trained, bundle.val, device, reused)
     test = outputs_on(trained, bundle.test, device, reused)
     hard = trained.arch.hard_classes
+    gate = calibrate_gate(
+        val["labels"], val["main"], val["extension"], val["cloud"], hard, recipe.max_offload
+    )
+    logger.info(
+        "extension gate %s: extension rate %.3f (ungated %.3f), val cascade %.4f (ungated %.4f)",
+        gate.gate,
+        gate.extension_rate,
+        gate.ungated_extension_rate,
+        gate.accuracy,
+        gate.ungated_accuracy,
+    )
     tau, hi = calibrate_thresholds(
         val["labels"],
         val["main"],
@@ -111,6 +122,7 @@ def publish(
         recipe.max_offload,
         recipe.tolerance,
         recipe.confidence,
+        gate.gate,
     )
     logger.info(
         "calibrated tau %.5f (val offload %.3f), hi theta %.5f", tau.threshold, tau.fraction, hi.threshold
@@ -119,7 +131,14 @@ def publish(
     for name, o in (("validation", val), ("test", test)):
         accuracy[name] = _round(
             cascade_metrics(
-                o["labels"], o["main"], o["extension"], o["cloud"], hard, tau.threshold, hi.threshold
+                o["labels"],
+                o["main"],
+                o["extension"],
+                o["cloud"],
+                hard,
+                tau.threshold,
+                hi.threshold,
+                gate.gate,
             )
         )
 
@@ -150,7 +169,10 @@ def publish(
             **costs,
             "max_abs_diff_vs_torch": diff,
         }
-    for name, module in (("main", trained.main), ("extension", trained.extension)):
+    # The cloud's checkpoint too: the adaptation loop (`edgecascade adapt`) trains and adapts it.
+    for name, module in (("main", trained.main), ("extension", trained.extension), ("cloud", trained.cloud)):
+        if name == "cloud" and reused is not None:
+            continue
         save_checkpoint(
             out_dir / TORCH_DIR / f"{name}.pt", module, trained.arch, recipe, trained.stages[name]
         )
@@ -178,11 +200,22 @@ def publish(
             "confidence": recipe.confidence,
             "entropy_tau_met_target": tau.met_target,
             "hi_theta_met_target": hi.met_target,
+            # The band of the main block's max-softmax where the extension runs (device_agent.card).
+            "extension_gate": [round(v, 6) for v in gate.gate],
+            "extension_gate_calibration": {
+                "extension_rate": round(gate.extension_rate, 4),
+                "ungated_extension_rate": round(gate.ungated_extension_rate, 4),
+                "cascade_accuracy": round(gate.accuracy, 4),
+                "ungated_cascade_accuracy": round(gate.ungated_accuracy, 4),
+                "at_offload_fraction": gate.fraction,
+            },
         },
         "blocks": blocks,
         "accuracy": accuracy,
         "architecture": trained.arch.to_dict(),
-        "torch_reference": {n: f"{TORCH_DIR}/{n}.pt" for n in ("main", "extension")},
+        "torch_reference": {
+            n: f"{TORCH_DIR}/{n}.pt" for n in ("main", "extension", "cloud") if n != "cloud" or reused is None
+        },
         "training": {
             # the command of this run; stages loaded from --checkpoint-dir name their own command below
             "command": command,
@@ -226,6 +259,20 @@ def drift_reference_lines(card: Dict[str, Any]) -> List[str]:
     ]
 
 
+def gate_lines(th: Dict[str, Any]) -> List[str]:
+    if "extension_gate" not in th:
+        return []
+    low, high = th["extension_gate"]
+    g = th["extension_gate_calibration"]
+    return [
+        f"- extension gate: the extension runs for a hard top-1 whose main max-softmax is in [{low:g}, "
+        f"{high:g}) (2 = no upper bound): on validation it ran for {_pct(g['extension_rate'])} of samples "
+        f"instead of {_pct(g['ungated_extension_rate'])}, the cascade at {g['at_offload_fraction']:.0%} "
+        f"offloaded {_pct(g['cascade_accuracy'])} vs {_pct(g['ungated_cascade_accuracy'])} ungated "
+        "(`training.reference.calibrate_gate`: the lowest rate within 0.1 pp)"
+    ]
+
+
 def _batch(split: Split, n: int) -> torch.Tensor:
     images, _ = next(iter(split.batches(n)))
     return images.cpu()
@@ -262,6 +309,7 @@ def model_card_markdown(card: Dict[str, Any]) -> str:
             else "; no fraction within the cap could promise that on this validation split, so τ is the "
             "most accurate fraction within the cap (shrunk by the same margin)"
         ),
+        *gate_lines(th),
         *drift_reference_lines(card),
         "",
         "## Blocks (per image)",

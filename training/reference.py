@@ -9,6 +9,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from device_agent.card import NO_GATE
+
 HARD_MODES = ("lowest-accuracy", "confusion-pairs")
 
 
@@ -17,7 +19,7 @@ class EdgeResult:
     """The edge rule applied to a batch (tensors on CPU, one row per sample)."""
 
     prediction: torch.Tensor  # int64 [N]
-    ran_extension: torch.Tensor  # bool [N]: main top-1 was a hard class
+    ran_extension: torch.Tensor  # bool [N]: main top-1 was a hard class, its confidence in the gate
     answered_by_extension: torch.Tensor  # bool [N]: the extension's answer was kept
     probs: torch.Tensor  # float32 [N, C]: the edge answer as a full-class distribution
     p_main: torch.Tensor  # float32 [N]
@@ -32,10 +34,16 @@ def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
     return (-terms.sum(-1) / math.log(p.shape[-1])).clamp(0.0, 1.0)
 
 
-def edge_rule(main_logits: torch.Tensor, ext_logits: torch.Tensor, hard_classes: List[int]) -> EdgeResult:
-    """Main top-1 not hard -> main answer; else the more confident of main and extension (ties: main).
+def edge_rule(
+    main_logits: torch.Tensor,
+    ext_logits: torch.Tensor,
+    hard_classes: List[int],
+    gate: Tuple[float, float] = (0.0, NO_GATE),
+) -> EdgeResult:
+    """Main top-1 not hard, or its max-softmax outside the gate [low, high) -> main answer; else the more
+    confident of main and extension (ties: main).
 
-    `ext_logits` holds the extension's logits for every row; rows whose main top-1 is not hard ignore them.
+    `ext_logits` holds the extension's logits for every row; rows where it did not run ignore them.
     """
     main_probs = torch.softmax(main_logits.float(), dim=1)
     num_classes = main_probs.shape[1]
@@ -43,7 +51,7 @@ def edge_rule(main_logits: torch.Tensor, ext_logits: torch.Tensor, hard_classes:
     is_hard = torch.zeros(num_classes, dtype=torch.bool)
     is_hard[hard] = True
     p_main, top1 = main_probs.max(dim=1)
-    ran = is_hard[top1]
+    ran = is_hard[top1] & (p_main >= gate[0]) & (p_main < gate[1])
     q = torch.softmax(ext_logits.float(), dim=1)
     p_ext_all = q.max(dim=1).values
     take = ran & (p_ext_all > p_main)
@@ -174,9 +182,10 @@ def cascade_metrics(
     hard_classes: List[int],
     entropy_tau: Optional[float] = None,
     hi_theta: Optional[float] = None,
+    gate: Tuple[float, float] = (0.0, NO_GATE),
 ) -> Dict[str, float]:
     """Accuracies per stage and for the cascades on one split (the keys of card.accuracy.<split>)."""
-    edge = edge_rule(main_logits, ext_logits, hard_classes)
+    edge = edge_rule(main_logits, ext_logits, hard_classes, gate)
     main_pred = main_logits.argmax(1)
     hard = torch.as_tensor(hard_classes, dtype=torch.long)
     on_hard = torch.isin(labels, hard)
@@ -219,9 +228,10 @@ def calibrate_thresholds(
     max_fraction: float = 0.25,
     tolerance: float = 0.003,
     confidence: float = 0.95,
+    gate: Tuple[float, float] = (0.0, NO_GATE),
 ) -> Tuple[OffloadCalibration, OffloadCalibration]:
     """τ for the MEANet rule (edge answer's entropy) and θ for hi-threshold (main max-softmax), on val."""
-    edge = edge_rule(main_logits, ext_logits, hard_classes)
+    edge = edge_rule(main_logits, ext_logits, hard_classes, gate)
     cloud_correct = cloud_logits.argmax(1) == labels
     tau = calibrate_offload(
         edge.entropy, edge.prediction == labels, cloud_correct, max_fraction, tolerance, confidence
@@ -233,3 +243,54 @@ def calibrate_thresholds(
     # the hi rule accepts where p >= theta, i.e. offloads where -p > -theta
     hi.threshold = -hi.threshold
     return tau, hi
+
+
+# The gates `calibrate_gate` tries: bounds on the main block's max-softmax (NO_GATE: no upper bound).
+GATE_LOWS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
+GATE_HIGHS = (0.7, 0.8, 0.9, 0.95, 0.99, NO_GATE)
+
+
+@dataclass
+class GateCalibration:
+    gate: Tuple[float, float]
+    extension_rate: float  # on the calibration split, with the gate
+    accuracy: float  # the cascade's, offloading `fraction` by entropy, with the gate
+    ungated_extension_rate: float
+    ungated_accuracy: float
+    fraction: float
+
+
+def calibrate_gate(
+    labels: torch.Tensor,
+    main_logits: torch.Tensor,
+    ext_logits: torch.Tensor,
+    cloud_logits: torch.Tensor,
+    hard_classes: List[int],
+    fraction: float,
+    tolerance: float = 0.001,
+) -> GateCalibration:
+    """The extension gate with the lowest extension rate whose cascade (offloading the `fraction` of highest
+    edge entropy) stays within `tolerance` of the ungated cascade's accuracy on this split (validation).
+
+    The extension's cost is paid on every sample it runs for, but it changes the outcome only where it
+    overrides the main answer and that answer is not offloaded anyway: a confident main block or one headed
+    for the cloud gains nothing from it.
+    """
+    cloud_correct = cloud_logits.argmax(1) == labels
+
+    def evaluate(gate: Tuple[float, float]) -> Tuple[float, float]:
+        edge = edge_rule(main_logits, ext_logits, hard_classes, gate)
+        off = edge.entropy >= torch.quantile(edge.entropy, 1.0 - fraction)
+        correct = torch.where(off, cloud_correct, edge.prediction == labels)
+        return float(edge.ran_extension.double().mean()), float(correct.double().mean())
+
+    ungated_rate, ungated_acc = evaluate((0.0, NO_GATE))
+    best = GateCalibration((0.0, NO_GATE), ungated_rate, ungated_acc, ungated_rate, ungated_acc, fraction)
+    for low in GATE_LOWS:
+        for high in GATE_HIGHS:
+            if low >= high:
+                continue
+            rate, acc = evaluate((low, high))
+            if acc >= ungated_acc - tolerance and rate < best.extension_rate:
+                best = GateCalibration((low, high), rate, acc, ungated_rate, ungated_acc, fraction)
+    return best
