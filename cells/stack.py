@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import TYPE_CHECKING, Iterable, List, Optional
 
 from broker.launcher import BrokerProcess
 from cells.haproxy import HaproxyProcess
 from cells.plan import CellsPlan
 from protocol.mqtt import BrokerAddress
+
+if TYPE_CHECKING:
+    from bench.services import ServiceGroup
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ class CellStack:
         self.haproxy = HaproxyProcess(plan.haproxy_cfg, plan.host, plan.port)
         self.with_services = services
         self.logs = Path(logs) if logs else plan.directory / "logs"
-        self.services: Optional[object] = None  # bench.services.ServiceGroup once started
+        self.services: Optional[ServiceGroup] = None  # once started
         self._stack = contextlib.ExitStack()
 
     # -- lifetime ----------------------------------------------------------------------------------
