@@ -24,7 +24,7 @@ from device_agent import DeviceAgent
 from device_agent.sources import load_idx_dataset
 from results_db import Collector, CollectorConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SAMPLES = 160
 KILL_AFTER = 40  # every device has this many samples done when the cell is killed
 HOLD_AT = 120  # ... and waits here (bounded) until it is back, so that some samples follow the return
