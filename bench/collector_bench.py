@@ -42,7 +42,9 @@ def _payloads(devices: List[str], records: int, per_message: int, tag: str) -> D
     share = records // len(devices)
     out = {}
     for dev in devices:
-        rows = [run_record(f"{tag}-{dev}", dev)] + inference_records(f"{tag}-{dev}", dev, share)
+        # Stamped now, as a live fleet's rows are: on PostgreSQL they land in today's partition (0008).
+        now = time.time()
+        rows = [run_record(f"{tag}-{dev}", dev)] + inference_records(f"{tag}-{dev}", dev, share, ts_start=now)
         out[dev] = [encode_records(rows[i : i + per_message]) for i in range(0, len(rows), per_message)]
     return out
 
