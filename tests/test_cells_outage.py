@@ -96,7 +96,9 @@ def test_a_killed_cell_loses_nothing_its_devices_answer_at_the_edge_the_other_ce
                 device_id=device,
                 policy={"name": "cloud-only", "params": {"edge": "main"}},  # every sample an offload
                 capacity_aware=False,  # so an offload to the dead cell waits out its deadline: a fallback
-                offload_deadline_s=1.0,
+                # short where the cell dies (fallbacks come quickly); long in the other cell, where any
+                # fallback would be a stall of this shared host rather than an effect of the kill
+                offload_deadline_s=1.0 if device in killed else 10.0,
                 receipt_timeout_s=2.0,  # batches the killed cell took but never delivered go again soon
             )
         ).start()
