@@ -2,6 +2,9 @@
 
 `edgecascade train` writes it (training/publish.py); the device, the cloud worker and the benchmark read it
 here: block files and their sha256, MACs, input shape, hard classes, the calibrated thresholds.
+
+The input is whatever the card says (`input.shape`, `input.dtype`, optionally `input.sample_rate_hz`): a
+uint8 image [1, 28, 28] for Fashion-MNIST, int16 accelerometer counts [2, 2048] at 12 kHz for fault detection.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+from protocol.codec import TENSOR_DTYPES
 
 CARD_FILE = "card.json"
 NO_GATE = 2.0  # above any softmax: the extension gate's upper bound when the card sets none
@@ -44,13 +49,14 @@ class ModelCard:
     num_classes: int
     class_names: List[str]
     input_shape: List[int]
-    input_dtype: str
+    input_dtype: str  # one of protocol.codec.TENSOR_DTYPES: what the device reads, checks and sends
     hard_classes: List[int]
     thresholds: Dict[str, Any]
     blocks: Dict[str, BlockInfo]
     accuracy: Dict[str, Any]
     training: Dict[str, Any]
     raw: Dict[str, Any] = field(repr=False)
+    input_sample_rate_hz: Optional[float] = None  # a time series' rate (a window of samples), else None
 
     @property
     def entropy_tau(self) -> float:
@@ -106,6 +112,9 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
             class_names=[str(n) for n in raw["class_names"]],
             input_shape=[int(d) for d in raw["input"]["shape"]],
             input_dtype=str(raw["input"].get("dtype", "uint8")),
+            input_sample_rate_hz=(
+                None if raw["input"].get("sample_rate_hz") is None else float(raw["input"]["sample_rate_hz"])
+            ),
             hard_classes=hard,
             thresholds=dict(raw["thresholds"]),
             blocks=blocks,
@@ -115,6 +124,15 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelCardError(f"model card {card_path} is incomplete: {exc!r}") from exc
+    if card.input_dtype not in TENSOR_DTYPES:
+        raise ModelCardError(
+            f"model card {card_path}: input dtype {card.input_dtype!r} is not one of {sorted(TENSOR_DTYPES)}"
+        )
+    if not card.input_shape or any(d < 1 for d in card.input_shape):
+        raise ModelCardError(f"model card {card_path}: bad input shape {card.input_shape!r}")
+    rate = card.input_sample_rate_hz
+    if rate is not None and not (rate > 0 and rate < float("inf")):
+        raise ModelCardError(f"model card {card_path}: input sample_rate_hz must be > 0, got {rate!r}")
     if not hard or any(c < 0 or c >= num_classes for c in hard) or len(set(hard)) != len(hard):
         raise ModelCardError(f"model card {card_path}: bad hard_classes {hard!r}")
     if len(card.class_names) != num_classes:
