@@ -48,7 +48,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -103,14 +103,20 @@ class BatchServed:
     queue_waits_s: List[float]  # each sample's wait in the queue, arrival to the batch's start
     joules: Optional[List[float]]  # each sample's, when a meter was read
     energy_source: str
+    requests: List[Any] = field(default_factory=list)  # what was answered (`cloud_worker.keep` keeps them)
+    outputs: Any = None  # the task's outputs for the batch (a classifier's logits [N, C])
 
 
 class CloudWorker:
     """One worker of the shared group. `start()`, then `stats`, then `stop()`; any number may run."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, task: Any = None) -> None:
+        """`task`: one built by the caller (a `gateway.Gateway`, which needs more than a model path), else
+        `config.task` is made here."""
         self.config = config
-        self.task = make_task(config.task, config.model_path, config.providers, config.intra_op_threads())
+        self.task = task or make_task(
+            config.task, config.model_path, config.providers, config.intra_op_threads()
+        )
         self.task.warm_up(sorted({1, config.max_batch}))
         self.max_payload_bytes = self.task.sample_bytes + HEADER_SLACK_BYTES
         self._energy = BatchEnergy(config.meters, config.meter_options, config.idle_seconds)
@@ -208,6 +214,8 @@ class CloudWorker:
         self._compute = []
         self.link.close()
         self._energy.close()
+        if hasattr(self.task, "close"):  # e.g. a gateway's connection to the cloud
+            self.task.close()
 
     @property
     def fatal(self) -> Optional[str]:
@@ -366,9 +374,14 @@ class CloudWorker:
         if not live:
             self._load.end(0, stream)
             return
-        images = np.stack([p.item.request.tensor for p in live])
+        if hasattr(self.task, "run_jobs"):  # a task that needs its requests, not only their tensors
+            requests = [p.item.request for p in live]
+            compute: Callable[[], Any] = lambda: self.task.run_jobs(requests)  # noqa: E731
+        else:
+            images = np.stack([p.item.request.tensor for p in live])
+            compute = lambda: self.task.run(images)  # noqa: E731
         try:
-            outputs, seconds, joules = self._energy.run(lambda: self.task.run(images), len(live))
+            outputs, seconds, joules = self._energy.run(compute, len(live))
         except Exception:
             logger.exception("cloud model failed on a batch of %d; requesters will fall back", len(live))
             self._count("failed", len(live))
@@ -408,6 +421,8 @@ class CloudWorker:
                 [now - p.arrived for p in live],
                 None if joules is None else list(joules),
                 self._energy.source if joules is not None else "none",
+                [p.item.request for p in live],
+                outputs,
             )
             for observe in self.observers:
                 try:

@@ -174,11 +174,11 @@ def main(argv: Sequence[str] = ()) -> int:
         prog="python -m training.fault",
         description="Train the sensor, gateway and cloud fault models on simulated recordings; write ONNX, "
         "the probabilities of the validation and test windows and the training figures to --out.",
-        epilog="example: nice -n 10 python -m training.fault --out build/fault --epochs 12,12,12",
+        epilog="example: nice -n 10 python -m training.fault --out build/fault --epochs 30,15,12",
     )
     parser.add_argument("--out", type=Path, default=Path("build/fault"))
-    parser.add_argument("--recordings", default="40,15,10", help="per fault and severity: train,val,test")
-    parser.add_argument("--duration-s", type=float, default=2.0, help="length of each recording")
+    parser.add_argument("--recordings", default="120,40,40", help="per fault and severity: train,val,test")
+    parser.add_argument("--duration-s", type=float, default=0.6, help="length of each recording")
     parser.add_argument("--epochs", default="12,12,12", help="sensor,gateway,cloud")
     parser.add_argument("--kinds", default="sensor,gateway,cloud")
     parser.add_argument("--seed", type=int, default=0)
