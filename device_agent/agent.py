@@ -212,6 +212,7 @@ class DeviceAgent:
             self.offloads.wait_idle(cfg.offload_deadline_s + 1.0)
             self._summary.seconds = time.monotonic() - self._started_mono
             self.report_into(self._summary)
+            self.link.set_model(self.model_status())  # what the goodbye on the status topic names
             # `samples` in run_end: the run's records on disk over every process that took part in it.
             # Extra to the schema (the collector ignores them): what the policy learned, e.g. regret, and
             # what capacity-awareness did (sheds by reason, its estimates).

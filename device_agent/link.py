@@ -254,10 +254,8 @@ class Link:
             self._publish_status("online")
 
     def _publish_status(self, state: str) -> mqtt.MQTTMessageInfo:
-        online = state == "online"
-        payload = encode_status(
-            DeviceStatus(state, self._drift if online else None, self._model if online else None)
-        )
+        # A clean goodbye still says which model it served (the Will, set at connect, cannot).
+        payload = encode_status(DeviceStatus(state, self._drift if state == "online" else None, self._model))
         return self.client.publish(
             self.topics.status(self.device_id), payload, qos=1, retain=True, properties=self._status_props
         )

@@ -7,6 +7,7 @@ SQLite file, the real `edgecascade models` CLI for the canary."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -30,7 +31,9 @@ from edgecascade.cli import main as cli_main
 from edgecascade.rollout.bundles import Bundle, build_bundle
 from edgecascade.rollout.keys import keygen, load_private_key
 from edgecascade.rollout.operator import Operator, RolloutError
+from protocol import ProtocolError
 from protocol.bundle import BundleError, decode_signed, sign
+from protocol.status import Agreement, DeviceStatus, ModelStatus, decode_status, encode_status
 from protocol.topics import Topics
 from results_db import Collector, CollectorConfig
 
@@ -120,6 +123,28 @@ def test_a_signed_manifest_verifies_and_any_change_to_it_does_not(
         decode_signed(b"\xff" * 10, public)
     with pytest.raises(ValueError, match="model version"):
         build_bundle(tiny_models, "../v1", private)
+
+
+def test_the_status_carries_the_model_version_and_its_agreement_and_refuses_nonsense() -> None:
+    current, previous = Agreement("v2", 0.25, 40), Agreement("v1", 0.9, 200)
+    status = DeviceStatus("online", None, ModelStatus("canary", current, previous, 1))
+    assert decode_status(encode_status(status)) == status
+    for bad in (
+        b'{"v":1,"state":"online","model":{"group":"g","current":{"version":"v","agreement":2,"compared":1},'
+        b'"previous":null,"refused":0}}',
+        b'{"v":1,"state":"online","model":{"group":"g","current":{"version":"v"},"previous":null,"refused":0}}',
+        b'{"v":1,"state":"online","model":{"group":"g","current":{"version":"v","agreement":null,'
+        b'"compared":0},"previous":null,"refused":-1}}',
+    ):
+        with pytest.raises(ProtocolError):
+            decode_status(bad)
+
+
+def test_models_help_has_examples(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["models", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "edgecascade models publish" in out and "--canary" in out
 
 
 # -- the broker's fence -----------------------------------------------------------------------------------
@@ -315,6 +340,7 @@ def test_the_canary_is_promoted_when_it_agrees_and_rolled_back_when_its_agreemen
     topics: Topics,
     keys: Tuple[Any, Path],
     tmp_path: Path,
+    capsys: pytest.CaptureFixture,
 ) -> None:
     # The cloud runs v1's main block: under v1 (and v1b, the same files) the edge agrees with it every time,
     # under v2 (other weights) about as often as chance.
@@ -388,7 +414,13 @@ def test_the_canary_is_promoted_when_it_agrees_and_rolled_back_when_its_agreemen
             canary = [parse_unverified(m).version for m in op.history("canary")]
         assert fleet == ["v1b"]  # v2 never reached the fleet
         assert canary == ["v1", "v1b"]  # ... and the canary's history is back where it was
-        # By hand: back to v1, then nothing left to go back to.
+        # What the operator sees, then by hand: back to v1, then nothing left to go back to.
+        capsys.readouterr()
+        assert cli_main(["models", "status", "--group", "canary", "--json", "--wait", "0.5", *flags]) == 0
+        seen = json.loads(capsys.readouterr().out)
+        assert seen["groups"] == {"canary": {"serving": "v1b", "history": ["v1", "v1b"]}}
+        (device,) = [d for d in seen["devices"] if d["device"] == config.device_id]
+        assert device["state"] == "offline" and device["version"] == "v1b"  # its goodbye names its model
         assert cli_main(["models", "rollback", "--group", "canary", *flags]) == 0
         assert cli_main(["models", "rollback", "--group", "canary", *flags]) == 1
     finally:
