@@ -27,6 +27,7 @@ SUBCOMMANDS = [
     ("report", "results_db.report_cli"),
     ("broker", "broker.cli"),
     ("video", "video.cli"),
+    ("models", "edgecascade.rollout.cli"),
     ("cells", "cells.cli"),
 ]
 

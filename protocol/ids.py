@@ -7,8 +7,9 @@ the edge (CLI, config, broker users, decoded records), so that an id which one o
 
 The rule: ASCII letters, digits, '.', '_' and '-', starting with a letter or a digit; at most 64 characters
 for a device id (a generated run id adds 23 to it), 128 for a run id. The service accounts (`cloud`,
-`collector` and their `cloud-*` / `collector-*` instances) are not device ids, and neither is anything
-starting with `edgecascade` (the broker's admin account, the collector's client id `edgecascade-collector`):
+`collector`, `operator` and their `cloud-*` / `collector-*` / `operator-*` instances) are not device ids,
+and neither is anything starting with `edgecascade` (the broker's admin account, the collector's client id
+`edgecascade-collector`):
 the broker binds a device's client id to its username, so a device named like a service's client id could
 otherwise take that session over. A sensor account (`sensor-<device id>`: a camera or sensor that publishes
 images to one device's `input` topic) is not a device id either.
@@ -22,7 +23,7 @@ from typing import Optional
 DEVICE_ID_MAX = 64
 RUN_ID_MAX = 128
 NAME_MAX = 64  # namespaces, worker ids, group names
-SERVICE_ROLES = ("cloud", "collector")
+SERVICE_ROLES = ("cloud", "collector", "operator")  # operator: publishes model rollouts
 RESERVED_PREFIX = "edgecascade"  # infrastructure names: the broker admin, service client ids
 SENSOR_PREFIX = "sensor-"  # + a device id: the account that may publish to that device's input topic
 

@@ -53,6 +53,31 @@ class Topics:
         """A cloud worker's retained load (`protocol.load`); `@` keeps it out of every device's topics."""
         return f"{self.root}/@cloud/{check_name(worker_id, 'worker id')}/load"
 
+    def model_manifest(self, group: str) -> str:
+        """The retained signed manifest (`protocol.bundle`) of the model version a device group serves;
+        only the operator account may publish under `@models` (broker/edgecascade-roles.json)."""
+        return f"{self.root}/@models/{check_name(group, 'device group')}/manifest"
+
+    def model_history(self, group: str) -> str:
+        """The operator's retained list of a group's last signed manifests (what `rollback` goes back to)."""
+        return f"{self.root}/@models/{check_name(group, 'device group')}/history"
+
+    def model_chunk(self, sha256: str, index: int) -> str:
+        """Chunk `index` of the model file with this sha256 (retained; files are addressed by content)."""
+        return f"{self.root}/@model-files/{check_name(sha256, 'file sha256')}/{int(index)}"
+
+    def model_chunks(self, sha256: str) -> str:
+        return f"{self.root}/@model-files/{check_name(sha256, 'file sha256')}/+"
+
+    def operator_probe(self, token: str) -> str:
+        """Where the operator echoes a message to itself: once it is back, the retained messages of every
+        subscription made before it have arrived (MQTT keeps one connection's order)."""
+        return f"{self.root}/@models/@probe/{check_name(token, 'probe token')}"
+
+    @property
+    def all_status(self) -> str:
+        return f"{self.root}/+/status"
+
     @property
     def all_cloud_load(self) -> str:
         return f"{self.root}/@cloud/+/load"
