@@ -97,11 +97,13 @@ def test_simulated_devices_offload_to_a_real_worker_and_publish_every_record(
 
 
 def test_knee_is_the_first_count_where_latency_or_loss_starts() -> None:
-    def point(devices: int, p99: float, fallback: float = 0.0, lost: int = 0) -> Dict[str, Any]:
-        return {"devices": devices, "rtt_p99_ms": p99, "fallback_fraction": fallback, "lost": lost,
-                "connected": devices}  # fmt: skip
+    def point(devices: int, p50: float, p99: float = 20.0, **more: Any) -> Dict[str, Any]:
+        return {"devices": devices, "rtt_p50_ms": p50, "rtt_p99_ms": p99, "fallback_fraction": 0.0,
+                "lost": 0, "connected": devices, **more}  # fmt: skip
 
-    assert knee([point(250, 10), point(500, 15), point(1000, 19)]) is None
-    assert knee([point(250, 10), point(500, 25), point(1000, 40)]) == 500
-    assert knee([point(250, 10), point(500, 12, fallback=0.02)]) == 500
-    assert knee([point(250, 10), point(500, 12, lost=1)]) == 500
+    assert knee([point(250, 5), point(500, 6), point(1000, 9)]) is None
+    assert knee([point(250, 5), point(500, 11), point(1000, 40)]) == 500
+    assert knee([point(250, 5), point(500, 6, p99=1500.0)], deadline_s=2.0) == 500
+    assert knee([point(250, 5), point(500, 6, fallback_fraction=0.02)]) == 500
+    assert knee([point(250, 5), point(500, 6, lost=1)]) == 500
+    assert knee([point(250, 5), point(500, 6, connected=499)]) == 500
