@@ -147,6 +147,31 @@ def test_models_help_has_examples(capsys: pytest.CaptureFixture) -> None:
     assert "examples:" in out and "edgecascade models publish" in out and "--canary" in out
 
 
+def test_the_device_keeps_a_bounded_number_of_versions_and_never_serves_one_that_no_longer_verifies(
+    keys: Tuple[Any, Path], tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from device_agent.model_store import ModelStore
+    from device_agent.rollout import load_public_key
+
+    trusted = load_public_key(keys[1])
+    store = ModelStore(tmp_path / "models", keep=3)
+    for version in ("a", "b", "c", "d"):
+        bundle = build_bundle(tiny_models, version, keys[0])
+        partial = store.start_partial(version)
+        for name, data in bundle.data.items():
+            store.write_file(partial, name, data)
+        store.finish(partial, bundle.signed)
+        store.set_current(version)
+    assert sorted(p.name for p in store.root.iterdir() if p.is_dir()) == ["b", "c", "d"]
+    assert store.current(trusted) == store.path("d")
+    assert model_version_of(store.path("d")) == "d"
+    with open(store.path("d") / "main.onnx", "r+b") as fh:  # the disk changed under it
+        fh.write(b"\0")
+    caplog.set_level(logging.ERROR, logger="device_agent.model_store")
+    assert store.current(trusted) is None  # the agent then serves its configured model
+    assert "installed model version 'd' is unusable" in caplog.text
+
+
 # -- the broker's fence -----------------------------------------------------------------------------------
 def test_only_the_operator_account_may_publish_models(
     broker: BrokerProcess, topics: Topics, keys: Tuple[Any, Path], tiny_models: Path
@@ -303,8 +328,11 @@ def test_tampered_truncated_and_incomplete_files_are_refused_and_the_old_model_k
 
     def bad(version: str, how: str, seed: int) -> Bundle:
         # Files are addressed by content: each case its own weights, so no chunk of one is left for another.
-        models = write_tiny_model_dir(tmp_path / how, seed=seed)
+        shape = (1, 32, 32) if how == "unusable" else (1, 28, 28)  # a swap cannot change what a sample is
+        models = write_tiny_model_dir(tmp_path / how, seed=seed, input_shape=shape)
         good = build_bundle(models, version, keys[0], chunk_bytes=8 * 1024)
+        if how == "unusable":
+            return good
         data = bytearray(good.data["extension.onnx"])
         if how == "tampered":
             data[len(data) // 2] ^= 0xFF  # same size, one byte changed
@@ -317,21 +345,25 @@ def test_tampered_truncated_and_incomplete_files_are_refused_and_the_old_model_k
     with DeviceAgent(config) as agent, operator(broker, topics) as op:
         v1 = agent.model_version
         assert agent.rollout is not None
-        for n, how in enumerate(("tampered", "truncated", "incomplete"), start=1):
+        for n, how in enumerate(("tampered", "truncated", "incomplete", "unusable"), start=1):
             bundle = bad(f"v2-{how}", how, seed=10 + n)
             op.publish_files(bundle)
             op.publish(bundle.signed, "g")
             wait_for(lambda n=n: agent.rollout.stats["refused"] == n, 20, f"the {how} file refused")
             assert agent.submit(images(1, n)[0]).result(10).model_version == v1
-        assert dict(agent.rollout.refusals) == {"tampered": 1, "truncated": 1, "incomplete": 1}
-        assert agent.rollout.stats["installed"] == 0
+        assert dict(agent.rollout.refusals) == {"tampered": 1, "truncated": 1, "incomplete": 1, "unusable": 1}
+        assert (
+            agent.rollout.stats["installed"] == 1 and agent.rollout.stats["swaps"] == 0
+        )  # (the unusable one)
         store = agent.rollout.store.root
     lines = refusals_logged(caplog)
-    assert len(lines) == 3 and all(f"still serving {v1}" in line for line in lines)
+    assert len(lines) == 4 and all(f"still serving {v1}" in line for line in lines)
     assert "(tampered)" in lines[0] and "sha256 differs" in lines[0]
     assert "(truncated)" in lines[1] and "expected" in lines[1]
     assert "arrived within 1 s" in lines[2]
-    assert not [p for p in store.iterdir() if p.name.startswith("v2")]  # nothing of them kept on disk
+    assert "(unusable)" in lines[3] and "[1, 32, 32]" in lines[3]
+    # Nothing of the broken ones kept on disk (the unusable one is complete and verified: kept, not served).
+    assert sorted(p.name for p in store.iterdir()) == ["v2-unusable"]
 
 
 # -- canary and rollback -------------------------------------------------------------------------------------
