@@ -12,7 +12,7 @@ DEVICE ?= $(shell [ -e /etc/nv_tegra_release ] && echo jetson || echo x86)
 DEVICE_PACKAGES := device_agent protocol metering video vibration
 PACKAGES := edgecascade device_agent cloud_worker protocol broker metering results_db training bench deploy video cells vibration
 
-.PHONY: help setup test lint bench train train-video report clean install fleet-sim screenshots check-device-install
+.PHONY: help setup test lint bench train train-video train-fault report clean install fleet-sim screenshots check-device-install
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,6 +55,13 @@ train-video: setup ## Regenerate the synthetic clips and retrain the REACT detec
 	wait
 	$(VENV)/bin/python -m training.detection publish --edge build/video/ckpt/edge.pt --cloud build/video/ckpt/cloud.pt \
 	    --test build/video/test --out models/video-fmnist
+
+train-fault: setup ## Retrain the vibration fault models (sensor, gateway, cloud) on simulated recordings into models/vibration (~15 min on a shared 2-core box)
+	nice -n 10 $(PY) -m training.fault --out build/fault --kinds sensor --epochs 30,10,10 --batch 64,32,32 --train-hop 1024
+	nice -n 10 $(PY) -m training.fault --out build/fault --kinds gateway --epochs 30,10,10 --train-hop 2048 & \
+	nice -n 10 $(PY) -m training.fault --out build/fault --kinds cloud --epochs 30,10,10 --train-hop 2048; \
+	wait
+	$(PY) -m training.fault_publish --src build/fault --out models/vibration
 
 report: setup ## Report from results/bench.db into results/report
 	$(VENV)/bin/edgecascade report --db results/bench.db --out results/report

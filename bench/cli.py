@@ -15,6 +15,7 @@ EPILOG = """examples:
   edgecascade bench --samples 300 --no-sweep --no-http-peer --results /tmp/r
   edgecascade bench --rate 10 --paced-samples 600   # latency at 10 Hz; --rate 0: flat out only
   edgecascade bench --task video --quick  # REACT: camera agent, cloud detector, mAP (about 1 minute)
+  edgecascade bench --task fault --quick  # sensor -> gateway -> cloud fault detection, 6 configs (~2 min)
   edgecascade bench --link lte            # every policy with the device behind an emulated LTE link
   edgecascade bench --task links          # MQTT vs HTTP over lan, wifi, lte, satellite + a 30 s outage
   edgecascade bench --task links --links lte --outage-s 0 --samples 300
@@ -25,6 +26,8 @@ results/report/*.png + report.md, and prints one row per policy and the targets:
 throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
 when the run finished, whatever the targets say (--check: 1 when one failed). The video task
 (bench/video_bench.py) writes results/video.db and prints one row per method and delay, and its targets.
+The fault task (bench/fault_bench.py) writes results/fault.db and results/fault-front.png, prints one row
+per configuration and its targets (synthetic data: vibration.simulate).
 """
 
 
@@ -39,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     parser.add_argument(
         "--task",
-        choices=["classify", "video", "links"],
+        choices=["classify", "video", "links", "fault"],
         default="classify",
         help="classify: the MEANet / HI cascade; video: REACT detection (models/video-fmnist); "
-        "links: meanet over MQTT and HTTP across emulated links (bench/link_bench.py)",
+        "links: meanet over MQTT and HTTP across emulated links (bench/link_bench.py); "
+        "fault: vibration fault detection, sensor -> gateway -> cloud (bench/fault_bench.py)",
     )
     parser.add_argument(
         "--profile", default="x86", help="device profile: a name in bench/profiles or a .toml"
@@ -115,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
         models = args.models or Path("models/video-fmnist")
         status = run_and_report(args.quick, models, args.results, None, None, args.json)
         return status if args.check or status != 1 else 0
+    if args.task == "fault":
+        from bench.fault_bench import run_and_report as run_fault
+
+        models = args.models or Path("models/vibration")
+        return run_fault(models, args.quick, args.results, args.json, args.check)
     args.models = args.models or Path("models/fashion-mnist")
     if args.corruptions:
         return run_corruptions(args)

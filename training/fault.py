@@ -40,8 +40,8 @@ class Arch:
 ARCHS: Dict[str, Arch] = {
     # ~0.4 M MACs, ~4 k parameters: a Cortex-M4F class microcontroller (see MODEL_CARD.md)
     "sensor": Arch(((8, 15, 4), (16, 9, 4), (16, 9, 2))),
-    "gateway": Arch(((16, 31, 2), (32, 15, 2), (32, 9, 2), (64, 9, 2))),
-    "cloud": Arch(((32, 31, 2), (48, 15, 2), (64, 9, 2), (96, 9, 2), (128, 9, 2))),
+    "gateway": Arch(((16, 31, 2), (32, 15, 2), (32, 9, 2), (64, 9, 2))),  # ~9.7 M MACs
+    "cloud": Arch(((32, 31, 4), (48, 15, 2), (64, 9, 2), (96, 9, 2), (128, 9, 1))),  # ~21 M MACs
 }
 
 
@@ -160,10 +160,10 @@ def make_probe() -> np.ndarray:
     return np.random.default_rng(0).integers(-3000, 3000, size=(3, CHANNELS, WINDOW)).astype(np.int16)
 
 
-def splits(recordings: Sequence[int], duration_s: float) -> Dict[str, Windows]:
+def splits(recordings: Sequence[int], duration_s: float, train_hop: int = WINDOW // 2) -> Dict[str, Windows]:
     train_rec, val_rec, test_rec = recordings
     return {
-        "train": make_windows(SplitSpec("train", train_rec, duration_s, hop=WINDOW // 2)),
+        "train": make_windows(SplitSpec("train", train_rec, duration_s, hop=train_hop)),
         "validation": make_windows(SplitSpec("validation", val_rec, duration_s)),
         "test": make_windows(SplitSpec("test", test_rec, duration_s)),
     }
@@ -181,6 +181,8 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--duration-s", type=float, default=0.6, help="length of each recording")
     parser.add_argument("--epochs", default="12,12,12", help="sensor,gateway,cloud")
     parser.add_argument("--kinds", default="sensor,gateway,cloud")
+    parser.add_argument("--train-hop", type=int, default=WINDOW // 2, help="samples between train windows")
+    parser.add_argument("--batch", default="64,32,32", help="batch size: sensor,gateway,cloud")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(list(argv) or None)
@@ -188,11 +190,13 @@ def main(argv: Sequence[str] = ()) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     recs = [int(v) for v in args.recordings.split(",")]
-    data = splits(recs, args.duration_s)
+    data = splits(recs, args.duration_s, args.train_hop)
     logger.info("windows: %s", {k: len(v) for k, v in data.items()})
     epochs = dict(zip(("sensor", "gateway", "cloud"), (int(e) for e in args.epochs.split(","))))
+    batches = dict(zip(("sensor", "gateway", "cloud"), (int(b) for b in args.batch.split(","))))
     for kind in args.kinds.split(","):
-        model, figures = train_one(kind, data["train"], epochs[kind], args.seed)
+        model, figures = train_one(kind, data["train"], epochs[kind], args.seed, batch=batches[kind])
+        figures.update(batch=batches[kind], train_hop=args.train_hop, train_windows=len(data["train"]))
         figures.update(
             macs=macs_of(model),
             params=sum(p.numel() for p in model.parameters()),

@@ -249,9 +249,11 @@ class SensorAgent:
 
     def _window(self, window: np.ndarray, label: Optional[int]) -> None:
         t0 = time.perf_counter()
-        (logits,) = self.model.run(["logits"], {self.input_name: window[None]})
-        probs = softmax(logits[0])
-        decision = self.rule.decide(probs)
+        if self.config.rule == "all":  # everything goes up: the sensor computes nothing (no answer: -1)
+            decision = TierDecision(True, -1, 0.0, 0.0)
+        else:
+            (logits,) = self.model.run(["logits"], {self.input_name: window[None]})
+            decision = self.rule.decide(softmax(logits[0]))
         edge_ms = (time.perf_counter() - t0) * 1000.0
         seq = self._seq.take()
         self.summary.windows += 1
@@ -263,8 +265,8 @@ class SensorAgent:
             exit_stage="main",
             edge_ms=edge_ms,
             label=label,
-            p_main=decision.confidence,
-            device_j_analytic=self.sensor_j,
+            p_main=None if self.config.rule == "all" else decision.confidence,
+            device_j_analytic=0.0 if self.config.rule == "all" else self.sensor_j,
             energy_source="analytic",
             ts_unix=time.time(),
             model_version=self.model_version,
