@@ -34,6 +34,11 @@ class Topics:
         """Video frames offloaded to the cloud detectors (REACT); answered on `reply` like offloads."""
         return f"{self.root}/{check_device_id(device_id)}/frames"
 
+    def gateway(self, device_id: str) -> str:
+        """Windows a sensor sends to its site's gateway (the fault hierarchy, `cloud_worker.gateway`);
+        answered on `reply` like offloads."""
+        return f"{self.root}/{check_device_id(device_id)}/gateway"
+
     def input(self, device_id: str) -> str:
         """Images for the device to classify, from its sensors and cameras (`device_agent.mqtt_input`): only
         the device's own account and its sensor account (`protocol.ids.sensor_account`) may publish here."""
@@ -93,8 +98,8 @@ class Topics:
     def cloud_subscription(self, group: str = CLOUD_GROUP, kind: str = "offload") -> str:
         """Shared subscription: the broker hands each offload (`kind` offload) or video frame (`frames`) to
         exactly one worker of the group."""
-        if kind not in ("offload", "frames"):
-            raise ValueError(f"cloud workers serve offload or frames, not {kind!r}")
+        if kind not in ("offload", "frames", "gateway"):
+            raise ValueError(f"cloud workers serve offload, frames or gateway, not {kind!r}")
         return f"$share/{check_name(group, 'group')}/{self.root}/+/{kind}"
 
     def device_of(self, topic: str) -> str:
