@@ -196,6 +196,34 @@ def test_only_the_operator_account_may_publish_models(
     }
 
 
+def test_prune_clears_the_chunks_of_files_no_version_in_the_histories_uses(
+    broker: BrokerProcess,
+    topics: Topics,
+    keys: Tuple[Any, Path],
+    tiny_models: Path,
+    v2_models: Path,
+    tmp_path: Path,
+) -> None:
+    v3_models = write_tiny_model_dir(tmp_path / "v3", seed=2)
+    bundles = [
+        build_bundle(m, v, keys[0]) for m, v in ((tiny_models, "v1"), (v2_models, "v2"), (v3_models, "v3"))
+    ]
+
+    def chunks(bundle: Bundle) -> List[str]:
+        return [topics.model_chunk(f.sha256, 0) for f in bundle.signed.manifest.files]
+
+    with Operator(broker.credentials("operator"), topics, timeout_s=10.0, history_size=2) as op:
+        for bundle in bundles:
+            op.publish_files(bundle)
+            op.publish(bundle.signed, "g")
+        op.publish(bundles[1].signed, "h")  # another group still uses v2
+        assert [m for m in op.history("g")] == [b.signed.payload for b in bundles[1:]]  # v1 fell out
+        assert op.prune(["g", "h"]) == len(chunks(bundles[0]))  # v1's files, no other version's
+        left = op.retained([t for b in bundles for t in chunks(b)])
+        assert op.prune(["g", "h"]) == 0  # nothing left to clear
+    assert set(left) == set(chunks(bundles[1]) + chunks(bundles[2]))
+
+
 # -- delivery, hot swap, tags -------------------------------------------------------------------------------
 def test_a_version_rolled_out_mid_stream_is_swapped_in_between_samples_and_every_row_names_its_version(
     broker: BrokerProcess,

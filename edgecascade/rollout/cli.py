@@ -38,6 +38,9 @@ EPILOG = """examples:
   # back to the version before the newest, by hand
   edgecascade models rollback --group fleet --broker ...
 
+  # free the broker of the files of versions that fell out of every group's history (last 10 each)
+  edgecascade models prune --group canary --group fleet --broker ...
+
   # watch a group and roll it back by itself whenever a new version's agreement falls (until SIGTERM)
   edgecascade models watch --group canary --threshold 0.05 --min-compared 200 --broker ...
 
@@ -66,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
     rollback = sub.add_parser("rollback", help="back to the version before the newest")
     rollback.add_argument("--group", required=True, help="the device group")
+    prune = sub.add_parser(
+        "prune", help="clear the broker's retained chunks of files no version in the groups' histories uses"
+    )
+    prune.add_argument(
+        "--group",
+        action="append",
+        required=True,
+        help="a device group (repeatable; name every group: a file only another group uses is cleared too)",
+    )
     watch = sub.add_parser("watch", help="roll a group back by itself when a new version's agreement falls")
     watch.add_argument("--group", required=True, help="the device group")
     watch.add_argument(
@@ -87,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         command.add_argument(
             "--canary-timeout", type=float, default=600.0, help="seconds to wait for a verdict (default 600)"
         )
-    for command in (publish, status, rollback, watch):
+    for command in (publish, status, rollback, prune, watch):
         command.add_argument("--broker", required=True, metavar="HOST:PORT", help="MQTT broker address")
         command.add_argument("--user", default="operator", help="MQTT account (default: operator)")
         command.add_argument("--password-file", type=Path, help="file whose first line is the password")
@@ -245,6 +257,13 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    with _operator(args) as op:
+        cleared = op.prune(args.group)
+    _say(f"cleared the chunks of {cleared} files no version of {', '.join(args.group)} uses any more")
+    return 0
+
+
 def _watch(args: argparse.Namespace) -> int:
     from edgecascade.rollout.canary import ROLLBACK, WAIT
     from protocol.bundle import parse_unverified
@@ -280,4 +299,4 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-_COMMANDS = {"publish": _publish, "status": _status, "rollback": _rollback, "watch": _watch}
+_COMMANDS = {"publish": _publish, "status": _status, "rollback": _rollback, "prune": _prune, "watch": _watch}

@@ -5,7 +5,9 @@ One connection as the broker's `operator` account (the only role that may publis
 until the broker has acknowledged it; a PUBACK that refuses (not the operator account) is an error.
 
 A group's history (`Topics.model_history`) is the operator's retained list of the last `HISTORY` signed
-manifests it published there, newest last: `rollback` goes back to the one before the newest.
+manifests it published there, newest last: `rollback` goes back to the one before the newest. It also lists
+every file ever published for the group and not pruned yet: `prune` clears the retained chunks of those no
+manifest in the histories uses any more (the broker would otherwise keep every version's files forever).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 
@@ -38,6 +41,14 @@ HISTORY = 10
 HISTORY_VERSION = 1
 
 
+@dataclass
+class History:
+    """A group's history: its last signed manifests (oldest first) and its files' chunk counts (by sha256)."""
+
+    manifests: List[bytes] = field(default_factory=list)
+    files: Dict[str, int] = field(default_factory=dict)
+
+
 class RolloutError(RuntimeError):
     """What an operator's command cannot do (nothing to roll back to, a refused publish...), in one line."""
 
@@ -46,8 +57,14 @@ class Operator:
     """`with Operator(address, topics) as op: op.publish(bundle, "canary")`."""
 
     def __init__(
-        self, address: BrokerAddress, topics: Topics, timeout_s: float = 30.0, client_id: Optional[str] = None
+        self,
+        address: BrokerAddress,
+        topics: Topics,
+        timeout_s: float = 30.0,
+        client_id: Optional[str] = None,
+        history_size: int = HISTORY,
     ) -> None:
+        self.history_size = history_size
         self.address = address
         self.topics = topics
         self.timeout_s = timeout_s
@@ -139,31 +156,60 @@ class Operator:
 
     def publish(self, signed: SignedManifest, group: str) -> None:
         """`signed` as the group's manifest, and at the end of its history (its files must be out first)."""
-        history = self.history(group)
-        if not history or history[-1] != signed.payload:
-            history.append(signed.payload)
-        self._set(group, signed.payload, history[-HISTORY:])
+        history = self._history(group)
+        if not history.manifests or history.manifests[-1] != signed.payload:
+            history.manifests.append(signed.payload)
+        history.manifests = history.manifests[-self.history_size :]
+        chunk = signed.manifest.chunk_bytes
+        history.files.update({f.sha256: f.chunks(chunk) for f in signed.manifest.files})
+        self._set(group, history, signed.payload)
 
     def rollback(self, group: str) -> Tuple[str, str]:
         """The group's manifest back to the version before the newest: (from version, to version)."""
-        history = self.history(group)
-        if len(history) < 2:
+        history = self._history(group)
+        if len(history.manifests) < 2:
             raise RolloutError(
-                f"group {group!r} has no earlier version to roll back to (history: {len(history)})"
+                f"group {group!r} has no earlier version to roll back to (history: {len(history.manifests)})"
             )
-        bad = history.pop()
-        self._set(group, history[-1], history)
-        return parse_unverified(bad).version, parse_unverified(history[-1]).version
+        bad = history.manifests.pop()
+        self._set(group, history, history.manifests[-1])
+        return parse_unverified(bad).version, parse_unverified(history.manifests[-1]).version
 
-    def _set(self, group: str, manifest: bytes, history: List[bytes]) -> None:
-        body = {"v": HISTORY_VERSION, "manifests": [h.decode() for h in history]}
-        props = publish_properties(content_type=CONTENT_TYPE_MANIFEST)
+    def prune(self, groups: Iterable[str]) -> int:
+        """Clear the retained chunks of the files published for `groups` that no manifest in their histories
+        uses any more; how many files. Name every group: a file only another group still uses would go too."""
+        histories = {group: self._history(group) for group in groups}
+        used = {
+            entry.sha256
+            for history in histories.values()
+            for payload in history.manifests
+            for entry in parse_unverified(payload).files
+        }
+        stale = {sha: n for h in histories.values() for sha, n in h.files.items() if sha not in used}
+        # An empty retained message clears the topic (devices ignore empty chunks).
         self._publish_all(
-            [
-                (self.topics.model_history(group), json.dumps(body).encode(), None),
-                (self.topics.model_manifest(group), manifest, props),
-            ]
+            [(self.topics.model_chunk(sha, i), b"", None) for sha, n in stale.items() for i in range(n)]
         )
+        for group, history in histories.items():
+            if set(history.files) & set(stale):
+                history.files = {sha: n for sha, n in history.files.items() if sha not in stale}
+                self._set(group, history, None)
+        return len(stale)
+
+    def _set(self, group: str, history: History, manifest: Optional[bytes]) -> None:
+        """The group's history and (unless None) its manifest, history first: `rollback` reads it."""
+        body = {
+            "v": HISTORY_VERSION,
+            "manifests": [m.decode() for m in history.manifests],
+            "files": history.files,
+        }
+        messages: List[Tuple[str, bytes, Any]] = [
+            (self.topics.model_history(group), json.dumps(body).encode(), None)
+        ]
+        if manifest is not None:
+            props = publish_properties(content_type=CONTENT_TYPE_MANIFEST)
+            messages.append((self.topics.model_manifest(group), manifest, props))
+        self._publish_all(messages)
 
     # -- reading ---------------------------------------------------------------------------------------
     def retained(self, topics: List[str]) -> Dict[str, bytes]:
@@ -192,15 +238,19 @@ class Operator:
 
     def history(self, group: str) -> List[bytes]:
         """The group's last signed manifests, oldest first (empty: nothing published there yet)."""
+        return self._history(group).manifests
+
+    def _history(self, group: str) -> History:
         topic = self.topics.model_history(group)
         payload = self.retained([topic]).get(topic)
         if not payload:
-            return []
+            return History()
         try:
             body = json.loads(payload)
             if body.get("v") != HISTORY_VERSION:
                 raise ValueError(f"history version {body.get('v')!r}")
-            return [str(m).encode() for m in body["manifests"]]
+            files = {str(sha): int(n) for sha, n in dict(body.get("files", {})).items()}
+            return History([str(m).encode() for m in body["manifests"]], files)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RolloutError(f"the history of group {group!r} is unreadable: {exc}") from None
 
