@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -88,7 +88,7 @@ class DeviceAgent:
         self.record_observers: List[Callable[[InferenceRecord], None]] = []
         self._listening: List[Tuple[str, Callable[[str, bytes], None]]] = []
         self.rollout: Optional[ModelRollout] = None  # None: the config follows no device group
-        self._status_sent = (-1, 0.0)  # (agreement changes, monotonic time) of the last model status
+        self._status_sent: Tuple[Any, float] = ((), 0.0)  # (what changed, monotonic time) of the last status
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
@@ -103,6 +103,7 @@ class DeviceAgent:
         self.policy = make_policy(cfg.policy, self.card)
         self.cascade = EdgeCascade(self.model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
         self.input_shape = tuple(self.card.input_shape)
+        self.input_dtype = np.dtype(self.card.input_dtype)  # what `submit` and the sources must deliver
         self.energy = DeviceEnergy(cfg.meters, cfg.meter_options, self.card.raw)
         try:
             self._start_parts()
@@ -122,7 +123,8 @@ class DeviceAgent:
         tick_s = max(0.005, min(cfg.flush_s, cfg.offload_deadline_s / 20))
         self.session.open(self._on_reply, tick_s)
         self.outbox, self.link = self.session.outbox, self.session.link
-        self.link.largest_payload_bytes = int(np.prod(self.input_shape))  # an offload: one raw sample
+        # an offload: one raw sample
+        self.link.largest_payload_bytes = int(np.prod(self.input_shape)) * self.input_dtype.itemsize
         self.settlement = Settlement(
             run_id=self.run_id,
             device_id=self.device_id,
@@ -348,14 +350,19 @@ class DeviceAgent:
         tried on one image: a model that cannot load or run raises here, never on a sample."""
         cfg = self.config
         card = load_card(model_dir)
-        if list(card.input_shape) != list(self.card.input_shape) or card.num_classes != self.card.num_classes:
+        same_input = (list(card.input_shape), card.input_dtype) == (
+            list(self.card.input_shape),
+            self.card.input_dtype,
+        )
+        if not same_input or card.num_classes != self.card.num_classes:
             raise ModelCardError(
-                f"{model_dir}: input {card.input_shape} with {card.num_classes} classes, but the agent "
-                f"serves {self.card.input_shape} with {self.card.num_classes} (a swap cannot change samples)"
+                f"{model_dir}: input {card.input_dtype} {card.input_shape} with {card.num_classes} classes, "
+                f"but the agent serves {self.card.input_dtype} {self.card.input_shape} with "
+                f"{self.card.num_classes} (a swap cannot change samples)"
             )
         policy = make_policy(cfg.policy, card)
         cascade = EdgeCascade(model_dir, cfg.providers, cfg.model_cache_dir, cfg.threads)
-        cascade.decide(np.zeros(tuple(card.input_shape), dtype=np.uint8))
+        cascade.decide(np.zeros(tuple(card.input_shape), dtype=card.input_dtype))
         drift = DriftWatch.for_agent(
             cfg.drift,
             card,
@@ -422,7 +429,8 @@ class DeviceAgent:
     def _housekeeping(self, connected: bool) -> None:
         self.offloads.tick(connected)
         self.settlement.flush(block=False)
-        changes, sent_at = self.agreement.changes, self._status_sent[1]
-        if changes != self._status_sent[0] and time.monotonic() - sent_at >= STATUS_EVERY_S:
+        rollout = self.rollout.stats if self.rollout is not None else {}
+        changes = (self.agreement.changes, rollout.get("refused"), rollout.get("swaps"))
+        if changes != self._status_sent[0] and time.monotonic() - self._status_sent[1] >= STATUS_EVERY_S:
             self._status_sent = (changes, time.monotonic())
             self.link.set_model(self.model_status())

@@ -64,12 +64,12 @@ class InferenceLoop:
 
     def check(self, arr: np.ndarray) -> Optional[str]:
         """Why `arr` cannot be a sample (counted and logged), or None."""
-        shape = self.agent.input_shape
-        if arr.dtype == np.uint8 and tuple(arr.shape) == shape:
+        shape, dtype = self.agent.input_shape, self.agent.input_dtype  # the card's: an image, a window...
+        if arr.dtype == dtype and tuple(arr.shape) == shape:
             return None
         self.agent.stats["bad_inputs"] += 1
-        logger.warning("rejected input of dtype %s shape %s (want uint8 %s)", arr.dtype, arr.shape, shape)
-        return f"image must be uint8 {shape}, got {arr.dtype} {arr.shape}"
+        logger.warning("rejected input of dtype %s shape %s (want %s %s)", arr.dtype, arr.shape, dtype, shape)
+        return f"sample must be {dtype} {shape}, got {arr.dtype} {arr.shape}"
 
     # -- the thread -----------------------------------------------------------------------------------
     def run(self) -> None:
