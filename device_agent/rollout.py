@@ -157,6 +157,7 @@ class ModelRollout:
         self.topics = topics
         self.store = ModelStore(Path(state_dir) / "models", settings.keep_versions)
         self.serving = ""  # the version the agent serves (`attach`, then `swapped`)
+        self._offered: Optional[str] = None  # a version offered to the agent and not swapped in yet
         self.agreement = AgreementTracker("")
         self.stats: Dict[str, int] = {"manifests": 0, "installed": 0, "swaps": 0, "refused": 0}
         self.refusals: collections.Counter = collections.Counter()  # by reason
@@ -242,7 +243,9 @@ class ModelRollout:
             return
         version = signed.manifest.version
         self.stats["manifests"] += 1
-        if version == self.serving:  # e.g. a rollback to it while the bad version still downloads
+        # What the agent will serve once what it was offered is swapped in: a rollback that comes between
+        # an offer and its swap is offered in turn (it replaces the offer, or swaps straight back).
+        if version == (self._offered or self.serving):  # e.g. a rollback while the bad one still downloads
             if self._download is not None:
                 self._abandon(self._download)
             return
@@ -340,9 +343,12 @@ class ModelRollout:
             self._refuse(digest, signed.manifest.version, "unusable", f"{type(exc).__name__}: {exc}")
             return
         self.offer(prepared)
+        self._offered = signed.manifest.version
 
     def _on_swapped(self, version: str) -> None:
         was, self.serving = self.serving, version
+        if self._offered == version:
+            self._offered = None
         self.stats["swaps"] += 1
         try:
             self.store.set_current(version)

@@ -330,10 +330,18 @@ def test_a_manifest_with_a_bad_signature_is_refused_in_one_line_and_the_old_mode
         broker, topics
     ) as op:
         v1 = agent.model_version
+        op.watch_status()
         op.publish_files(forged)
         op.publish(forged.signed, "g")
         assert agent.rollout is not None
         wait_for(lambda: agent.rollout.stats["refused"] == 1, 20, "the refusal")
+
+        def reported() -> bool:  # on the status topic too (edge-only: no offload moves it otherwise)
+            with op.lock:
+                status = op.statuses.get(agent.device_id)
+            return status is not None and status.model is not None and status.model.refused == 1
+
+        wait_for(reported, 20, "the refusal on the status topic")
         assert agent.submit(images(1, 3)[0]).result(10).model_version == v1
         assert dict(agent.rollout.refusals) == {"signature": 1}
         assert agent.rollout.stats["installed"] == 0 and agent.model_status().refused == 1
