@@ -279,8 +279,21 @@ def live_point(card: FaultCard, db: Path, run_id: str, config: Config) -> Dict[s
         "latency_ms_p99": float(np.percentile(latency, 99)),
         "bytes_per_decision": float(np.mean([r[7] + r[8] for r in rows])),
         **sensor_energy_j(card, config.rule != "all", transfers, len(rows)),
+        "remote_j": remote_energy_j(card, config, stage),
         "_pred": pred,
     }
+
+
+def remote_energy_j(card: FaultCard, config: Config, stage: np.ndarray) -> float:
+    """The gateway's and the cloud's compute per decision (analytic, from the card): a window that went to
+    the gateway ran its model, one that reached the cloud the cloud's too (cloud-only and two-tier skip the
+    gateway)."""
+    analytic = AnalyticModel.for_card(card.raw)
+    via_gateway = config.uplink == "gateway" and config.rule != "none"
+    at_gateway = float(np.isin(stage, ("gateway", "cloud")).mean()) if via_gateway else 0.0
+    return at_gateway * analytic.block_j("gateway") + float((stage == "cloud").mean()) * analytic.block_j(
+        "cloud"
+    )
 
 
 def targets(points: Dict[str, Dict[str, Any]]) -> List[Tuple[str, str, bool]]:
@@ -396,7 +409,7 @@ def run_fault_bench(
 
 def print_report(report: Dict[str, Any]) -> None:
     cols = ("config", "rows", "acc", "F1", "miss", "f.alarm", "left", "cloud", "p50 ms", "p99 ms", "B/dec")
-    print(" ".join(f"{c:>8}" for c in cols) + "  mJ/dec   agree")
+    print(" ".join(f"{c:>8}" for c in cols) + "  mJ/dec  remote µJ  agree")
     for name, p in report["live"].items():
         cells = [
             f"{name[:15]:>15}",
@@ -411,6 +424,7 @@ def print_report(report: Dict[str, Any]) -> None:
             f"{p['latency_ms_p99']:>7.2f}",
             f"{p['bytes_per_decision']:>7.0f}",
             f"{p['total_j'] * 1e3:>7.3f}",
+            f"{p['remote_j'] * 1e6:>9.1f}",
             f"{p['agrees_with_offline']:>6.1%}",
         ]
         print(" ".join(cells))

@@ -4,6 +4,7 @@ Device-side (Python >= 3.8, numpy + scipy, no torch/SQLAlchemy/matplotlib): `bea
 characteristic frequencies), `simulate` (one recording of a machine with a healthy or faulty bearing),
 `envelope` (the envelope spectrum, the classical diagnostic), `dataset` (separate recordings per split, cut
 into windows), `loaders` (CWRU `.mat` and MaFaulDa CSV files), `rules` (HI and the cost-sensitive H2T2 rule).
-A leaf library: it imports no other edgecascade package, except `sensor` (the sensor agent) and `gateway`
-(the gateway task), which wire it to the device agent's session and the cloud worker.
+`card` (the fault card), `sensor` (the sensor agent, on the device agent's session and outbox). A leaf
+library: only `sensor` imports other edgecascade packages (device_agent, protocol, metering); the gateway
+task that uses it lives in `cloud_worker.gateway`.
 """
