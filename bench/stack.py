@@ -101,6 +101,8 @@ def cloud_side(
                         "--providers", *providers,
                         "--meters", *cloud.get("backends", ["estimate"]),
                         *threads,
+                        # what it answered, for `edgecascade adapt` (bench/adapt_bench.py)
+                        *(["--keep-inputs", str(cloud["keep_inputs"])] if cloud.get("keep_inputs") else []),
                     ],
                 )  # fmt: skip
             http_port = find_free_port()

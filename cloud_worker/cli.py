@@ -29,6 +29,8 @@ EPILOG = """examples:
       --max-batch 64 --max-wait-ms 5 --providers CUDAExecutionProvider CPUExecutionProvider
   # Prometheus metrics (replies, refusals by reason, service time, queue wait) on :9102/metrics
   edgecascade cloud ... --worker-id w1 --metrics-port 9102
+  # keep what it answers (the newest 20,000, at most a day old) for `edgecascade adapt`
+  edgecascade cloud ... --keep-inputs /var/lib/edgecascade/kept.db
 
 Start as many as you like (distinct --worker-id): the broker shares the offloads among them.
 QoS 0 offloads are refused; each device gets a fair share of --max-queue; an offload waits at most
@@ -104,6 +106,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meters", nargs="*", default=[], help="metering backends, first that works")
     parser.add_argument("--idle-seconds", type=float, default=0.0, help="idle baseline before serving")
     parser.add_argument("--stats-interval", type=float, default=60.0, help="log stats every N s (0: never)")
+    keep = parser.add_argument_group("keeping answered inputs for `edgecascade adapt` (opt-in)")
+    keep.add_argument(
+        "--keep-inputs", type=Path, metavar="FILE.db", help="keep each answered offload in this SQLite file"
+    )
+    keep.add_argument(
+        "--keep-max", type=int, default=20_000, help="kept inputs at most (default %(default)s)"
+    )
+    keep.add_argument(
+        "--keep-max-age-h",
+        type=float,
+        default=24.0,
+        help="drop kept inputs older than this (default %(default)s h)",
+    )
     add_metrics_arguments(parser, "this worker")
 
 
@@ -143,9 +158,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         worker = CloudWorker(config)
-    except (ModelError, ValueError) as exc:
+        keeper = _keeper(args)
+    except (ModelError, ValueError, OSError) as exc:
         print(f"cannot start the cloud worker: {exc}", file=sys.stderr)
         return 2
+    if keeper is not None:
+        worker.observers.append(keeper.observe)
     stop = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
@@ -165,6 +183,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+
+
+def _keeper(args: argparse.Namespace) -> Any:
+    """The store of answered inputs (`--keep-inputs`), or None."""
+    if args.keep_inputs is None:
+        return None
+    from cloud_worker.keep import InputKeeper
+
+    return InputKeeper(args.keep_inputs, args.keep_max, args.keep_max_age_h * 3600.0)
 
 
 def _serve_metrics(worker: Any, args: argparse.Namespace) -> Any:

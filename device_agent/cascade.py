@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 
-from device_agent.card import ModelCardError, load_card, sha256_file
+from device_agent.card import NO_GATE, ModelCardError, load_card, sha256_file
 from device_agent.rule import EdgeDecision, edge_decision, softmax, softmax_row
 from video.providers import usable_providers
 
@@ -136,16 +136,18 @@ class EdgeCascade:
         (logits,) = self._ext.run(["logits"], {"image": batch, "features": feats})
         return softmax(logits)
 
-    def decide(self, images: np.ndarray) -> List[EdgeDecision]:
+    def decide(self, images: np.ndarray, gated: bool = True) -> List[EdgeDecision]:
         """The MEANet edge rule (`rule.edge_decision`) on a batch; the extension runs, batched, only on rows
-        whose main top-1 is hard and whose confidence is in the card's gate. A batch of one (the agent's
-        case) takes `_decide_one`."""
+        whose main top-1 is hard and, `gated`, whose confidence is in the card's gate (ungated: the edge's
+        best answer, for a device that will not offload). A batch of one (the agent's case) takes
+        `_decide_one`."""
+        low, high = (self.gate_low, self.gate_high) if gated else (0.0, NO_GATE)
         if (
             type(images) is np.ndarray
             and images.dtype == np.uint8
             and images.shape in (self._one_shape, self._image_shape)
         ):
-            return [self._decide_one(images.reshape(self._one_shape))]
+            return [self._decide_one(images.reshape(self._one_shape), low, high)]
         batch = _as_batch(images, self.card.input_shape)
         n = batch.shape[0]
         if n == 0:
@@ -154,8 +156,8 @@ class EdgeCascade:
         main = self.run_main(batch)
         main_ms = (time.perf_counter() - t0) * 1000.0 / n
         p_main = main.probs.max(axis=1)
-        gated = (p_main >= self.gate_low) & (p_main < self.gate_high)
-        rows = np.flatnonzero(self._is_hard[main.probs.argmax(axis=1)] & gated)
+        gated_rows = (p_main >= low) & (p_main < high)
+        rows = np.flatnonzero(self._is_hard[main.probs.argmax(axis=1)] & gated_rows)
         ext: List[Optional[np.ndarray]] = [None] * n
         ext_ms = 0.0
         if rows.size:
@@ -175,7 +177,7 @@ class EdgeCascade:
             for i in range(n)
         ]
 
-    def _decide_one(self, batch: np.ndarray) -> EdgeDecision:
+    def _decide_one(self, batch: np.ndarray, low: float, high: float) -> EdgeDecision:
         """`decide` on a checked uint8 batch of one: the same rule, with the batch-1 softmax (the agent runs
         batch 1, where numpy's per-call overhead on ~10 values is a sizeable share of a small model)."""
         if not batch.flags.c_contiguous:
@@ -185,7 +187,7 @@ class EdgeCascade:
         probs = softmax_row(logits[0])
         q: Optional[np.ndarray] = None
         top1 = int(probs.argmax())
-        if top1 in self._hard_set and self.gate_low <= probs[top1] < self.gate_high:
+        if top1 in self._hard_set and low <= probs[top1] < high:
             (ext_logits,) = self._ext.run(self._ext_outputs, {"image": batch, "features": features})
             q = softmax_row(ext_logits[0])
         edge_ms = (time.perf_counter() - t0) * 1000.0

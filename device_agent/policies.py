@@ -7,9 +7,10 @@ unknown parameters (unlike Sedna's, which silently overwrites). Thresholds defau
 calibrated on a validation split.
 
 `edge` says which edge outputs a policy needs, so the agent computes no more than that:
-`none` (nothing runs on the device), `main` (the main block only) or `cascade` (the full MEANet edge rule,
-`EdgeCascade.decide`, whose verdict is `EdgeView.complex`). Softmax, entropy and the MEANet rule are
-`device_agent.rule`'s; policies only decide on what it computed.
+`none` (nothing runs on the device), `main` (the main block only), `cascade` (the full MEANet edge rule,
+`EdgeCascade.decide`, whose verdict is `EdgeView.complex`) or `full` (the same with the extension ungated:
+for a device that offloads nothing, where the card's extension gate would save nothing). Softmax, entropy
+and the MEANet rule are `device_agent.rule`'s; policies only decide on what it computed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-EDGE_NEEDS = ("none", "main", "cascade")
+EDGE_NEEDS = ("none", "main", "cascade", "full")
 
 
 class PolicyError(ValueError):
@@ -41,8 +42,8 @@ class EdgeView:
     """The edge's outputs for one sample, as far as the edge went.
 
     `stage` is where the view comes from: `none` (the device computed nothing), `main` (the main block), or
-    `cascade` (the full edge rule; then `exit_stage` says whether main or extension gave the answer and
-    `complex` is the cascade's offload verdict).
+    `cascade` or `full` (the full edge rule; then `exit_stage` says whether main or extension gave the
+    answer and `complex` is the cascade's offload verdict).
     """
 
     stage: str
@@ -176,10 +177,12 @@ def make_policy(spec: Dict[str, Any], card: Any = None) -> Policy:
 
 @register_policy("edge-only")
 class EdgeOnly(Policy):
-    """Never offload: the edge cascade (or the main block alone, `edge="main"`) answers everything."""
+    """Never offload: the edge cascade answers everything, its extension ungated (`edge="full"`: the card's
+    gate saves the extension where the cloud would answer anyway; here nothing goes there), or gated
+    (`edge="cascade"`), or the main block alone (`edge="main"`)."""
 
-    def __init__(self, card: Any = None, edge: str = "cascade") -> None:
-        self.edge = _edge_param(edge, ("main", "cascade"))
+    def __init__(self, card: Any = None, edge: str = "full") -> None:
+        self.edge = _edge_param(edge, ("main", "cascade", "full"))
 
     def decide(self, view: EdgeView) -> Decision:
         return Decision(Action.EXIT)

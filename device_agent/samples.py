@@ -59,8 +59,8 @@ def edge_view(cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int) -> T
     if edge == "main":
         d = cascade.main_only(image)
         blocks = ["main"]
-    elif edge == "cascade":
-        d = cascade.decide(image)[0]
+    elif edge in ("cascade", "full"):  # full: the extension ungated, for a device that will not offload
+        d = cascade.decide(image, gated=edge == "cascade")[0]
         blocks = ["main", "extension"] if d.exit_stage == "extension" else ["main"]
     else:
         raise PolicyError(f"unknown edge need {edge!r}")
@@ -72,7 +72,7 @@ def edge_view(cascade: EdgeCascade, edge: str, image: np.ndarray, seq: int) -> T
         p_main=d.p_main,
         p_ext=d.p_ext,
         entropy=d.entropy,
-        complex=d.complex if edge == "cascade" else None,
+        complex=d.complex if edge in ("cascade", "full") else None,
         seq=seq,
         main_probs=d.main_probs,
     )

@@ -23,6 +23,7 @@ SUBCOMMANDS = [
     ("cloud", "cloud_worker.cli"),
     ("collect", "results_db.cli"),
     ("train", "training.cli"),
+    ("adapt", "training.adapt_cli"),
     ("bench", "bench.cli"),
     ("report", "results_db.report_cli"),
     ("broker", "broker.cli"),

@@ -223,6 +223,8 @@ def test_the_extension_runs_only_inside_the_cards_gate(tmp_path: Path, test_set:
     ran = np.array([d.exit_stage == "extension" for d in decisions])
     assert ran.tolist() == (hard & inside).tolist()
     assert 0 < ran.sum() < hard.sum()  # the gate made a difference on these images
+    ungated = [d.exit_stage == "extension" for d in gated.decide(batch, gated=False)]
+    assert ungated == hard.tolist()  # edge-only's view: the extension for every hard top-1
     assert [gated.decide(x[None])[0].exit_stage for x in batch[:100]] == [
         d.exit_stage for d in decisions[:100]
     ]

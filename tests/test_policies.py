@@ -100,7 +100,7 @@ def test_edge_only_and_cloud_only() -> None:
     edge, cloud = make_policy({"name": "edge-only"}), make_policy({"name": "cloud-only"})
     assert [edge.decide(v).action for v in (confident, unsure)] == [Action.EXIT, Action.EXIT]
     assert [cloud.decide(v).action for v in (confident, unsure)] == [Action.OFFLOAD, Action.OFFLOAD]
-    assert (edge.edge, cloud.edge) == ("cascade", "none")  # cloud-only runs nothing on the device
+    assert (edge.edge, cloud.edge) == ("full", "none")  # edge-only: extension ungated; cloud-only: nothing
     assert make_policy({"name": "cloud-only", "params": {"edge": "main"}}).edge == "main"
 
 

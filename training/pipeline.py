@@ -220,7 +220,7 @@ def train_models(
     if recipe.init_from:
         from training.published import load_published
 
-        start = load_published(Path(recipe.init_from), bundle)
+        start = load_published(Path(recipe.init_from), bundle.train.images)  # type: ignore[union-attr]
         facts = {name: {**start.stages[name], "kept_from": start.source} for name in STAGES}
         logger.info("starting from %s (hard classes %s)", recipe.init_from, start.arch.hard_classes)
 
@@ -228,9 +228,12 @@ def train_models(
     if ckpt and ckpt["main"].exists():
         saved = load_checkpoint(ckpt["main"])
         # hard classes come from the checkpoint (they belong to that main block); the rest from the recipe
-        arch = architecture_for(recipe, bundle, Architecture.from_dict(saved["arch"]).hard_classes)
+        hard = Architecture.from_dict(saved["arch"]).hard_classes
+        arch = start.arch if start else architecture_for(recipe, bundle, hard)
         main, extension, cloud = build_models(arch, bundle.input_shape)
         main.load_state_dict(saved["state_dict"])
+        if start is not None:  # the stages still to fine-tune start from the published modules
+            extension, cloud = start.extension, start.cloud
         facts["main"] = saved["facts"]
         logger.info("main block loaded from %s (hard classes %s)", ckpt["main"], arch.hard_classes)
     elif start is not None and "main" not in stages:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from training.datasets import DatasetBundle
+from device_agent.card import NO_GATE
 from training.from_onnx import load_folded
 from training.meanet import Architecture, CloudNet, ExtensionBlock, MainBlock, build_models
 from training.pipeline import load_checkpoint
@@ -30,14 +30,25 @@ class Published:
     cloud: CloudNet
     stages: Dict[str, Dict[str, Any]]  # the card's training facts per stage
     source: str  # "<dir> (card sha256 <12 hex>)": what a model trained from it names
+    card: Dict[str, Any]  # its card.json
+
+    @property
+    def recipe(self) -> Dict[str, Any]:
+        return dict(self.card.get("training", {}).get("recipe", {}))
+
+    @property
+    def gate(self) -> Tuple[float, float]:
+        low, high = self.card["thresholds"].get("extension_gate", (0.0, NO_GATE))
+        return float(low), float(high)
 
 
-def load_published(model_dir: Path, bundle: DatasetBundle) -> Published:
+def load_published(model_dir: Path, clean_images: Optional[torch.Tensor] = None) -> Published:
+    """`clean_images` (uint8, training images) are needed only to rebuild a cloud model from its ONNX."""
     from device_agent.card import sha256_file
 
     card = json.loads((model_dir / "card.json").read_text(encoding="utf-8"))
     arch = Architecture.from_dict(card["architecture"])
-    main, extension, cloud = build_models(arch, bundle.input_shape)
+    main, extension, cloud = build_models(arch, card["input"]["shape"])
     for name, module in (("main", main), ("extension", extension), ("cloud", cloud)):
         path = model_dir / "torch" / f"{name}.pt"
         if path.is_file():
@@ -45,11 +56,11 @@ def load_published(model_dir: Path, bundle: DatasetBundle) -> Published:
             if saved["arch"]["hard_classes"] != arch.hard_classes:
                 raise ValueError(f"{path} was trained for other hard classes than {model_dir}/card.json")
             module.load_state_dict(saved["state_dict"])
-        elif name == "cloud":
-            images = bundle.train.images[:STATISTICS_IMAGES]  # type: ignore[union-attr]
+        elif name == "cloud" and clean_images is not None:
+            images = clean_images[:STATISTICS_IMAGES]
             load_folded(cloud, model_dir / card["blocks"]["cloud"]["file"], torch.split(images, 500))
         else:
-            raise ValueError(f"{model_dir} has no {path.name}: cannot train on from it")
+            raise ValueError(f"{model_dir} has no {path.name} (and no clean images to rebuild it from ONNX)")
     stages = card.get("training", {}).get("stages", {})
     source = f"{model_dir} (card sha256 {sha256_file(model_dir / 'card.json')[:12]})"
-    return Published(arch, main.eval(), extension.eval(), cloud.eval(), stages, source)
+    return Published(arch, main.eval(), extension.eval(), cloud.eval(), stages, source, card)
