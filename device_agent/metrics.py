@@ -179,8 +179,12 @@ class _AgentState:
             share.add_metric([], float(capacity.share))
         yield share
         yield from self._drift(agent)
-        info = InfoMetricFamily(NS, "The agent's device, policy and model (version: card.json sha256 prefix)")
-        info.add_metric([], self.metrics.info)
+        info = InfoMetricFamily(
+            NS, "The agent's device, policy and model (version: a rollout's, else card.json sha256 prefix)"
+        )
+        # The version served now: a rollout (`device_agent.rollout`) swaps it while the agent runs.
+        version = getattr(agent, "model_version", None) or self.metrics.info["model_version"]
+        info.add_metric([], {**self.metrics.info, "model_version": str(version)})
         yield info
 
     def _drift(self, agent: Any) -> Iterator[Metric]:
