@@ -161,13 +161,16 @@ def offline_point(
 
 
 def front(card: FaultCard, probs: Dict[str, np.ndarray], y: np.ndarray) -> Dict[str, List[Dict[str, Any]]]:
-    """Offline sweeps (no threshold is fitted here): three-tier HI over the sensor's θ (the gateway's as
-    calibrated), and the two-threshold rule's closed form over the offload cost β (misses 10, alarms 1)."""
+    """Offline sweeps (no threshold is fitted here): two- and three-tier HI over the sensor's θ (the
+    gateway's as calibrated), and the two-threshold rule's closed form over the offload cost β (misses 10,
+    alarms 1)."""
     gateway_hi = HiRule(card.hi_theta("gateway"))
     gateway_tt = TwoThresholdRule(*card.two_thresholds("gateway"))
-    points: Dict[str, List[Dict[str, Any]]] = {"three-tier-hi": [], "cost-sensitive": []}
+    points: Dict[str, List[Dict[str, Any]]] = {"two-tier-hi": [], "three-tier-hi": [], "cost-sensitive": []}
     rules: Tuple[Any, Any]
     for theta in (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
+        rules = (HiRule(theta), None)
+        points["two-tier-hi"].append({"theta": theta, **offline_point(CONFIGS[3], rules, card, probs, y)})
         rules = (HiRule(theta), gateway_hi)
         points["three-tier-hi"].append({"theta": theta, **offline_point(CONFIGS[4], rules, card, probs, y)})
     for beta in (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01):

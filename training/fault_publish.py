@@ -131,7 +131,10 @@ def publish(src: Path, out: Path, args: argparse.Namespace) -> Dict[str, Any]:
         "microcontroller": MCU["sensor"],
         "thresholds": {
             "hi_theta": {"sensor": round(theta_s, 6), "gateway": round(theta_g, 6)},
-            "two_threshold": {"sensor": [two_s.low, two_s.high], "gateway": [two_g.low, two_g.high]},
+            "two_threshold": {
+                "sensor": [round(two_s.low, 6), round(two_s.high, 6)],
+                "gateway": [round(two_g.low, 6), round(two_g.high, 6)],
+            },
             "costs": {"miss": args.miss_cost, "false_alarm": args.false_alarm_cost},
             "calibrated_on": f"validation ({labels['validation'].size} windows of separate recordings)",
             "target_sensor_offload": args.sensor_offload,
