@@ -145,6 +145,10 @@ def test_models_help_has_examples(capsys: pytest.CaptureFixture) -> None:
         cli_main(["models", "--help"])
     out = capsys.readouterr().out
     assert "examples:" in out and "edgecascade models publish" in out and "--canary" in out
+    for action in ("keygen", "publish", "status", "rollback", "prune", "watch"):
+        with pytest.raises(SystemExit):
+            cli_main(["models", action, "--help"])
+        assert f"example:\n  edgecascade models {action} " in capsys.readouterr().out
 
 
 def test_the_device_keeps_a_bounded_number_of_versions_and_never_serves_one_that_no_longer_verifies(

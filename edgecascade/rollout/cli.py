@@ -49,8 +49,37 @@ directory or broker; 3 the canary had not compared enough offloads by --canary-t
 """
 
 
+# One example per action, in its own --help (`edgecascade models --help` has them all).
+_EXAMPLES = {
+    "keygen": "edgecascade models keygen --out ~/.config/edgecascade",
+    "publish": "edgecascade models publish models/fashion-mnist --version 2026-12-03b \\\n"
+    "    --key model-signing.key --group fleet --canary canary --broker broker.lan:1883 \\\n"
+    "    --password-file operator.pw",
+    "status": "edgecascade models status --group canary --group fleet --broker broker.lan:1883 "
+    "--password-file operator.pw",
+    "rollback": "edgecascade models rollback --group fleet --broker broker.lan:1883 "
+    "--password-file operator.pw",
+    "prune": "edgecascade models prune --group canary --group fleet --broker broker.lan:1883 "
+    "--password-file operator.pw",
+    "watch": "edgecascade models watch --group canary --threshold 0.05 --broker broker.lan:1883 "
+    "--password-file operator.pw",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    raw_sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    class _Actions:  # each action's parser with its example as epilog
+        @staticmethod
+        def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+            return raw_sub.add_parser(
+                name,
+                epilog=f"example:\n  {_EXAMPLES[name]}",
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                **kw,
+            )
+
+    sub = _Actions()
     keygen = sub.add_parser("keygen", help="a new ed25519 signing key pair (model-signing.key / .pub)")
     keygen.add_argument("--out", type=Path, required=True, help="directory for the two key files")
     publish = sub.add_parser("publish", help="publish a model directory as a signed version to a group")
