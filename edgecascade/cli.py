@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     ("camera", "device_agent.camera_cli"),
     ("cloud", "cloud_worker.cli"),
     ("collect", "results_db.cli"),
+    ("db", "results_db.db_cli"),
     ("train", "training.cli"),
     ("adapt", "training.adapt_cli"),
     ("bench", "bench.cli"),
