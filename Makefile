@@ -58,7 +58,7 @@ train-video: setup ## Regenerate the synthetic clips and retrain the REACT detec
 
 train-fault: setup ## Retrain the vibration fault models (sensor, gateway, cloud) on simulated recordings into models/vibration (~15 min on a shared 2-core box)
 	nice -n 10 $(PY) -m training.fault --out build/fault --kinds sensor --epochs 30,10,10 --batch 64,32,32 --train-hop 1024
-	nice -n 10 $(PY) -m training.fault --out build/fault --kinds gateway --epochs 30,10,10 --train-hop 2048 & \
+	nice -n 10 $(PY) -m training.fault --out build/fault --kinds gateway --epochs 30,20,10 --train-hop 1024 & \
 	nice -n 10 $(PY) -m training.fault --out build/fault --kinds cloud --epochs 30,10,10 --train-hop 2048; \
 	wait
 	$(PY) -m training.fault_publish --src build/fault --out models/vibration
