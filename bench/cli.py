@@ -21,6 +21,7 @@ EPILOG = """examples:
   edgecascade bench --task links --links lte --outage-s 0 --samples 300
   edgecascade bench --corruptions --quick  # every policy on each corruption kind at severity 2, 300 samples
   edgecascade bench --corruptions --kinds gaussian-noise,blur --severities 1,2,3 --samples 1000
+  edgecascade bench --corruptions --cloud-watch   # the agents back off a cloud that is not better
 The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
 results/report/*.png + report.md, and prints one row per policy and the targets: accuracy, energy and
 throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
@@ -95,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "clean test images, one row per policy per corruption (results/corruptions/; default 1,000 samples "
         "per run, all kinds x severities; --quick: 300 samples, severity 2)",
     )
+    parser.add_argument(
+        "--cloud-watch",
+        action="store_true",
+        help="agents back off offloading while the cloud is less sure than the edge (device_agent.safety)",
+    )
     parser.add_argument("--kinds", help="--corruptions: comma-separated kinds (default: all)")
     parser.add_argument("--severities", help="--corruptions: comma-separated severities 1-3 (default: all)")
     parser.add_argument("--json", type=Path, help="also write the figures and targets as JSON here")
@@ -150,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
         link=args.link,
         rate_hz=args.rate,
         paced_samples=args.paced_samples,
+        cloud_watch=args.cloud_watch,
     )
     err = Console(stderr=True)
     result = run_bench(cfg, err)
@@ -230,6 +237,7 @@ def run_corruptions(args: argparse.Namespace) -> int:
         http_peer=False,
         progress=False,
         rate_hz=0.0,
+        cloud_watch=args.cloud_watch,
     )
     from results_db import open_database
     from results_db.report import build_report

@@ -78,6 +78,8 @@ class BenchConfig:
     # show the cloud's capacity, not the policy (hi-threshold 93.66 % instead of 94.00 % on 2026-12-03).
     # Shedding is measured where it is the point: the fleet simulation and the links' outage run.
     capacity_aware: bool = False
+    # Back off offloading while the cloud is less sure than the edge (device_agent.safety); `--cloud-watch`.
+    cloud_watch: bool = False
 
     @property
     def n_samples(self) -> int:
@@ -136,7 +138,7 @@ def agent_config(
         ),
         profile,
     )
-    return dataclasses.replace(config, capacity_aware=cfg.capacity_aware)
+    return dataclasses.replace(config, capacity_aware=cfg.capacity_aware, cloud_watch=cfg.cloud_watch)
 
 
 def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResult:

@@ -41,7 +41,9 @@ from device_agent.model_store import model_version_of
 from device_agent.offloads import OffloadTracker, Settled
 from device_agent.policies import Policy, make_policy
 from device_agent.rollout import AgreementTracker, ModelRollout
+from device_agent.rule import softmax_row
 from device_agent.runs import LiveTally, RunSummary, Stream, plain, run_record
+from device_agent.safety import CloudWatch
 from device_agent.session import RunSession
 from device_agent.settlement import Settlement
 from device_agent.sources import watch_directory
@@ -79,6 +81,7 @@ class DeviceAgent:
         self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "bad_loads": 0}
         self.capacity: Optional[CapacityRule] = None  # None: capacity-awareness is off, every offload goes
         self.drift: Optional[DriftWatch] = None  # None: drift is not watched (off, no reference, no edge)
+        self.cloud_watch = CloudWatch() if config.cloud_watch else None  # None: no back-off
         self._summary = RunSummary(self.run_id, self.device_id, str(config.policy.get("name")))
         self._started_mono = 0.0
         self._thread: Optional[threading.Thread] = None
@@ -338,6 +341,7 @@ class DeviceAgent:
         summary.policy_report = self.policy.report()
         summary.capacity = self.capacity.report() if self.capacity is not None else {}
         summary.drift = self.drift.report() if self.drift is not None else {}
+        summary.cloud_watch = self.cloud_watch.report() if self.cloud_watch is not None else {}
         if self.rollout is not None:
             summary.rollout = {**self.rollout.stats, "refusals": dict(self.rollout.refusals)}
 
@@ -403,6 +407,9 @@ class DeviceAgent:
         if reply is not None and sample.view.prediction is not None:
             # The device's one view of its model's quality: does the cloud agree with the edge's answer?
             self.agreement.observe(sample.model_version, int(reply.prediction) == int(sample.view.prediction))
+            if self.cloud_watch is not None and sample.view.probs is not None:
+                cloud = softmax_row(np.asarray(reply.logits, dtype=np.float32))
+                self.cloud_watch.answered(float(sample.view.probs.max()), float(cloud.max()))
         if self.capacity is not None:
             if settled.refusal is not None:
                 self.capacity.refused()

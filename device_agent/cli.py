@@ -129,6 +129,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="offload whatever the policy says, however loaded the cloud (no shedding, no budget)",
     )
     parser.add_argument(
+        "--cloud-watch",
+        action="store_true",
+        help="back off offloading while the cloud is less sure than the edge on what it is sent "
+        "(answered at the edge, flagged shed; a probe share still goes)",
+    )
+    parser.add_argument(
         "--no-drift",
         action="store_true",
         help="do not watch the inputs for drift (default: watch, if the card can)",
@@ -255,6 +261,7 @@ def build_config(args: argparse.Namespace, kind: str, source: Dict[str, Any]) ->
         "offload_budget_per_s": args.offload_budget,
         "offload_budget_burst": args.offload_budget_burst,
         "capacity_aware": False if args.no_capacity else None,
+        "cloud_watch": True if args.cloud_watch else None,
     }
     config = AgentConfig(
         device_id=args.device_id,

@@ -54,6 +54,9 @@ class AgentConfig:
     shed_above: float = SHED_ABOVE  # shed when the predicted round trip exceeds this fraction of the deadline
     offload_budget_per_s: Optional[float] = None  # at most this many offloads a second (None: no budget)
     offload_budget_burst: Optional[float] = None  # ... saved up to this many (None: one second's worth)
+    # Back off offloading while the cloud is not more sure than the edge on what is offloaded
+    # (device_agent.safety): offload decisions then answered at the edge, flagged `shed`, but a probe share.
+    cloud_watch: bool = False
     # Drift detection (device_agent.drift) against the card's reference, where it has one. None: off.
     drift: Optional[DriftSettings] = DriftSettings()
     # Model rollouts (device_agent.rollout): the device group whose signed manifest it follows. None: off.
@@ -164,6 +167,7 @@ def apply_profile(config: AgentConfig, profile: Dict[str, Any]) -> AgentConfig:
         ("offload_deadline_s", float),
         ("results_batch", int),
         ("capacity_aware", _boolean),
+        ("cloud_watch", _boolean),
         ("shed_above", float),
         ("offload_budget_per_s", float),
         ("offload_budget_burst", float),

@@ -189,6 +189,8 @@ class InferenceLoop:
                 offload = agent.capacity.admit(
                     window_full=full, edge_answer=answer, in_flight=agent.offloads.in_flight()
                 ).admitted
+            if offload and agent.cloud_watch is not None and view.prediction is not None:
+                offload = agent.cloud_watch.admit()  # backed off: the edge answers (shed), but probes
             if offload:
                 request = OffloadRequest(agent.run_id, agent.device_id, seq, image, time.time_ns())
                 payload = encode_offload(request)

@@ -44,6 +44,7 @@ class RunSummary:
         default_factory=dict
     )  # CapacityRule.report(): sheds by reason, estimates
     drift: Dict[str, Any] = field(default_factory=dict)  # DriftMonitor.report(): tests, alarms, the first
+    cloud_watch: Dict[str, Any] = field(default_factory=dict)  # CloudWatch.report(): back-offs, kept at edge
     outbox_left: Dict[str, int] = field(default_factory=dict)  # set by close(): what waits for next start
     rejected_inputs: int = 0  # samples that are not an image the model takes (never started)
     skipped_files: int = 0  # watched files that could not be read (remembered: never read again)
