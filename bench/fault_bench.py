@@ -346,18 +346,14 @@ def plot(path: Path, sweeps: Dict[str, List[Dict[str, Any]]], points: Dict[str, 
             "o-",
             label=f"{name} (offline sweep)",
         )
-    for name, p in points.items():
-        ax.scatter([p["total_j"] * 1e3], [100 * p["accuracy"]], marker="s", zorder=3)
-        ax.annotate(
-            name,
-            (p["total_j"] * 1e3, 100 * p["accuracy"]),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
+    markers = "sDv^P*"  # in the legend, not beside the points: several share one (gateway- and cloud-only)
+    for marker, (name, p) in zip(markers, points.items()):
+        ax.scatter(
+            [p["total_j"] * 1e3], [100 * p["accuracy"]], marker=marker, s=60, zorder=3, label=f"{name} (live)"
         )
     ax.set_xlabel("sensor energy per decision (mJ: analytic compute + Wi-Fi radio)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Fault detection, synthetic bearing data: live runs (squares)")
+    ax.set_title("Fault detection, synthetic bearing data")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
