@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.collector_bench                      # 200,000 rows, prints a table
     .venv/bin/python -m bench.collector_bench --records 50000 --db postgresql+psycopg://postgres@127.0.0.1/test
     .venv/bin/python -m bench.collector_bench --records 50000 --postgres   # a private PostgreSQL of its own
+    .venv/bin/python -m bench.collector_bench --postgres --separate-publisher   # live: devices apart
 
 Three figures:
 - db:     RecordWriter alone (validated records → one transaction per batch), no MQTT: the database's ceiling;
@@ -17,6 +18,7 @@ in the tests) and gives each measurement a fresh schema.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -24,7 +26,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from broker.launcher import BrokerProcess
 from protocol.codec import decode_records, encode_records
@@ -49,13 +51,33 @@ def _payloads(devices: List[str], records: int, per_message: int, tag: str) -> D
     return out
 
 
-def _publish_all(broker: BrokerProcess, topics: Topics, payloads: Dict[str, List[bytes]]) -> None:
-    """One MQTT client per device, publishing concurrently with QoS 1; returns when all are PUBACKed."""
+def _publish_all(
+    broker: BrokerProcess, topics: Topics, payloads: Dict[str, List[bytes]], go: Any = None
+) -> None:
+    """One MQTT client per device, publishing concurrently with QoS 1 (once `go` is set, when given: every
+    client connected first); returns when all are PUBACKed."""
+    addresses = {
+        dev: broker.credentials(dev) for dev in payloads
+    }  # client id = device id: the broker binds it
+    _publish(addresses, topics, payloads, None, go)
+
+
+def _publish(
+    addresses: Dict[str, Any], topics: Topics, payloads: Dict[str, List[bytes]], ready: Any, go: Any
+) -> None:
+    clients = {}
+    for dev, address in addresses.items():
+        client = new_client(address, dev)
+        client.connect(address.host, address.port)
+        client.loop_start()
+        clients[dev] = client
+    if ready is not None:
+        ready.set()
+    if go is not None:
+        go.wait(60)
 
     def one(dev: str) -> None:
-        client = new_client(broker.credentials(dev), dev)  # client id = device id: the broker binds it
-        client.connect(broker.host, broker.port)
-        client.loop_start()
+        client = clients[dev]
         infos = [client.publish(topics.results(dev), p, qos=1) for p in payloads[dev]]
         for info in infos:
             info.wait_for_publish(60)
@@ -67,6 +89,25 @@ def _publish_all(broker: BrokerProcess, topics: Topics, payloads: Dict[str, List
         t.start()
     for t in threads:
         t.join()
+
+
+def _publish_elsewhere(broker: BrokerProcess, topics: Topics, payloads: Dict[str, List[bytes]]) -> float:
+    """The devices in a process of their own (as a fleet's are: not sharing the collector's GIL), connected
+    before the clock starts; returns the start time once they begin to publish, after they finished."""
+    context = multiprocessing.get_context("spawn")
+    ready, go = context.Event(), context.Event()
+    addresses = {dev: broker.credentials(dev) for dev in payloads}
+    child = context.Process(target=_publish, args=(addresses, topics, payloads, ready, go), daemon=True)
+    child.start()
+    if not ready.wait(60):
+        child.kill()
+        raise RuntimeError("the publishing process did not connect within 60 s")
+    start = time.perf_counter()
+    go.set()
+    child.join(300)
+    if child.exitcode != 0:
+        raise RuntimeError(f"the publishing process failed (exit {child.exitcode})")
+    return start
 
 
 def _wait_rows(collector: Collector, rows: int, timeout_s: float = 300.0) -> float:
@@ -102,8 +143,11 @@ def bench_live(broker: BrokerProcess, db_url: str, args: argparse.Namespace, bat
         client_id=f"bench-live-{uuid.uuid4().hex[:6]}",
     )  # fmt: skip
     with Collector(config) as collector:
-        start = time.perf_counter()
-        _publish_all(broker, topics, payloads)
+        if args.separate_publisher:
+            start = _publish_elsewhere(broker, topics, payloads)
+        else:
+            start = time.perf_counter()
+            _publish_all(broker, topics, payloads)
         end = _wait_rows(collector, rows)
     return rows / (end - start)
 
@@ -142,6 +186,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--flush-ms", type=float, default=200.0)
     parser.add_argument("--repeat", type=int, default=1, help="repetitions (the median is printed)")
+    parser.add_argument(
+        "--separate-publisher",
+        action="store_true",
+        help="live: the devices publish from a process of their own (not sharing the collector's GIL)",
+    )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--db", help="database URL (default: a fresh SQLite file per measurement)")
     where.add_argument(
