@@ -7,7 +7,7 @@ the edge (CLI, config, broker users, decoded records), so that an id which one o
 
 The rule: ASCII letters, digits, '.', '_' and '-', starting with a letter or a digit; at most 64 characters
 for a device id (a generated run id adds 23 to it), 128 for a run id. The service accounts (`cloud`,
-`collector`, `operator` and their `cloud-*` / `collector-*` / `operator-*` instances) are not device ids,
+`collector`, `operator`, `gateway` and their `cloud-*` / ... / `gateway-*` instances) are not device ids,
 and neither is anything starting with `edgecascade` (the broker's admin account, the collector's client id
 `edgecascade-collector`):
 the broker binds a device's client id to its username, so a device named like a service's client id could
@@ -23,7 +23,8 @@ from typing import Optional
 DEVICE_ID_MAX = 64
 RUN_ID_MAX = 128
 NAME_MAX = 64  # namespaces, worker ids, group names
-SERVICE_ROLES = ("cloud", "collector", "operator")  # operator: publishes model rollouts
+# operator: publishes model rollouts; gateway: a site's gateway workers (the fault hierarchy)
+SERVICE_ROLES = ("cloud", "collector", "operator", "gateway")
 RESERVED_PREFIX = "edgecascade"  # infrastructure names: the broker admin, service client ids
 SENSOR_PREFIX = "sensor-"  # + a device id: the account that may publish to that device's input topic
 
@@ -51,7 +52,7 @@ def check_name(value: object, what: str, max_len: int = NAME_MAX) -> str:
 
 
 def service_role(username: str) -> Optional[str]:
-    """'cloud' or 'collector' for a service account (`cloud`, `cloud-2`, ...), else None."""
+    """The role of a service account (`cloud`, `cloud-2`, `gateway-site1`, ...), else None."""
     for role in SERVICE_ROLES:
         if username == role or username.startswith(role + "-"):
             return role
