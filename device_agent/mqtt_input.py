@@ -10,7 +10,8 @@ Back-pressure. paho's thread only appends the payload to a bounded queue (`queue
 publishers do. When the queue is full the oldest waiting image is dropped, counted and logged (a live source
 wants its freshest picture answered); a slower device thus keeps up by dropping, never by growing. `serve`
 takes images off the queue, decodes them with Pillow (`sources.decode_image`: the header is checked against
-the model's size before a pixel is decoded) and submits each to the agent, which blocks while its own queue
+the model's size before a pixel is decoded; a `.npy` payload is a raw sample of the card's dtype and shape,
+e.g. a sensor's int16 window) and submits each to the agent, which blocks while its own queue
 is full: each accepted image gets exactly one result record; one that cannot be decoded is counted by reason.
 """
 
@@ -114,7 +115,9 @@ class MqttInput:
             if payload is None:
                 break
             try:
-                decoded = decode_image(payload, agent.input_shape, f"message on {self.topic}")
+                decoded = decode_image(
+                    payload, agent.input_shape, f"message on {self.topic}", dtype=agent.input_dtype
+                )
             except ImageError as exc:
                 reason = "shape" if isinstance(exc, ImageSizeError) else "undecodable"
                 with self._ready:

@@ -151,17 +151,55 @@ class Decoded:
 
 
 def decode_image(
-    data: bytes, input_shape: Sequence[int], what: str = "image", formats: Sequence[str] = PAYLOAD_FORMATS
+    data: bytes,
+    input_shape: Sequence[int],
+    what: str = "image",
+    formats: Sequence[str] = PAYLOAD_FORMATS,
+    dtype: Any = np.uint8,
 ) -> Decoded:
     """An encoded image (PNG, PGM/PPM, JPEG) received as bytes, checked as `read_image` checks a file; a PNG's
-    `label` text chunk (`label=7`) is its label, like `label7` in a watched file's name."""
+    `label` text chunk (`label=7`) is its label, like `label7` in a watched file's name. A `.npy` payload is
+    a raw sample of any card's input (a sensor's int16 window [channels, samples]): `decode_tensor`."""
     if len(data) > MAX_FILE_BYTES:
         raise ImageError(f"{what}: {len(data)} bytes, more than {MAX_FILE_BYTES}")
+    if data[: len(NPY_MAGIC)] == NPY_MAGIC:
+        return Decoded(decode_tensor(data, input_shape, dtype, what), None)
     pixels, info = _decode(io.BytesIO(data), what, input_shape, formats)
     label = info.get("label")
     if label is not None and not (isinstance(label, str) and label.isdigit()):
         raise ImageError(f"{what}: its label {label!r} is not a class number")
     return Decoded(pixels, None if label is None else int(label))
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_tensor(data: bytes, input_shape: Sequence[int], dtype: Any, what: str = "sample") -> np.ndarray:
+    """A `.npy` payload (numpy's format, never pickles) holding exactly one sample of `dtype` and
+    `input_shape` (or [1, *input_shape]); its header is checked before a byte of the body is read.
+    ImageSizeError for another shape, ImageError for anything else."""
+    want = np.dtype(dtype)
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, got = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, got = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"npy version {version}")
+    except ValueError as exc:
+        raise ImageError(f"{what}: not a readable .npy sample ({exc})") from None
+    if got != want or fortran:
+        raise ImageError(
+            f"{what}: a {'Fortran-order ' if fortran else ''}{got} array, the model takes {want}"
+        )
+    if tuple(shape) not in (tuple(input_shape), (1, *input_shape)):
+        raise ImageSizeError(f"{what}: shape {list(shape)}, the model takes {list(input_shape)}")
+    body = data[stream.tell() :]
+    if len(body) != want.itemsize * int(np.prod(input_shape)):
+        raise ImageError(f"{what}: {len(body)} bytes of data for a {list(shape)} {want} array")
+    return np.frombuffer(body, dtype=want).reshape(tuple(input_shape)).copy()
 
 
 def _decode(
