@@ -98,6 +98,40 @@ def sensor_role(rolename: str, device_id: str) -> Dict[str, Any]:
     }
 
 
+# What a site's bridge carries (cells/sites.py): device -> cloud and cloud -> device, for every device of the
+# site; the topic kinds under <root>/<device>/ and the cloud-wide topics under <root>/ a device reads (the
+# workers' load; model rollouts' manifests and chunks, which no test has sent across a bridge yet).
+BRIDGE_UP = ("offload", "frames", "results", "status")
+BRIDGE_DOWN = ("reply", "receipts")
+BRIDGE_DOWN_SHARED = ("@cloud/+/load", "@models/+/manifest", "@model-files/#")
+
+
+def bridge_role(rolename: str) -> Dict[str, Any]:
+    """The role of a site broker's bridge account on its cell: publish what the site's devices send
+    (offloads, frames, results, status, for any device: the site broker's own ACL fences each device), read
+    and subscribe what the cloud sends them (replies, receipts, the workers' load, rollouts); nothing else,
+    refused outright like a sensor's (never falling through to the acl_file's `%u` patterns), and no shared
+    subscriptions."""
+    roots = ("edgecascade/v1", "+/edgecascade/v1")
+    up = [f"{r}/+/{kind}" for r in roots for kind in BRIDGE_UP]
+    down = [f"{r}/+/{kind}" for r in roots for kind in BRIDGE_DOWN]
+    down += [f"{r}/{topic}" for r in roots for topic in BRIDGE_DOWN_SHARED]
+    return {
+        "rolename": rolename,
+        "textdescription": "A site broker's bridge: its devices' offloads, frames, results and status up, "
+        "the cloud's replies, receipts and load down",
+        "acls": [
+            *({"acltype": "publishClientSend", "topic": t, "priority": 1, "allow": True} for t in up),
+            *({"acltype": "publishClientReceive", "topic": t, "priority": 1, "allow": True} for t in down),
+            *({"acltype": "subscribePattern", "topic": t, "priority": 1, "allow": True} for t in down),
+            {"acltype": "subscribePattern", "topic": "$share/#", "priority": 2, "allow": False},
+            {"acltype": "publishClientSend", "topic": "#", "priority": 0, "allow": False},
+            {"acltype": "publishClientReceive", "topic": "#", "priority": 0, "allow": False},
+            {"acltype": "subscribePattern", "topic": "#", "priority": 0, "allow": False},
+        ],
+    }
+
+
 def create_role_command(role: Dict[str, Any]) -> Dict[str, Any]:
     """The `$CONTROL` command that adds a role (e.g. `sensor_role`) to a running broker."""
     return {"command": "createRole", **role}

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from broker import dynsec
-from protocol.ids import check_username, sensor_of, service_role
+from protocol.ids import bridge_of, check_username, sensor_of, service_role
 from protocol.mqtt import BrokerAddress, new_client
 
 Credentials = BrokerAddress
@@ -77,20 +77,24 @@ def make_test_certs(directory: Path) -> Path:
 
 def role_of(username: str) -> str:
     """The dynamic-security role of an account: `cloud`, `collector` (or their `-<x>` instances), `device`;
-    a sensor account (`sensor-<device>`) has a role of its own, named like it (`dynsec.sensor_role`)."""
-    if sensor_of(username) is not None:
+    a sensor account (`sensor-<device>`) and a site's bridge account (`bridge-<site>`) have a role of their
+    own, named like them (`dynsec.sensor_role`, `dynsec.bridge_role`)."""
+    if sensor_of(username) is not None or bridge_of(username) is not None:
         return username
     return service_role(username) or dynsec.DEVICE_ROLE
 
 
 def _sensor_role(username: str) -> Optional[Dict[str, Any]]:
+    """The role of its own that a sensor or bridge account gets (None: a role of the roles file)."""
+    if bridge_of(username) is not None:
+        return dynsec.bridge_role(role_of(username))
     device = sensor_of(username)
     return None if device is None else dynsec.sensor_role(role_of(username), device)
 
 
 def _bound(username: str) -> Optional[bool]:
-    """Sensors are bound to client id = username like devices (None: the role decides)."""
-    return True if sensor_of(username) is not None else None
+    """Sensors and bridges are bound to client id = username like devices (None: the role decides)."""
+    return True if sensor_of(username) is not None or bridge_of(username) is not None else None
 
 
 # Looked up here, not in the child: between fork and exec the child must not take the dynamic loader's locks.

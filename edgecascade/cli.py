@@ -31,6 +31,7 @@ SUBCOMMANDS = [
     ("video", "video.cli"),
     ("models", "edgecascade.rollout.cli"),
     ("cells", "cells.cli"),
+    ("sites", "cells.sites_cli"),
 ]
 
 EPILOG = """examples:

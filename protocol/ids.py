@@ -67,6 +67,10 @@ def check_device_id(value: object) -> str:
         raise InvalidId(f"device id {device_id!r}: names starting with {RESERVED_PREFIX!r} are reserved")
     if device_id.startswith(SENSOR_PREFIX):
         raise InvalidId(f"device id {device_id!r}: {SENSOR_PREFIX}<device> names a device's sensor account")
+    if device_id.startswith(BRIDGE_PREFIX):
+        raise InvalidId(
+            f"device id {device_id!r}: {BRIDGE_PREFIX}<site> names a site broker's bridge account"
+        )
     return device_id
 
 
@@ -82,13 +86,31 @@ def sensor_of(username: str) -> Optional[str]:
     return None
 
 
+# + a site name: the account a site broker's bridge logs in to its cloud cell with (cells/sites.py)
+BRIDGE_PREFIX = "bridge-"
+
+
+def bridge_account(site: str) -> str:
+    """The broker account (and client id) of site `site`'s bridge to its cell."""
+    return BRIDGE_PREFIX + check_name(site, "site name", DEVICE_ID_MAX - len(BRIDGE_PREFIX))
+
+
+def bridge_of(username: str) -> Optional[str]:
+    """The site a bridge account (`bridge-<site>`) belongs to, else None."""
+    if isinstance(username, str) and username.startswith(BRIDGE_PREFIX):
+        return check_name(username[len(BRIDGE_PREFIX) :], "site name")
+    return None
+
+
 def check_username(value: object) -> str:
     """A broker account name: a service account (`cloud`, `collector-2`, ...), a sensor account
-    (`sensor-<device id>`) or a device id."""
+    (`sensor-<device id>`), a site's bridge account (`bridge-<site>`) or a device id."""
     if isinstance(value, str) and service_role(value) is not None:
         return check_name(value, "service account", DEVICE_ID_MAX)
     if isinstance(value, str) and sensor_of(value) is not None:
         return value
+    if isinstance(value, str) and bridge_of(value) is not None:
+        return check_name(value, "bridge account", DEVICE_ID_MAX)
     return check_device_id(value)
 
 
