@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     ("report", "results_db.report_cli"),
     ("broker", "broker.cli"),
     ("video", "video.cli"),
+    ("fault", "vibration.cli"),
     ("models", "edgecascade.rollout.cli"),
     ("cells", "cells.cli"),
     ("sites", "cells.sites_cli"),
