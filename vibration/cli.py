@@ -54,7 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This subcommand's options; `edgecascade.cli` makes the parser (help, description, EPILOG, run)."""
     sub = parser.add_subparsers(dest="fault_command", metavar="FAULT_COMMAND", required=True)
     sensor = sub.add_parser(
-        "sensor", help="a sensor agent: windows at the sensor's rate, unsure ones sent up"
+        "sensor",
+        help="a sensor agent: windows at the sensor's rate, unsure ones sent up",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _login(sensor, "--device-id")
     sensor.add_argument("--rule", choices=["hi", "two-threshold", "none", "all"], default="hi")
@@ -72,7 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sensor.add_argument("--as-fast-as-possible", action="store_true", help="do not pace at the sensor's rate")
     sensor.set_defaults(func=run_sensor)
     gateway = sub.add_parser(
-        "gateway", help="a site gateway: answers windows, forwards unsure ones to the cloud"
+        "gateway",
+        help="a site gateway: answers windows, forwards unsure ones to the cloud",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _login(gateway, "--user")
     gateway.add_argument("--worker-id", default="gw0")
@@ -85,7 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway.add_argument("--forward-password-file", type=Path)
     gateway.add_argument("--forward-deadline-s", type=float, default=1.0)
     gateway.set_defaults(func=run_gateway)
-    simulate = sub.add_parser("simulate", help="simulated windows as .npy files")
+    simulate = sub.add_parser(
+        "simulate",
+        help="simulated windows as .npy files",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     simulate.add_argument("--split", choices=["train", "validation", "test"], default="test")
     simulate.add_argument("--recordings", type=int, default=5, help="per fault and severity")
     simulate.add_argument("--duration-s", type=float, default=0.6)
