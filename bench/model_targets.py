@@ -56,19 +56,21 @@ def evaluate(model_dir: Path, images: np.ndarray, labels: np.ndarray, batch: int
     cascade = EdgeCascade(model_dir)
     cloud = CloudSession(cascade.card.block_path("cloud"))
     main_pred: List[np.ndarray] = []
-    edge_pred, complex_, cloud_pred = [], [], []
+    edge_pred, gated_pred, complex_, cloud_pred = [], [], [], []
     t0 = time.perf_counter()
     for start in range(0, len(labels), batch):
         x = images[start : start + batch]
         main_pred.append(cascade.run_main(x).probs.argmax(1))
+        # The edge's figures ungated (what edge-only answers); the cascade's with the card's gate (meanet).
+        edge_pred.append(np.array([d.prediction for d in cascade.decide(x, gated=False)]))
         decisions = cascade.decide(x)
-        edge_pred.append(np.array([d.prediction for d in decisions]))
+        gated_pred.append(np.array([d.prediction for d in decisions]))
         complex_.append(np.array([d.complex for d in decisions]))
         cloud_pred.append(cloud.logits(x).argmax(1))
     seconds = time.perf_counter() - t0
-    mp, ep, cx, cp = (np.concatenate(a) for a in (main_pred, edge_pred, complex_, cloud_pred))
+    mp, ep, gp, cx, cp = (np.concatenate(a) for a in (main_pred, edge_pred, gated_pred, complex_, cloud_pred))
     hard = np.isin(labels, cascade.card.hard_classes)
-    final = np.where(cx, cp, ep)
+    final = np.where(cx, cp, gp)
     blocks = cascade.card.blocks
     return {
         "main": float((mp == labels).mean()),

@@ -334,13 +334,14 @@ def model_card_markdown(card: Dict[str, Any]) -> str:
         "main_on_hard": "main block, hard-class samples",
         "edge_on_hard": "main + extension, hard-class samples",
         "extension_on_hard": "extension alone, hard-class samples",
-        "edge_cascade": "edge cascade (main + extension)",
+        "edge_cascade": "edge cascade (main + extension, ungated: edge-only)",
         "cloud": "cloud model alone",
         "cascade": "full cascade (MEANet rule, τ)",
         "offload_fraction": "offloaded to the cloud (τ)",
         "hi_cascade": "hi-threshold cascade (θ)",
         "hi_offload_fraction": "offloaded to the cloud (θ)",
-        "extension_rate": "extension block ran",
+        "extension_rate": "extension block ran (meanet, gated)",
+        "extension_rate_ungated": "extension block ran (ungated)",
     }
     for key, label in labels.items():
         lines.append(f"| {label} | {_pct(acc['validation'].get(key))} | {_pct(acc['test'].get(key))} |")

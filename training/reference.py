@@ -184,8 +184,12 @@ def cascade_metrics(
     hi_theta: Optional[float] = None,
     gate: Tuple[float, float] = (0.0, NO_GATE),
 ) -> Dict[str, float]:
-    """Accuracies per stage and for the cascades on one split (the keys of card.accuracy.<split>)."""
+    """Accuracies per stage and for the cascades on one split (the keys of card.accuracy.<split>).
+
+    The edge's own figures (`edge_on_hard`, `edge_cascade`) are the extension ungated: what a device that
+    offloads nothing answers (edge-only). The cascade and `extension_rate` are the gated rule's (meanet)."""
     edge = edge_rule(main_logits, ext_logits, hard_classes, gate)
+    full = edge_rule(main_logits, ext_logits, hard_classes)
     main_pred = main_logits.argmax(1)
     hard = torch.as_tensor(hard_classes, dtype=torch.long)
     on_hard = torch.isin(labels, hard)
@@ -195,9 +199,10 @@ def cascade_metrics(
         "main": _mean(main_pred == labels),
         "main_on_hard": _mean((main_pred == labels)[on_hard]),
         "extension_on_hard": _mean((ext_pred == labels)[on_hard]),  # the extension alone, hard-class samples
-        "edge_on_hard": _mean((edge.prediction == labels)[on_hard]),  # main + extension, hard-class samples
-        "edge_cascade": _mean(edge.prediction == labels),
+        "edge_on_hard": _mean((full.prediction == labels)[on_hard]),  # main + extension, hard-class samples
+        "edge_cascade": _mean(full.prediction == labels),
         "extension_rate": _mean(edge.ran_extension),
+        "extension_rate_ungated": _mean(full.ran_extension),
     }
     if cloud_logits is not None:
         cloud_pred = cloud_logits.argmax(1)
