@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         worker = CloudWorker(config)
         keeper = _keeper(args)
-    except (ModelError, ValueError, OSError) as exc:
+    except (ModelError, ValueError, OSError, sqlite3.Error) as exc:
         print(f"cannot start the cloud worker: {exc}", file=sys.stderr)
         return 2
     if keeper is not None:
@@ -183,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        if keeper is not None:
+            keeper.close()
 
 
 def _keeper(args: argparse.Namespace) -> Any:

@@ -7,7 +7,9 @@ what is older than the age limit and the oldest beyond the count. Nothing leaves
 the fleet's data, so this is off unless asked for.
 
 Runs as a `CloudWorker.observers` callback on the compute thread after the replies have left: one
-transaction of one batch's rows (well under a millisecond for 32 images), so no thread of its own.
+transaction of one batch's rows (well under a millisecond for 32 images) that delays the next batch by that
+much, not worth a thread of its own. The file is created readable by its owner only: it holds the fleet's
+inputs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class InputKeeper:
             )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(path)
+        if not self.path.exists():
+            self.path.touch(mode=0o600)
         self.max_items = max_items
         self.max_age_s = max_age_s
         self._db = _open(path)

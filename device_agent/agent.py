@@ -78,7 +78,13 @@ class DeviceAgent:
         self.device_id = config.device_id
         self.session = RunSession(config)
         self.run_id = self.session.run_id
-        self.stats: Dict[str, int] = {"bad_inputs": 0, "failed": 0, "windows": 0, "bad_loads": 0}
+        self.stats: Dict[str, int] = {
+            "bad_inputs": 0,
+            "failed": 0,
+            "windows": 0,
+            "bad_loads": 0,
+            "swap_failed": 0,
+        }
         self.capacity: Optional[CapacityRule] = None  # None: capacity-awareness is off, every offload goes
         self.drift: Optional[DriftWatch] = None  # None: drift is not watched (off, no reference, no edge)
         self.cloud_watch = CloudWatch() if config.cloud_watch else None  # None: no back-off
@@ -381,6 +387,7 @@ class DeviceAgent:
     def serve(self, model: ServedModel) -> None:
         """The inference thread, between two samples: the next sample is answered by `model`."""
         was = self.model_version
+        self.energy.use_card(model.card.raw)  # first: what may fail, before anything was swapped
         self.card, self.policy, self.cascade, self.drift = (
             model.card,
             model.policy,
@@ -390,8 +397,9 @@ class DeviceAgent:
         self.settlement.policy = (
             model.policy
         )  # offloads still in flight teach the new policy (its thresholds)
-        self.energy.use_card(model.card.raw)
         self.model_dir, self.model_version = model.model_dir, model.version
+        if self.cloud_watch is not None:  # its window judged the old model's answers
+            self.cloud_watch = CloudWatch()
         self.agreement.swapped(model.version)
         if self.rollout is not None:
             self.rollout.swapped(model.version)

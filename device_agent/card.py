@@ -157,7 +157,8 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
         or not 0.0 <= gate[0] < gate[1] <= NO_GATE
     ):
         raise ModelCardError(
-            f"model card {card_path}: extension_gate must be [low, high], 0 <= low < high, got {gate!r}"
+            f"model card {card_path}: extension_gate must be [low, high) with 0 <= low < high <= {NO_GATE}, "
+            f"got {gate!r}"
         )
     return card
 

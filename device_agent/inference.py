@@ -60,7 +60,13 @@ class InferenceLoop:
             return
         with self._offer_lock:
             model, self._offered = self._offered, None
-        self.agent.serve(model)
+        try:
+            self.agent.serve(model)
+        except Exception:  # the thread must go on answering, with whichever model it still has
+            self.agent.stats["swap_failed"] += 1
+            logger.exception(
+                "could not swap in model %s; still serving %s", model.version, self.agent.model_version
+            )
 
     def check(self, arr: np.ndarray) -> Optional[str]:
         """Why `arr` cannot be a sample (counted and logged), or None."""

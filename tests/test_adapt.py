@@ -156,3 +156,16 @@ def test_a_module_rebuilt_from_its_folded_onnx_export_computes_the_same(tmp_path
     with torch.no_grad():  # the statistics are the clean images' own, not placeholders
         conv_out = torch.cat([rebuilt.net[0](c.float() / 255.0) for c in clean])
     assert torch.allclose(bn.running_mean, conv_out.mean((0, 2, 3)), atol=1e-4)
+
+
+def test_adapt_refuses_bad_arguments_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from edgecascade.cli import main
+
+    out = tmp_path / "new"
+    assert main(["adapt", "--kept", str(tmp_path / "none.db"), "--out", str(out)]) == 2
+    assert "--keep-inputs" in capsys.readouterr().err  # how to make such a file
+    assert main(["adapt", "--kept", str(tmp_path / "none.db"), "--out", str(out), "--holdout", "0"]) == 2
+    assert "--holdout" in capsys.readouterr().err
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    assert main(["adapt", "--kept", str(tmp_path / "junk.db"), "--out", str(out)]) == 2
+    assert "error:" in capsys.readouterr().err and not out.exists()

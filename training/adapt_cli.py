@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -56,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cloud_worker.keep import read_kept
+    from device_agent.card import load_card
     from training.adapt import Traffic, adapt_batchnorm, fine_tune_edge, predict
     from training.datasets import DatasetError, load_dataset
-    from training.drift_profile import write_reference
+    from training.drift_profile import card_text, write_reference
     from training.pipeline import Recipe, Trained
     from training.publish import main_command, model_card_markdown, publish
     from training.published import load_published
@@ -67,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if not steps or set(steps) - set(STEPS):
         print(f"error: --steps takes {','.join(STEPS)}, got {args.steps!r}", file=sys.stderr)
         return 2
+    if not 0.0 < args.holdout < 1.0:
+        print(f"error: --holdout must be a share in (0, 1), got {args.holdout}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -74,9 +79,17 @@ def run(args: argparse.Namespace) -> int:
         since = time.time() - 3600.0 * args.since_h if args.since_h else None
         kept = read_kept(args.kept, since, args.limit)
         traffic = Traffic.from_kept(kept, args.holdout, str(args.kept))
-        bundle = load_dataset("fashion-mnist", args.data_dir, val_size=5000, seed=0)
+        card = json.loads((args.models / "card.json").read_text(encoding="utf-8"))
+        recipe = card.get("training", {}).get("recipe", {})
+        # The clean splits exactly as the served version was trained and calibrated on them.
+        bundle = load_dataset(
+            card["dataset"],
+            args.data_dir,
+            val_size=int(recipe.get("val_size", 5000)),
+            seed=int(card["training"]["seed"]),
+        )
         start = load_published(args.models, bundle.train.images)  # type: ignore[union-attr]
-    except (FileNotFoundError, ValueError, DatasetError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, DatasetError, sqlite3.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(
@@ -103,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         )
     figures = _figures(
         start.gate,
+        float(start.card["thresholds"]["entropy_tau"]),
         before,
         {"cloud": cloud, "main": main, "extension": extension},
         traffic,
@@ -115,13 +129,24 @@ def run(args: argparse.Namespace) -> int:
     }
     recipe = Recipe(**{k: v for k, v in start.recipe.items() if k in Recipe.__dataclass_fields__})
     trained = Trained(start.arch, main, extension, cloud, stages, recipe.to_dict())  # type: ignore[arg-type]
-    card = publish(trained, bundle, args.out, recipe, main_command(), torch.device("cpu"))
-    # The new normal is the traffic it was adapted to: the devices' drift monitors compare with it.
-    card = write_reference(
+    # Thresholds and gate stay the served version's: the clean validation split says nothing about a cloud
+    # adapted to other inputs (calibrated there, it would offload almost nothing).
+    card = publish(
+        trained,
+        bundle,
         args.out,
-        traffic.adapt.numpy(),
-        f"recent traffic ({traffic.source['adapted_on']} kept inputs of {args.kept})",
+        recipe,
+        main_command(),
+        torch.device("cpu"),
+        keep_thresholds=start.card["thresholds"],
     )
+    if "edge" in steps:
+        # The new normal is the traffic the edge was retrained on: drift monitors compare with it.
+        card = write_reference(
+            args.out,
+            traffic.adapt.numpy(),
+            f"recent traffic ({traffic.source['adapted_on']} kept inputs of {args.kept})",
+        )
     card["adaptation"] = {
         "from": start.source,
         "steps": steps,
@@ -131,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         "figures": figures,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (args.out / "card.json").write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (args.out / "card.json").write_text(card_text(card), encoding="utf-8")
+    load_card(args.out)  # it reads back
     (args.out / "MODEL_CARD.md").write_text(
         model_card_markdown(card) + _markdown(card["adaptation"]), encoding="utf-8"
     )
@@ -171,17 +197,28 @@ def _evaluation_set(args: argparse.Namespace, bundle: Any) -> Optional[Dict[str,
 
 
 def _figures(
-    gate: Any, before: Dict[str, Any], after: Dict[str, Any], traffic: Any, evaluation: Any, hard: list
+    gate: Any,
+    tau: float,
+    before: Dict[str, Any],
+    after: Dict[str, Any],
+    traffic: Any,
+    evaluation: Any,
+    hard: list,
 ) -> Dict[str, Any]:
+    """Agreement on the held-out traffic; with `evaluation`, accuracies of each part and of the cascade (the
+    kept gate and τ: what a device serving the version answers, complex samples by the version's cloud)."""
     import torch
 
     from training.adapt import agreement, predict
     from training.reference import edge_rule
 
-    def edge_pred(main: Any, extension: Any, images: torch.Tensor) -> torch.Tensor:
+    def edge_of(main: Any, extension: Any, images: torch.Tensor) -> Any:
         with torch.no_grad():
             logits, feats = main(images)
-            return edge_rule(logits, extension(images, feats), hard, gate).prediction
+            return edge_rule(logits, extension(images, feats), hard, gate)
+
+    def edge_pred(main: Any, extension: Any, images: torch.Tensor) -> torch.Tensor:
+        return edge_of(main, extension, images).prediction
 
     held = traffic.holdout
     cloud_after = predict(after["cloud"], held)
@@ -202,9 +239,11 @@ def _figures(
                 key = "corrupted" if split == "images" else "clean"
                 x = evaluation[split]
                 out[f"{key}_cloud_accuracy_{when}"] = agreement(predict(models["cloud"], x), y)
-                out[f"{key}_edge_accuracy_{when}"] = agreement(
-                    edge_pred(models["main"], models["extension"], x), y
-                )
+                edge = edge_of(models["main"], models["extension"], x)
+                out[f"{key}_edge_accuracy_{when}"] = agreement(edge.prediction, y)
+                cascade = torch.where(edge.entropy > tau, predict(models["cloud"], x), edge.prediction)
+                out[f"{key}_cascade_accuracy_{when}"] = agreement(cascade, y)
+                out[f"{key}_offloaded_{when}"] = float((edge.entropy > tau).double().mean())
         out["evaluation"] = f"test images {evaluation['range']}, {evaluation['name']} (never adapted on)"
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 

@@ -90,6 +90,8 @@ def train_stage(
     """
     if len(split) == 0:
         raise ValueError(f"{name}: no training samples")
+    if not 0.0 <= cfg.corruption_p <= 1.0:
+        raise ValueError(f"{name}: corruption_p must be a share in [0, 1], got {cfg.corruption_p}")
     generator = torch.Generator().manual_seed(seed)
     split = on_device(split, device)
     steps_per_epoch = (len(split) + cfg.batch_size - 1) // cfg.batch_size

@@ -6,7 +6,8 @@ test-time adaptation needs the torch module. The export folded every BatchNorm i
 each convolution and gives the BatchNorm after it the statistics of W'x on clean images, with an affine part
 that undoes the normalisation: BN(W'x) = (W'x - mu) / sigma * sigma + (mu + b') = W'x + b'. The function is
 the exported one exactly, and the statistics are real ones, so adapting them to new data (`adapt.py`) or
-training on (`finetune.py`) behaves as on a module trained with BatchNorm from the start.
+training on it (`edgecascade train --init-from`) behaves as on a module trained with BatchNorm from the start.
+`load_folded` checks the result against onnxruntime on the first clean batch and refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -120,4 +121,25 @@ def load_folded(module: nn.Module, onnx_path: Path, clean_batches: Iterable[torc
         bn.running_var.copy_(var.float())
         bn.weight.data.copy_((var + bn.eps).sqrt().float())
         bn.bias.data.copy_((mean + biases[conv].double()).float())
-    return module.eval()
+    _check_against_onnx(module.eval(), onnx_path, first)
+    return module
+
+
+def _check_against_onnx(
+    module: nn.Module, onnx_path: Path, batch: torch.Tensor, tolerance: float = 1e-3
+) -> None:
+    """A weight the name-and-shape match above missed (one the exporter renamed) would keep its random value:
+    compare with onnxruntime and refuse."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    probe = batch[:64]
+    expected = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+    with torch.no_grad():
+        out = module(probe)
+    got = (out[0] if isinstance(out, tuple) else out).numpy()
+    diff = float(np.abs(got - expected).max())
+    if not diff < tolerance:
+        raise ValueError(
+            f"{onnx_path}: the rebuilt module differs from the export by {diff:.3g} (> {tolerance})"
+        )

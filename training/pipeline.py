@@ -221,7 +221,7 @@ def train_models(
         from training.published import load_published
 
         start = load_published(Path(recipe.init_from), bundle.train.images)  # type: ignore[union-attr]
-        facts = {name: {**start.stages[name], "kept_from": start.source} for name in STAGES}
+        facts = {name: {**start.stages.get(name, {}), "kept_from": start.source} for name in STAGES}
         logger.info("starting from %s (hard classes %s)", recipe.init_from, start.arch.hard_classes)
 
     # ---- stage 1: main block on all classes
@@ -229,6 +229,8 @@ def train_models(
         saved = load_checkpoint(ckpt["main"])
         # hard classes come from the checkpoint (they belong to that main block); the rest from the recipe
         hard = Architecture.from_dict(saved["arch"]).hard_classes
+        if start is not None and hard != start.arch.hard_classes:
+            raise RuntimeError(f"{ckpt['main']} was trained for other hard classes than {recipe.init_from}")
         arch = start.arch if start else architecture_for(recipe, bundle, hard)
         main, extension, cloud = build_models(arch, bundle.input_shape)
         main.load_state_dict(saved["state_dict"])

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from device_agent.card import NO_GATE
 from device_agent.drift import REFERENCE_KEY
 from training.datasets import DatasetBundle, Split
 from training.drift_profile import source_text, split_images, write_reference
@@ -87,10 +88,14 @@ def publish(
     command: str,
     device: torch.device,
     reused: Optional[ReusedCloud] = None,
+    keep_thresholds: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Everything after training: returns the card it wrote to `out_dir`.
 
-    With `reused`, the cloud block comes from another model directory (trained.cloud is not used).
+    With `reused`, the cloud block comes from another model directory (trained.cloud is not used). With
+    `keep_thresholds` (another card's `thresholds`), τ, θ and the extension gate are taken from it instead of
+    calibrated on validation: an adapted version (`edgecascade adapt`) whose cloud was adapted to other data
+    than the clean validation split would be calibrated against the wrong cloud.
     """
     from device_agent.card import sha256_file  # shared with the device
 
@@ -105,6 +110,8 @@ def publish(
     gate = calibrate_gate(
         val["labels"], val["main"], val["extension"], val["cloud"], hard, recipe.max_offload
     )
+    if keep_thresholds is not None:
+        gate.gate = tuple(keep_thresholds.get("extension_gate", (0.0, NO_GATE)))  # type: ignore[assignment]
     logger.info(
         "extension gate %s: extension rate %.3f (ungated %.3f), val cascade %.4f (ungated %.4f)",
         gate.gate,
@@ -124,6 +131,8 @@ def publish(
         recipe.confidence,
         gate.gate,
     )
+    if keep_thresholds is not None:
+        tau.threshold, hi.threshold = keep_thresholds["entropy_tau"], keep_thresholds["hi_theta"]
     logger.info(
         "calibrated tau %.5f (val offload %.3f), hi theta %.5f", tau.threshold, tau.fraction, hi.threshold
     )
@@ -194,7 +203,11 @@ def publish(
         "thresholds": {
             "entropy_tau": round(tau.threshold, 6),
             "hi_theta": round(hi.threshold, 6),
-            "calibrated_on": f"validation ({len(bundle.val)} images carved from train, seed {recipe.seed})",
+            "calibrated_on": (
+                f"validation ({len(bundle.val)} images carved from train, seed {recipe.seed})"
+                if keep_thresholds is None
+                else f"kept from the version it was made from: {keep_thresholds.get('calibrated_on')}"
+            ),
             "target_offload_fraction": recipe.max_offload,
             "tolerance_vs_cloud": recipe.tolerance,
             "confidence": recipe.confidence,

@@ -60,7 +60,8 @@ def load_published(model_dir: Path, clean_images: Optional[torch.Tensor] = None)
             images = clean_images[:STATISTICS_IMAGES]
             load_folded(cloud, model_dir / card["blocks"]["cloud"]["file"], torch.split(images, 500))
         else:
-            raise ValueError(f"{model_dir} has no {path.name} (and no clean images to rebuild it from ONNX)")
+            hint = " (and no clean images to rebuild it from its ONNX)" if name == "cloud" else ""
+            raise ValueError(f"{model_dir} has no {path.name}{hint}: cannot train on from it")
     stages = card.get("training", {}).get("stages", {})
     source = f"{model_dir} (card sha256 {sha256_file(model_dir / 'card.json')[:12]})"
     return Published(arch, main.eval(), extension.eval(), cloud.eval(), stages, source, card)
