@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 from edgecascade.metrics import add_metrics_arguments
 
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        return _serve(worker, worker_id, args, stop)
+        return _serve(worker, worker_id, args, stop, keeper)
     finally:
         if server is not None:
             server.close()
@@ -207,8 +207,12 @@ def _serve_metrics(worker: Any, args: argparse.Namespace) -> Any:
     return serve_metrics(WorkerMetrics(worker).registry, args.metrics_host, args.metrics_port)
 
 
-def _serve(worker: Any, worker_id: str, args: argparse.Namespace, stop: threading.Event) -> int:
+def _serve(worker: Any, worker_id: str, args: argparse.Namespace, stop: threading.Event, keeper: Any) -> int:
     from cloud_worker.worker import LoginRefused
+
+    def stats() -> Dict[str, Any]:
+        kept = {} if keeper is None else {"kept_inputs": keeper.kept, "keep_failed": keeper.failed}
+        return {**worker.stats, **kept}
 
     try:
         worker.start()
@@ -231,8 +235,8 @@ def _serve(worker: Any, worker_id: str, args: argparse.Namespace, stop: threadin
             )
             return 1
         if args.stats_interval > 0 and time.monotonic() >= next_stats:
-            logger.info("stats %s", json.dumps(worker.stats))
+            logger.info("stats %s", json.dumps(stats()))
             next_stats += args.stats_interval
     worker.stop()
-    print(json.dumps({"worker_id": worker_id, **worker.stats}), flush=True)
+    print(json.dumps({"worker_id": worker_id, **stats()}), flush=True)
     return 0

@@ -169,3 +169,49 @@ def test_adapt_refuses_bad_arguments_with_one_line(tmp_path: Path, capsys: pytes
     (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
     assert main(["adapt", "--kept", str(tmp_path / "junk.db"), "--out", str(out)]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.integration
+def test_edgecascade_cloud_keep_inputs_keeps_them_and_says_how_many(
+    broker: BrokerProcess, tiny_models: Path, tmp_path: Path
+) -> None:
+    """`edgecascade cloud --keep-inputs` over the real broker; its last stats line counts what it kept."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    topics = Topics.namespaced("keepcli")
+    password_file = tmp_path / "cloud.pw"
+    password_file.write_text(broker.credentials("cloud").password + "\n")
+    kept_db = tmp_path / "kept.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgecascade", "cloud", "--broker", f"{broker.host}:{broker.port}"]
+        + ["--user", "cloud", "--password-file", str(password_file), "--models", str(tiny_models)]
+        + [
+            "--worker-id",
+            "w-keepcli",
+            "--namespace",
+            "keepcli",
+            "--keep-inputs",
+            str(kept_db),
+            "--keep-max",
+            "7",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "worker w-keepcli ready"
+        images = tiny_images(12, seed=8)
+        with OffloadProbe(broker.credentials("dev-keepcli"), topics, "dev-keepcli") as probe:
+            for i in range(12):
+                probe.request(images[i], seq=i).result(timeout=10)
+        wait_for(lambda: kept_db.exists() and len(read_kept(kept_db)) == 7, 10, "the newest 7 kept")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    final = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 0 and final["kept_inputs"] == 12 and final["keep_failed"] == 0
+    assert kept_db.stat().st_mode & 0o777 == 0o600  # the fleet's inputs: its owner's only

@@ -489,3 +489,27 @@ def test_run_dataset_counts_bad_samples_and_raises_what_its_source_raises(
         after = agent.run_dataset(good)  # and it goes on
     assert after.samples == 5 and after.labelled == 5
     assert agent.settlement.records == 11  # 5 + the one before the source broke + 5
+
+
+@pytest.mark.integration
+def test_a_model_that_cannot_be_swapped_in_is_logged_counted_and_the_old_one_keeps_answering(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agents import quick_agent_config
+
+    class Broken:  # what a rollout could hand over half-made: no card
+        version = "broken-1"
+
+    config = quick_agent_config(
+        broker, topics, tiny_models, tmp_path / "state", policy={"name": "edge-only"}, results_receipts=False
+    )
+    images = tiny_images(20, seed=41)
+    expected = [d.prediction for d in EdgeCascade(tiny_models).decide(images, gated=False)]
+    with DeviceAgent(config) as agent, caplog.at_level(logging.ERROR, logger="device_agent.inference"):
+        served = agent.model_version
+        agent.loop.offer(Broken())
+        futures = [agent.submit(image) for image in images]
+        answers = [f.result(timeout=10) for f in futures]
+        assert agent.stats["swap_failed"] == 1 and agent.model_version == served
+    assert [a.prediction for a in answers] == expected  # every sample, by the model it had
+    assert any("could not swap in model broken-1" in r.getMessage() for r in caplog.records)
