@@ -153,6 +153,17 @@ def spawn(args: List[str], **kwargs: Any) -> subprocess.Popen:
     return _SPAWNER.popen(args, **kwargs)
 
 
+def terminate(proc: subprocess.Popen, timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if `proc` has not exited within `timeout_s`; returns once it has."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class BrokerProcess:
     """A Mosquitto child process with its own config, accounts, ACL and persistence directory.
 
@@ -400,13 +411,7 @@ class BrokerProcess:
         """Graceful stop: SIGTERM lets mosquitto write its persistence file."""
         if self._proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, timeout_s)
         if self._proc.stderr:
             self._proc.stderr.close()
         self._proc = None

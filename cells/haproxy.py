@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from broker.launcher import spawn
+from broker.launcher import spawn, terminate
 from cells.routing import HAPROXY_CLIENT_ID, haproxy_cell_expression
 
 logger = logging.getLogger(__name__)
@@ -153,13 +153,7 @@ class HaproxyProcess:
     def stop(self, timeout_s: float = 5.0) -> None:
         if self._proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        terminate(self._proc, timeout_s)
         self._proc = None
 
     def restart(self) -> HaproxyProcess:

@@ -38,6 +38,18 @@ class BlockInfo:
     params: int
     bytes_moved: int
 
+    @classmethod
+    def from_card(cls, name: str, block: Dict[str, Any]) -> BlockInfo:
+        """A card's `blocks.<name>` entry (KeyError, TypeError or ValueError where it is incomplete)."""
+        return cls(
+            name=name,
+            file=str(block["file"]),
+            sha256=str(block["sha256"]),
+            macs=int(block["macs"]),
+            params=int(block["params"]),
+            bytes_moved=int(block.get("bytes_moved", 0)),
+        )
+
 
 @dataclass(frozen=True)
 class ModelCard:
@@ -93,17 +105,7 @@ def load_card(model_dir: Union[str, Path]) -> ModelCard:
     try:
         num_classes = int(raw["num_classes"])
         hard = sorted(int(c) for c in raw["hard_classes"])
-        blocks = {
-            name: BlockInfo(
-                name=name,
-                file=str(b["file"]),
-                sha256=str(b["sha256"]),
-                macs=int(b["macs"]),
-                params=int(b["params"]),
-                bytes_moved=int(b.get("bytes_moved", 0)),
-            )
-            for name, b in raw["blocks"].items()
-        }
+        blocks = {name: BlockInfo.from_card(name, b) for name, b in raw["blocks"].items()}
         card = ModelCard(
             path=model_dir,
             dataset=str(raw["dataset"]),

@@ -8,28 +8,21 @@ HI's rule and the two-threshold rule per tier, calibrated on the validation reco
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
-CARD_FILE = "card.json"
+from device_agent.card import CARD_FILE, ModelCardError, sha256_file
+from device_agent.card import (
+    BlockInfo as Tier,
+)  # a tier's file and costs, as the classification card's blocks
+
 TIERS = ("sensor", "gateway", "cloud")
 
 
-class FaultCardError(ValueError):
+class FaultCardError(ModelCardError):
     """The model directory or its card is missing, malformed or does not match its files."""
-
-
-@dataclass(frozen=True)
-class Tier:
-    name: str
-    file: str
-    sha256: str
-    macs: int
-    params: int
-    bytes_moved: int
 
 
 @dataclass(frozen=True)
@@ -63,7 +56,7 @@ class FaultCard:
         """The tier's file, checked against its sha256 (FaultCardError if missing or different)."""
         path = self.tier_path(name)
         try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
         except FileNotFoundError:
             raise FaultCardError(f"{path} listed in {self.path / CARD_FILE} is missing") from None
         if digest != self.tiers[name].sha256:
@@ -91,17 +84,7 @@ def load_fault_card(model_dir: Union[str, Path]) -> FaultCard:
             input_shape=tuple(int(d) for d in raw["input"]["shape"]),
             input_dtype=str(raw["input"]["dtype"]),
             sample_rate_hz=float(raw["input"]["sample_rate_hz"]),
-            tiers={
-                name: Tier(
-                    name,
-                    str(blocks[name]["file"]),
-                    str(blocks[name]["sha256"]),
-                    int(blocks[name]["macs"]),
-                    int(blocks[name]["params"]),
-                    int(blocks[name]["bytes_moved"]),
-                )
-                for name in TIERS
-            },
+            tiers={name: Tier.from_card(name, blocks[name]) for name in TIERS},
             thresholds=dict(raw["thresholds"]),
             raw=raw,
         )
