@@ -103,6 +103,10 @@ class InferenceRecord(Record):
     energy_source: str = "none"
     ts_unix: float = 0.0
     model_version: Optional[str] = None  # what answered it (`device_agent.rollout`); a run may span two
+    # the fault hierarchy's gateway (sensor -> gateway -> cloud): its max-softmax, model time and joules
+    p_gateway: Optional[float] = None
+    gateway_ms: Optional[float] = None
+    gateway_j: Optional[float] = None
 
 
 @dataclass

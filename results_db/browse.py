@@ -25,7 +25,7 @@ DEFAULT_PORT = 8001
 SQL_TIME_LIMIT_MS = 5000  # Datasette's default 1 s is short for the percentile queries on a fleet's database
 
 _FRACTION = "fraction of the run's samples, 0-1"
-_LATENCY = "edge_ms + network_ms + cloud_ms"
+_LATENCY = "edge_ms + network_ms + gateway_ms + cloud_ms"
 
 # What each view is for, and what its less obvious columns mean. Units are not repeated here (see units_of).
 VIEWS: Dict[str, Dict[str, Any]] = {
@@ -45,6 +45,8 @@ VIEWS: Dict[str, Dict[str, Any]] = {
             "device_j_net": "device_j_gross less the idle baseline",
             "device_j_analytic": "the model card's MACs and bytes x Horowitz's 45 nm energies per "
             "operation: a model, never a measurement",
+            "gateway_j": "the fault hierarchy's gateway joules for the sample, analytic like "
+            "device_j_analytic; NULL where no gateway saw it",
             "energy_source": "the meter (rapl, jtop, tegrastats, ina3221, nvml); estimate: process "
             "CPU time x assumed watts per core, not a measurement; none: no joules",
             "ts_unix": "when the device settled the sample, seconds since 1970 (UTC)",

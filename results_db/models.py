@@ -133,6 +133,10 @@ class Inference(Base):
     ts_unix: Mapped[float]
     # The model the sample was answered with; a run's model_sha256 cannot say it across a hot swap.
     model_version: Mapped[Optional[str]] = mapped_column(String(64))
+    # The fault hierarchy's gateway tier (migration 0009): its max-softmax, model time, joules.
+    p_gateway: Mapped[Optional[float]]
+    gateway_ms: Mapped[Optional[float]]
+    gateway_j: Mapped[Optional[float]]
 
 
 class EnergyWindow(Base):
