@@ -7,8 +7,13 @@ gateway tier of the fault card on a batch of windows, applies its rule (HI or th
 each window it is unsure of on to the cloud, as a device of its own (`forward_device`: its own `offload` and
 `reply` topics, so that the cloud worker's checks and the ACL treat it like any device). The reply to the
 sensor carries the final answer and, in `extra`, the tier that gave it (`gateway`, `cloud`, or
-`gateway-fallback` when the cloud did not answer within `forward_deadline_s`), the gateway's max-softmax,
-the cloud's compute and the gateway's round trip to the cloud.
+`gateway-fallback` when the cloud did not answer within `forward_deadline_s`), the gateway's max-softmax
+(`p_gateway`), its own model time per window (`gateway_ms`: its share of the batch's model run, not the wait
+for the cloud) and joules (`gateway_j`: analytic, from the card's MACs and bytes, `metering.analytic`), and
+for a forwarded window the cloud's compute (`cloud_ms`, `cloud_j` as the cloud worker reported them) and
+the gateway's round trip to the cloud (`forward_ms`). A window the gateway answers gets its rule's answer
+(`TierDecision.prediction`: the two-threshold rule's "fault" is the likeliest fault class even where
+"healthy" is likelier).
 
 A forwarded batch waits for the cloud in the compute thread: with a few percent forwarded and round trips of
 milliseconds this costs the gateway little; a gateway that forwards much would run `streams` > 1.
@@ -29,6 +34,7 @@ import numpy as np
 
 from cloud_worker.model import CloudSession, ModelError
 from cloud_worker.tasks import Served
+from metering.analytic import AnalyticModel
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
     CONTENT_TYPE_REPLY,
@@ -43,7 +49,7 @@ from protocol.codec import (
 from protocol.mqtt import BrokerAddress, new_client, publish_properties
 from protocol.topics import Topics
 from vibration.card import FaultCardError, load_fault_card
-from vibration.rules import HiRule, TwoThresholdRule
+from vibration.rules import FixedRule, HiRule, TwoThresholdRule
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +69,11 @@ class Forward:
 @dataclass
 class GatewayAnswer:
     logits: np.ndarray
+    prediction: int
     tier: str  # gateway, cloud or gateway-fallback
     p_gateway: float
+    gateway_ms: float
+    gateway_j: float
     cloud_ms: Optional[float] = None
     forward_ms: Optional[float] = None
     cloud_j: Optional[float] = None
@@ -146,22 +155,6 @@ class _Uplink:
             future.set_result(None)
 
 
-@dataclass(frozen=True)
-class _Always:
-    """Forward every window (the benchmark's gateway that only relays)."""
-
-    def decide(self, probs: np.ndarray) -> Any:
-        return _FORWARD
-
-
-@dataclass(frozen=True)
-class _Forwarded:
-    offload: bool = True
-
-
-_ALWAYS, _FORWARD = _Always(), _Forwarded()
-
-
 class Gateway:
     """The gateway tier of a fault card: int16 windows in, the gateway's or the cloud's logits out."""
 
@@ -188,6 +181,7 @@ class Gateway:
         self.input_shape: Tuple[int, ...] = self.session.input_shape
         self.input_dtype = self.session.input_dtype
         self.sample_bytes = self.session.sample_bytes
+        self.gateway_j = AnalyticModel.for_card(card.raw).block_j("gateway")
         self.default_rule = self._rule(rule)
         self.rules = {device: self._rule(name) for device, name in (rules or {}).items()}
         self.uplink: Optional[_Uplink] = None
@@ -203,10 +197,8 @@ class Gateway:
             return HiRule(float(value) if value else self.card.hi_theta("gateway"))
         if name == "two-threshold" and not value:
             return TwoThresholdRule(*self.card.two_thresholds("gateway"))
-        if name == "none" and not value:
-            return None
-        if name == "all" and not value:
-            return _ALWAYS
+        if name in ("none", "all") and not value:  # never forward, or forward every window (a relay)
+            return FixedRule(offload=name == "all")
         raise ValueError(f"gateway rule must be hi[:θ], two-threshold, none or all, got {spec!r}")
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
@@ -219,14 +211,21 @@ class Gateway:
     def run_jobs(self, requests: Sequence[OffloadRequest]) -> List[GatewayAnswer]:
         """The answers of a batch: the gateway's, and the cloud's for the windows it is unsure of."""
         windows = np.stack([r.tensor for r in requests])
+        started = time.perf_counter()
         logits = self.session.logits(windows)
+        gateway_ms = (time.perf_counter() - started) * 1000.0 / len(requests)
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-        answers = [GatewayAnswer(logits[i], "gateway", float(probs[i].max())) for i in range(len(requests))]
+        answers: List[GatewayAnswer] = []
         asked: List[Tuple[int, Future, float]] = []
         for i, request in enumerate(requests):
-            rule = self.rules.get(request.device_id, self.default_rule)
-            if rule is None or self.uplink is None or not rule.decide(probs[i]).offload:
+            decision = self.rules.get(request.device_id, self.default_rule).decide(probs[i])
+            answers.append(
+                GatewayAnswer(
+                    logits[i], decision.prediction, "gateway", decision.confidence, gateway_ms, self.gateway_j
+                )
+            )
+            if not decision.offload or self.uplink is None:
                 continue
             future, sent = self.uplink.ask(windows[i])
             asked.append((i, future, sent))
@@ -242,6 +241,7 @@ class Gateway:
                 answers[i].tier = "gateway-fallback"
                 continue
             answers[i].tier = "cloud"
+            answers[i].prediction = int(reply.prediction)
             answers[i].logits = np.asarray(reply.logits, dtype=np.float32)
             answers[i].cloud_ms = float(reply.cloud_ms)
             answers[i].cloud_j = reply.cloud_j
@@ -250,15 +250,22 @@ class Gateway:
 
     def reply(self, request: OffloadRequest, answers: List[GatewayAnswer], i: int, served: Served) -> bytes:
         answer = answers[i]
-        extra = dict(served.extra, tier=answer.tier, p_gateway=round(answer.p_gateway, 6))
+        extra = dict(
+            served.extra,
+            tier=answer.tier,
+            p_gateway=round(answer.p_gateway, 6),
+            gateway_ms=round(answer.gateway_ms, 4),
+            gateway_j=answer.gateway_j,
+        )
         if answer.cloud_ms is not None:
             extra.update(cloud_ms=round(answer.cloud_ms, 4), forward_ms=round(answer.forward_ms or 0.0, 3))
+            extra.update(cloud_j=answer.cloud_j)
         return encode_reply(
             OffloadReply(
                 run_id=request.run_id,
                 device_id=request.device_id,
                 seq=request.seq,
-                prediction=int(np.argmax(answer.logits)),
+                prediction=answer.prediction,
                 logits=answer.logits,
                 cloud_ms=served.cloud_ms,
                 worker_id=served.worker_id,

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.fault_bench import CONFIGS, TEST_RECORDINGS, replay, rules_of, run_fault_bench, tier_probs
+from bench.fault_bench import CONFIGS, TEST_RECORDINGS, replay, rules_of, run_fault_bench
 from vibration.card import load_fault_card
 from vibration.dataset import SplitSpec, make_windows
+from vibration.offline import tier_probs
 
 MODELS = Path(__file__).resolve().parents[1] / "models" / "vibration"
 N = 24
@@ -31,7 +32,7 @@ def test_quick_fault_bench_agrees_with_its_database(tmp_path: Path) -> None:
         for config in CONFIGS:
             point = report["live"][config.name]
             rows = con.execute(
-                "SELECT prediction, label, exit_stage, bytes_up FROM inferences WHERE run_id = ? "
+                "SELECT prediction, label, exit_stage, bytes_up, gateway_ms FROM inferences WHERE run_id = ? "
                 "ORDER BY seq",
                 (point["run_id"],),
             ).fetchall()
@@ -48,6 +49,11 @@ def test_quick_fault_bench_agrees_with_its_database(tmp_path: Path) -> None:
             assert (stage[answered] == expected_stage[answered]).all(), config.name
             assert (pred[answered] == expected_pred[answered]).all(), config.name
             assert all((r[3] > 8192) == (r[2] != "main") for r in rows), config.name  # the int16 window sent
+            # the gateway's own time in its column (0009) for every window it saw, and only for those
+            via_gateway = config.uplink == "gateway" and config.rule != "none"
+            passed = [r for r in rows if r[2] in ("gateway", "cloud")]
+            assert all((r[4] is not None) == via_gateway for r in passed), config.name
+            assert point["at_gateway"] == (len(passed) if via_gateway else 0) or not answered.all()
     live = report["live"]
     assert live["sensor-only"]["left_sensor"] == 0.0 and live["gateway-only"]["left_sensor"] == 1.0
     assert live["cloud-only"]["reached_cloud"] >= 0.9 and live["gateway-only"]["reached_cloud"] == 0.0

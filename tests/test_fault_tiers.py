@@ -16,17 +16,24 @@ from waiting import wait_for
 from cloud_worker.gateway import GATEWAY_GROUP, Forward, Gateway
 from cloud_worker.worker import CloudWorker, WorkerConfig
 from results_db.collector import Collector, CollectorConfig
+from vibration.card import load_fault_card
 from vibration.dataset import SplitSpec, make_windows
+from vibration.offline import softmax_rows
+from vibration.rules import TwoThresholdRule
 from vibration.sensor import SensorAgent, SensorConfig, window_stream
 
 MODELS = Path(__file__).resolve().parents[1] / "models" / "vibration"
 N = 6  # windows per sensor
 
 
-def _argmax(tier: str, x: np.ndarray) -> List[int]:
+def _logits(tier: str, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(MODELS / f"{tier}.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"window": x})
-    return [int(v) for v in logits.argmax(1)]
+    return np.asarray(logits)
+
+
+def _argmax(tier: str, x: np.ndarray) -> List[int]:
+    return [int(v) for v in _logits(tier, x).argmax(1)]
 
 
 @pytest.mark.integration
@@ -41,6 +48,7 @@ def test_windows_take_the_tier_their_rules_send_them_to(broker, topics, tmp_path
         f"s-gw-{tag}": ("all", "gateway", "none", "gateway"),
         f"s-3tier-{tag}": ("all", "gateway", "all", "cloud"),
         f"s-cloud-{tag}": ("all", "cloud", "none", "cloud"),
+        f"s-tt-{tag}": ("all", "gateway", "two-threshold", "per rule"),  # the gateway's two thresholds
     }
     gw_device = f"gw-{tag}"
     cloud = CloudWorker(
@@ -100,25 +108,38 @@ def test_windows_take_the_tier_their_rules_send_them_to(broker, topics, tmp_path
         collector.stop()
         gateway.stop()
         cloud.stop()
-    assert gateway.stats["answered"] == 2 * N and cloud.stats["answered"] == 2 * N
     expected = {"main": _argmax("sensor", x), "gateway": _argmax("gateway", x), "cloud": _argmax("cloud", x)}
+    # the two-threshold rule at the gateway answers with its own decision, forwards the windows between
+    rule = TwoThresholdRule(*load_fault_card(MODELS).two_thresholds("gateway"))
+    decisions = [rule.decide(p) for p in softmax_rows(_logits("gateway", x))]
+    tt_stages = ["cloud" if d.offload else "gateway" for d in decisions]
+    tt_answers = [expected["cloud"][i] if d.offload else d.prediction for i, d in enumerate(decisions)]
+    forwarded = sum(d.offload for d in decisions)
+    assert gateway.stats["answered"] == 3 * N and cloud.stats["answered"] == 2 * N + forwarded
     with sqlite3.connect(db) as con:
-        for device, (_, _, _, stage) in plans.items():
+        for device, (_, _, gateway_rule, stage) in plans.items():
             got = con.execute(
-                "SELECT exit_stage, prediction, label, p_main, p_ext, p_cloud, bytes_up, cloud_ms, "
-                "device_j_analytic FROM inferences WHERE run_id = ? ORDER BY seq",
+                "SELECT exit_stage, prediction, label, p_main, p_gateway, p_cloud, bytes_up, cloud_ms, "
+                "device_j_analytic, gateway_ms, gateway_j, p_ext FROM inferences WHERE run_id = ? "
+                "ORDER BY seq",
                 (runs[device],),
             ).fetchall()
-            assert [r[0] for r in got] == [stage] * N, device
-            assert [r[1] for r in got] == expected[stage], device  # the answer of the tier that decided
+            stages = tt_stages if gateway_rule == "two-threshold" else [stage] * N
+            answers = tt_answers if gateway_rule == "two-threshold" else expected[stage]
+            assert [r[0] for r in got] == stages, device
+            assert [r[1] for r in got] == answers, device  # the answer of the tier that decided
             assert [r[2] for r in got] == [int(v) for v in y]
             ran = plans[device][0] != "all"  # a sensor that sends everything up computes nothing
             assert all((r[3] is not None) == ran and (r[8] > 0) == ran for r in got)  # confidence, joules
-            via_gateway = device.startswith(("s-gw", "s-3tier"))
-            assert all((r[4] is not None) == via_gateway for r in got), device  # the gateway's confidence
-            assert all((r[5] is not None) == (stage == "cloud") for r in got), device
-            assert all((r[6] > 2 * 2048 * 2) == (stage != "main") for r in got), device  # int16 window sent
-            assert all((r[7] is not None) == (stage != "main") for r in got), device
+            via_gateway = device.startswith(("s-gw", "s-3tier", "s-tt"))
+            # the gateway's confidence, model time and joules in columns of their own (0009), p_ext unused
+            assert all((r[4] is not None) == via_gateway for r in got), device
+            assert all((r[9] is not None and r[9] > 0) == via_gateway for r in got), device
+            assert all((r[10] is not None and r[10] > 0) == via_gateway for r in got), device
+            assert all(r[11] is None for r in got), device
+            assert all((r[5] is not None) == (r[0] == "cloud") for r in got), device
+            assert all((r[6] > 2 * 2048 * 2) == (r[0] != "main") for r in got), device  # int16 window sent
+            assert all((r[7] is not None) == (r[0] == "cloud") for r in got), device  # the cloud's alone
 
 
 def test_sensor_refuses_a_window_of_the_wrong_shape_or_dtype(tmp_path, broker, topics) -> None:
@@ -152,3 +173,29 @@ def test_config_errors_are_clear() -> None:
         SensorConfig("s1", address, uplink="fog")
     with pytest.raises(ValueError, match="deadline_s"):
         SensorConfig("s1", address, deadline_s=0)
+
+
+def test_the_gateway_answers_with_its_rules_decision_and_reports_its_own_cost() -> None:
+    """A window the gateway decides gets its rule's answer: the two-threshold rule's "fault" is the
+    likeliest fault class even where "healthy" is the likeliest class (thresholds 0, 0: "fault" always)."""
+    from cloud_worker.tasks import Served
+    from metering.analytic import AnalyticModel
+    from protocol.codec import OffloadRequest, decode_reply
+
+    windows = make_windows(SplitSpec("test", recordings=1, duration_s=0.5))
+    x = windows.x[windows.y == 0][:4]  # healthy windows
+    gateway = Gateway(MODELS, rule="two-threshold")
+    gateway.default_rule = TwoThresholdRule(0.0, 0.0)
+    requests = [OffloadRequest("run-x", "dev-x", i, w) for i, w in enumerate(x)]
+    answers = gateway.run_jobs(requests)
+    assert all(a.tier == "gateway" and a.prediction != 0 for a in answers)
+    assert [int(np.argmax(a.logits)) for a in answers] == [0] * len(x)  # what argmax would have said
+    card = load_fault_card(MODELS)
+    assert all(a.gateway_ms > 0 and a.gateway_j == AnalyticModel.for_card(card.raw).block_j("gateway")
+               for a in answers)  # fmt: skip
+    reply = decode_reply(gateway.reply(requests[0], answers, 0, Served(9.0, "g", None, "none")))
+    assert reply.prediction == answers[0].prediction != 0
+    assert (
+        reply.extra["gateway_ms"] > 0 and reply.extra["tier"] == "gateway" and "cloud_ms" not in reply.extra
+    )
+    gateway.close()

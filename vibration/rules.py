@@ -37,6 +37,18 @@ def _local_answer(probs: np.ndarray) -> Tuple[int, float, float]:
 
 
 @dataclass(frozen=True)
+class FixedRule:
+    """Always offload (`offload`) or never; a local answer is the likeliest class."""
+
+    offload: bool
+    name: str = "fixed"
+
+    def decide(self, probs: np.ndarray) -> TierDecision:
+        prediction, confidence, p_fault = _local_answer(probs)
+        return TierDecision(self.offload, prediction, confidence, p_fault)
+
+
+@dataclass(frozen=True)
 class HiRule:
     """Answer locally when max-softmax ≥ theta."""
 

@@ -9,8 +9,9 @@ ResponseTopic + CorrelationData, an expiry) on the device's `gateway` topic, ans
 cloud worker. The answer names the tier that decided (`extra["tier"]`). Every window ends as one `inference`
 record through the outbox, like the classification agent's (`device_agent.session`): exit stage `main` (the
 sensor decided), `gateway`, `cloud`, or `fallback` (no answer within the deadline: the sensor's own answer);
-p_main / p_ext / p_cloud the sensor's / gateway's / cloud's max-softmax; edge_ms the sensor's compute;
-cloud_ms the remote tiers' compute; device_j_analytic the sensor's compute joules (`metering.analytic`: a
+p_main / p_gateway / p_cloud the sensor's / gateway's / cloud's max-softmax; edge_ms the sensor's compute,
+gateway_ms / gateway_j the gateway's (its model time, its analytic joules), cloud_ms / cloud_j the cloud's,
+network_ms the rest of the round trip; device_j_analytic the sensor's compute joules (`metering.analytic`: a
 microcontroller has no RAPL counter).
 
 Offloads are not kept in the outbox: an answer later than the deadline is worth nothing (the machine is
@@ -41,7 +42,7 @@ from protocol.mqtt import BrokerAddress, publish_properties
 from protocol.records import RunEndRecord
 from protocol.topics import Topics
 from vibration.card import FaultCard, load_fault_card
-from vibration.rules import HiRule, TierDecision, TwoThresholdRule
+from vibration.rules import FixedRule, HiRule, TierDecision, TwoThresholdRule
 
 logger = logging.getLogger(__name__)
 
@@ -125,17 +126,7 @@ def make_rule(config: SensorConfig, card: FaultCard) -> Any:
     if config.rule == "two-threshold":
         low, high = card.two_thresholds("sensor") if config.thresholds is None else config.thresholds
         return TwoThresholdRule(low, high)
-    return _Fixed(config.rule == "all")
-
-
-@dataclass(frozen=True)
-class _Fixed:
-    always: bool
-    name: str = "fixed"
-
-    def decide(self, probs: np.ndarray) -> TierDecision:
-        probs = np.asarray(probs, dtype=np.float64).reshape(-1)
-        return TierDecision(self.always, int(probs.argmax()), float(probs.max()), float(1 - probs[0]))
+    return FixedRule(offload=config.rule == "all")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -324,18 +315,27 @@ class SensorAgent:
         self.summary.answered += 1
         record = pending.record
         extra = reply.extra if isinstance(reply.extra, dict) else {}
-        tier = extra.get("tier", "cloud")
         probs = softmax(reply.logits)
-        remote_ms = float(reply.cloud_ms) + float(extra.get("cloud_ms", 0.0) or 0.0)
+        if "tier" in extra:  # a gateway's answer: its own figures and, when it asked, the cloud's
+            tier = extra["tier"]
+            gateway_ms, gateway_j = _number(extra.get("gateway_ms")), _number(extra.get("gateway_j"))
+            cloud_ms, cloud_j = _number(extra.get("cloud_ms")), _number(extra.get("cloud_j"))
+            p_gateway = _number(extra.get("p_gateway"))
+        else:  # a cloud worker's
+            tier, gateway_ms, gateway_j, p_gateway = "cloud", None, None, None
+            cloud_ms, cloud_j = float(reply.cloud_ms), reply.cloud_j
+        remote_ms = (gateway_ms or 0.0) + (cloud_ms or 0.0)
         record.update(
             prediction=int(reply.prediction),
             exit_stage=tier if tier in ("gateway", "cloud") else "fallback",
-            p_ext=extra.get("p_gateway"),
+            p_gateway=p_gateway,
             p_cloud=float(probs.max()) if tier == "cloud" else None,
-            cloud_ms=remote_ms,
+            gateway_ms=gateway_ms,
+            gateway_j=gateway_j,
+            cloud_ms=cloud_ms,
             network_ms=max(0.0, (time.monotonic() - pending.sent_mono) * 1000.0 - remote_ms),
             bytes_down=len(payload),
-            cloud_j=reply.cloud_j,
+            cloud_j=cloud_j,
         )
         self._finish(record)
 
@@ -374,6 +374,13 @@ class SensorAgent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite number from a reply's `extra`, else None (the record refuses NaN and other types)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def window_stream(x: np.ndarray, y: Optional[np.ndarray] = None) -> List[Tuple[np.ndarray, Optional[int]]]:
