@@ -212,6 +212,7 @@ def main(argv: Sequence[str] = ()) -> int:
     for split in ("validation", "test"):
         np.save(args.out / f"{split}.labels.npy", data[split].y)
         np.save(args.out / f"{split}.severity.npy", data[split].severity)
+        np.save(args.out / f"{split}.recording.npy", data[split].recording)  # for the shares' spread
     (args.out / "recipe.json").write_text(json.dumps(vars(args), default=str, indent=1))
     return 0
 
