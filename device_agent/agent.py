@@ -144,6 +144,13 @@ class DeviceAgent:
             summary=self._summary,
             observers=self.record_observers,
         )
+        if cfg.capacity_aware:
+            self.capacity = CapacityRule(
+                cfg.offload_deadline_s,
+                shed_above=cfg.shed_above,
+                budget_per_s=cfg.offload_budget_per_s,
+                budget_burst=cfg.offload_budget_burst,
+            )
         self.offloads = OffloadTracker(
             self.link,
             self.outbox,
@@ -154,6 +161,7 @@ class DeviceAgent:
             max_inflight=cfg.max_inflight,
             deadline_s=cfg.offload_deadline_s,
             outbox_wait_s=cfg.outbox_wait_s,
+            held_since=self.capacity.held_since if self.capacity is not None else None,
         )
         # Every kind of number that names a record survives a restart (`durable`): a resumed run continues.
         self.loop = InferenceLoop(self, self.session.counter("sample"), self.session.counter("window"))
@@ -167,13 +175,7 @@ class DeviceAgent:
             sink=self.session.sink,
             link=self.link,
         )
-        if cfg.capacity_aware:
-            self.capacity = CapacityRule(
-                cfg.offload_deadline_s,
-                shed_above=cfg.shed_above,
-                budget_per_s=cfg.offload_budget_per_s,
-                budget_burst=cfg.offload_budget_burst,
-            )
+        if self.capacity is not None:
             self.link.listen(cfg.topics.all_cloud_load, self._on_load)  # subscribed once connected
         for topic_filter, handler in self._listening:
             self.link.listen(topic_filter, handler)

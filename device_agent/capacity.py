@@ -170,6 +170,7 @@ class CapacityRule:
         self._transit_ms: Optional[float] = None
         self._transit_at = 0.0
         self._late = False
+        self._lost_at = -math.inf  # when a worker last went (its will, or its load gone stale)
         self._heard = False  # the cloud has answered (a reply or a refusal) since the start
         self._share, self._slow_start = SHARE_START, True
         self._tokens = self.budget_burst
@@ -193,7 +194,9 @@ class CapacityRule:
         now = self._clock()
         with self._lock:
             if load is None:
-                self.stats["workers_gone"] += self._loads.pop(source, None) is not None
+                if self._loads.pop(source, None) is not None:
+                    self.stats["workers_gone"] += 1
+                    self._lost_at = now
                 self._latest_ts.pop(source, None)  # whoever publishes there next starts afresh
                 return
             self.stats["loads"] += 1
@@ -309,11 +312,27 @@ class CapacityRule:
             return Admission(True, "probe", predicted) if probe_due else Admission(False, "late", predicted)
         return Admission(True, "ok", predicted)
 
-    def _load_ms(self, now: float) -> Optional[float]:
-        """wait + service over the live workers (None: no load known); drops stale ones."""
+    def held_since(self, quiet_s: float) -> float:
+        """Offloads sent after the time returned (this rule's clock) are still held by a live worker, as far
+        as the loads tell: some are known, each was refreshed within `quiet_s` (a worker publishes every half
+        second; one gone quiet may be hung with an offload), and none was lost since. math.inf whenever it
+        cannot say, so the caller re-sends as it would without loads."""
+        now = self._clock()
+        with self._lock:
+            self._drop_stale(now)
+            if not self._loads or any(now - held.received > quiet_s for held in self._loads.values()):
+                return math.inf
+            return self._lost_at
+
+    def _drop_stale(self, now: float) -> None:
         for source in [s for s, held in self._loads.items() if now - held.received > self.load_stale_s]:
             del self._loads[source]
             self.stats["stale_loads"] += 1
+            self._lost_at = now
+
+    def _load_ms(self, now: float) -> Optional[float]:
+        """wait + service over the live workers (None: no load known); drops stale ones."""
+        self._drop_stale(now)
         if not self._loads:
             # Workers that come back (or others) are a new situation: start slowly again.
             self._share, self._slow_start = SHARE_START, True

@@ -64,6 +64,7 @@ class _Pending:
     deadline_mono: float
     sent_mono: Optional[float] = None  # first send (round trips are measured from it)
     resent: bool = False
+    spared: bool = False  # its re-send held back once: a live worker has it (counted once)
 
 
 class OffloadTracker:
@@ -82,6 +83,7 @@ class OffloadTracker:
         deadline_s: float = 2.0,
         resend_s: Optional[float] = None,
         outbox_wait_s: Optional[float] = None,
+        held_since: Optional[Callable[[float], float]] = None,
     ) -> None:
         self.link = link
         self.outbox = outbox
@@ -91,6 +93,10 @@ class OffloadTracker:
         # Sent once more when unanswered this long: a cloud worker that died with our request in flight
         # takes it with its clean session (see cloud_worker.worker); a survivor in the group answers the copy.
         self.resend_s = deadline_s / 2 if resend_s is None else resend_s
+        # ... unless it was sent after `held_since(resend_s)`, which vouches that a live worker still holds it
+        # (from the workers' loads: `CapacityRule.held_since`): a copy sent to workers that are merely busy
+        # doubles their work and lengthens the queue every offload waits in.
+        self._held_since = held_since
         self._topic = topics.offload(device_id)
         self._reply_topic = topics.reply(device_id)
         self._on_settled = on_settled
@@ -113,6 +119,7 @@ class OffloadTracker:
             "window_waits": 0,
             "sent_on_reconnect": 0,
             "resent": 0,
+            "resends_spared": 0,
         }
 
     def correlation(self, seq: int) -> bytes:
@@ -232,6 +239,7 @@ class OffloadTracker:
     # -- housekeeping (the link's thread) -------------------------------------------------------------
     def tick(self, connected: bool) -> None:
         """Fall back where the deadline passed; send what waited for the broker."""
+        held_since = math.inf if self._held_since is None else self._held_since(self.resend_s)
         now = time.monotonic()
         expired = []
         to_send = []
@@ -250,6 +258,11 @@ class OffloadTracker:
                     self.stats["sent_on_reconnect"] += 1
                     to_send.append((key, pending))
                 elif not pending.resent and now - pending.sent_mono >= self.resend_s:
+                    if pending.sent_mono > held_since:  # asked again each tick: a worker may go later
+                        if not pending.spared:
+                            pending.spared = True
+                            self.stats["resends_spared"] += 1
+                        continue
                     pending.resent = True
                     self.stats["resent"] += 1
                     to_send.append((key, pending))

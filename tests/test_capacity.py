@@ -196,6 +196,30 @@ def test_stale_loads_are_dropped_by_local_receipt_time_and_a_repeat_does_not_ref
     assert r.admit().reason == "capacity"
 
 
+def test_loads_vouch_for_offloads_held_by_live_workers_only() -> None:
+    """`held_since`: the device re-sends an unanswered offload only where no live worker may hold it."""
+    clock = Clock()
+    r = rule(clock)
+    assert r.held_since(1.0) == math.inf  # no load known: nothing to vouch with
+    r.worker_load("t/w1", load(ts=1.0))
+    r.worker_load("t/w2", load(ts=1.0))
+    assert r.held_since(1.0) == -math.inf  # both alive, none ever lost
+    clock.now += 1.5
+    r.worker_load("t/w1", load(ts=2.0))
+    assert r.held_since(1.0) == math.inf  # w2 quiet for 1.5 s: it may be hung with the offload
+    r.worker_load("t/w2", None)  # its will: gone
+    lost = clock.now
+    assert r.held_since(1.0) == lost  # offloads sent before it went may have gone with it
+    clock.now += 2.0
+    r.worker_load("t/w1", load(ts=3.0))
+    clock.now += 3.1  # w1's load goes stale too: lost now, and none left to vouch
+    stale_at = clock.now
+    assert r.held_since(10.0) == math.inf and r.report()["stale_loads"] == 1
+    clock.now += 0.5
+    r.worker_load("t/w1", load(ts=4.0))
+    assert r.held_since(1.0) == stale_at  # back, but what was sent before it went stale is not vouched for
+
+
 def test_the_budget_is_a_token_bucket_that_refills_with_the_clock() -> None:
     clock = Clock()
     r = rule(clock, budget_per_s=2.0, budget_burst=3.0)

@@ -104,3 +104,46 @@ def test_window_full_says_when_an_offload_would_wait_for_a_place(box: Outbox) ->
     assert not tracker.window_full()
     tracker.offload(object(), 1, b"img", {"device_id": "dev", "seq": 1})
     assert tracker.window_full() and tracker.stats["window_waits"] == 0
+
+
+def test_an_offload_a_live_worker_holds_is_not_sent_twice_but_one_a_lost_worker_held_is(
+    box: Outbox, monkeypatch
+) -> None:
+    """Before: every offload unanswered at half its deadline went again, also to workers merely busy (in the
+    fleet simulation a quarter of all offloads: doubled work in the queue every offload waits in). Now only
+    when the workers' loads cannot vouch that a live worker holds it (`held_since`)."""
+    monkeypatch.setattr(offloads, "time", types.SimpleNamespace(monotonic=lambda: Clock.now, time=time.time))
+    sent: List[int] = []
+    link = types.SimpleNamespace(connected=threading.Event(), publish=lambda t, p, props: sent.append(1) or 1)
+    link.connected.set()
+    vouched_from = [-float("inf")]  # offloads sent after this are held by a live worker
+    tracker = OffloadTracker(
+        link,
+        box,
+        Topics(),
+        "dev",
+        "run",
+        lambda s: None,
+        deadline_s=2.0,
+        held_since=lambda q: vouched_from[0],
+    )
+    plain = OffloadTracker(link, box, Topics(), "dev", "run2", lambda s: None, deadline_s=2.0)
+    start = Clock.now
+    tracker.offload(object(), 0, b"img", {"device_id": "dev", "seq": 0})
+    plain.offload(object(), 0, b"img", {"device_id": "dev", "seq": 0})
+    assert len(sent) == 2
+    for _ in range(3):  # half the deadline passes, tick after tick: the live worker still has it
+        Clock.now += 0.5
+        tracker.tick(True)
+        plain.tick(True)
+    assert tracker.stats["resent"] == 0 and tracker.stats["resends_spared"] == 1  # counted once
+    assert plain.stats["resent"] == 1 and len(sent) == 3  # without loads, as before
+    vouched_from[0] = start + 1.2  # a worker went after the offload was sent: it may have taken it along
+    Clock.now += 0.1
+    tracker.tick(True)
+    assert tracker.stats["resent"] == 1 and len(sent) == 4
+    vouched_from[0] = float("inf")  # ... and a quiet worker or none known: re-sent as without loads
+    tracker.offload(object(), 1, b"img", {"device_id": "dev", "seq": 1})
+    Clock.now += 1.0
+    tracker.tick(True)
+    assert tracker.stats["resent"] == 2 and len(sent) == 6
