@@ -22,6 +22,10 @@ the broker's own queue: the worker acknowledges what it sheds at once, so the br
 device drains at the speed of dropping, not of computing, and other devices' offloads behind it in that
 FIFO reach the worker in time. A lone device still gets the whole queue.
 
+A batch may be cut shorter than `max_batch` by the caller (`limit`): every request in it is answered only
+when the whole batch is done, so on a slow worker a full batch is a wait of its own (the worker keeps a
+batch within a share of its requests' deadlines: cloud_worker/worker.py `BATCH_SHARE`).
+
 Not thread-safe: the worker guards it with one condition (cloud_worker/worker.py), which its network thread
 notifies on each arrival and its compute threads wait on.
 """
@@ -137,11 +141,16 @@ class BatchQueue(Generic[T]):
     def __len__(self) -> int:
         return self._len
 
-    def wait_s(self, now: float) -> Optional[float]:
-        """None: nothing pending. 0: take a batch now. Otherwise: seconds to keep collecting first."""
+    def heads(self) -> List[T]:
+        """Each key's oldest pending item: the next of every key to be served."""
+        return [queue[0].item for queue in self._queues.values()]
+
+    def wait_s(self, now: float, limit: Optional[int] = None) -> Optional[float]:
+        """None: nothing pending. 0: take a batch now (of at most `limit`). Otherwise: seconds to keep
+        collecting first."""
         if not self._len:
             return None
-        if self._len == 1 or self._len >= self.max_batch:
+        if self._len == 1 or self._len >= min(self.max_batch, limit or self.max_batch):
             return 0.0
         oldest = min(q[0].arrived for q in self._queues.values())
         remaining = oldest + self.max_wait_s - now
@@ -149,11 +158,12 @@ class BatchQueue(Generic[T]):
             return 0.0
         return remaining
 
-    def take(self) -> List[Pending[T]]:
-        """Up to `max_batch` pending requests, one per key in round-robin turn, oldest first within a key
-        (with one key: the oldest `max_batch`, in arrival order)."""
+    def take(self, limit: Optional[int] = None) -> List[Pending[T]]:
+        """Up to `max_batch` (or `limit`, if fewer) pending requests, one per key in round-robin turn, oldest
+        first within a key (with one key: the oldest, in arrival order)."""
+        size = max(1, min(self.max_batch, limit or self.max_batch))
         batch: List[Pending[T]] = []
-        while self._len and len(batch) < self.max_batch:
+        while self._len and len(batch) < size:
             for key in list(self._queues):
                 queue = self._queues[key]
                 batch.append(queue.popleft())
@@ -162,6 +172,6 @@ class BatchQueue(Generic[T]):
                     self._queues.move_to_end(key)
                 else:
                     del self._queues[key]
-                if len(batch) == self.max_batch:
+                if len(batch) == size:
                     break
         return batch

@@ -81,6 +81,11 @@ class LoadMeter:
         wall = (now - since) * self.streams
         return min(1.0, max(0.0, (busy - busy_then) / wall)) if wall > 0 else 0.0
 
+    def service_s(self) -> float:
+        """The measured compute time per sample (an average over recent batches), seconds."""
+        with self._lock:
+            return self._service_s
+
     def capacity_per_s(self) -> float:
         """The measured capacity alone (samples/s, all streams): each arriving offload is judged by it."""
         with self._lock:

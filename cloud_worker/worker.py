@@ -88,6 +88,11 @@ STAT_KEYS = (
 # devices' shed bound, `device_agent.capacity.SHED_ABOVE`, is the same fraction) leaves the batch in progress
 # and both transits well inside the devices' re-send at half the deadline, which would double the work.
 REFUSE_ABOVE = 0.25
+# A batch is answered only when all of it is done: it may take at most this share of the time left to its most
+# urgent request's deadline (at the measured compute time per sample), or the batch itself is a wait that no
+# refusal foresaw. On a fast worker max_batch binds (2.5 ms a sample: 80 fit in 200 ms); on a slow one
+# (60 ms a sample, the fleet simulation's quota) batches of 3 instead of 7, for ~25 % less per sample.
+BATCH_SHARE = 0.1
 # A compute thread that has not come round for this long is stuck in a batch: the watchdog stops pinging.
 STUCK_S = 60.0
 IDLE_WAIT_S = 0.25
@@ -354,11 +359,21 @@ class CloudWorker:
                     now >= self._drain_deadline or (not len(self._queue) and self.link.left.is_set())
                 ):
                     return None
-                wait = self._queue.wait_s(now)
+                limit = self._batch_limit(now)
+                wait = self._queue.wait_s(now, limit)
                 if wait == 0:
                     self._load.begin(stream, now)
-                    return self._queue.take()
+                    return self._queue.take(limit)
                 self._ready.wait(IDLE_WAIT_S if wait is None else min(wait, IDLE_WAIT_S))
+
+    def _batch_limit(self, now: float) -> int:
+        """How many the next batch may take (`BATCH_SHARE`); called under `_ready`."""
+        service_s = self._load.service_s()
+        heads = self._queue.heads()
+        if service_s <= 0 or not heads:
+            return self.config.max_batch
+        left_s = min(job.deadline for job in heads) - now
+        return max(1, min(self.config.max_batch, int(BATCH_SHARE * left_s / service_s)))
 
     def _serve(self, batch: List[Pending[Job]], stream: int) -> None:
         now = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator, List
@@ -18,6 +19,7 @@ from tinymodels import tiny_images
 from broker.launcher import BrokerProcess
 from cloud_worker import CloudWorker, WorkerConfig
 from cloud_worker.batching import BatchQueue
+from cloud_worker.load import LoadMeter
 from cloud_worker.probe import OffloadProbe
 from protocol.codec import (
     CONTENT_TYPE_OFFLOAD,
@@ -92,6 +94,38 @@ def test_full_batch_runs_at_once_and_bursts_split_in_arrival_order() -> None:
     assert batches == [[0, 1, 2], [3, 4, 5]]
     assert queue.wait_s(now=5.0) == 0  # the last one is alone now: idle rule
     assert [p.item for p in queue.take()] == [6]
+
+
+def test_a_batch_cut_short_by_its_limit_runs_at_once_and_takes_no_more() -> None:
+    """The worker limits a batch to what fits in a share of its requests' deadlines (`BATCH_SHARE`)."""
+    queue: BatchQueue[int] = BatchQueue(max_batch=8, max_wait_s=3600)
+    for i in range(3):
+        queue.put(i, now=5.0, key=f"d{i % 2}")
+    assert queue.wait_s(now=5.0) == 3600  # below max_batch: would collect more
+    assert queue.wait_s(now=5.0, limit=2) == 0  # ... but the limit is reached
+    assert queue.heads() == [0, 1]  # each device's oldest
+    assert [p.item for p in queue.take(limit=2)] == [0, 1]
+    assert [p.item for p in queue.take(limit=0)] == [2]  # never less than one
+
+
+def test_a_slow_worker_keeps_each_batch_within_a_share_of_the_deadlines_it_serves(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path
+) -> None:
+    """Every request of a batch is answered when the whole batch is done: at 60 ms a sample (the fleet
+    simulation's quota) a full batch of 8 is half a second of waiting no refusal foresaw."""
+    worker = CloudWorker(
+        WorkerConfig(broker.credentials("cloud"), topics, tiny_models, "w-slow", max_batch=8)
+    )
+    now = time.monotonic()
+    assert worker._batch_limit(now) == 8  # nothing queued
+    worker._load = LoadMeter()
+    worker._load.seed(0.060, 1)
+    for i, left_s in enumerate((2.0, 1.5, 2.0)):
+        worker._queue.put(types.SimpleNamespace(deadline=now + left_s), now, key=f"d{i}")
+    assert worker._batch_limit(now) == 2  # 0.1 x 1.5 s (the most urgent) / 60 ms
+    worker._load = LoadMeter()
+    worker._load.seed(0.0001, 1)  # a fast worker: max_batch binds
+    assert worker._batch_limit(now) == 8
 
 
 def test_batch_queue_refuses_nonsense_limits() -> None:
