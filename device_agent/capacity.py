@@ -20,12 +20,13 @@ samples that do go. Pure: no MQTT, an injected clock and random source, so every
 - `service_ms`: the mean of the live workers' recent compute time per sample.
 
 Two bounds. The whole prediction may be at most `shed_above` × the deadline, 0.4 by default (800 ms at 2 s):
-short of the device's re-send at half the deadline (which doubles the work of a worker that is merely slow;
-with the bound at half, a fleet whose transit the devices' own CPU stretches met it for many offloads), and
-far from the deadline itself. The cloud's part, wait + service, may be at most QUEUE_BOUND × the deadline
-(a quarter, the worker's own refusal bound): a load is up to one publishing interval old and the fleet keeps
-offloading meanwhile, and a queue held there still holds many batches, so workers stay busy. A slow but
-steady link (a satellite's 600 ms) is no reason to shed; a queue that would grow past a quarter is.
+short of the device's re-send at half the deadline (which the loads spare where they vouch that a live
+worker holds the offload, `held_since`; where they cannot, a copy doubles the work of a worker that may be
+merely slow), and far from the deadline itself. The cloud's part, wait + service, may be at most
+QUEUE_BOUND × the deadline (a quarter, the worker's own refusal bound): a load is up to one publishing
+interval old and the fleet keeps offloading meanwhile, and a queue held there still holds many batches, so
+workers stay busy. A slow but steady link (a satellite's 600 ms) is no reason to shed; a queue that would
+grow past a quarter is.
 
 A sample is shed, in this order, when
 1. the device's own in-flight window is full (`window`): blocking the inference thread until a place frees
