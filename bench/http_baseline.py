@@ -3,7 +3,13 @@
 KubeEdge Sedna's joint inference posts each hard example to a cloud HTTP service and blocks for the answer.
 We reproduce that shape with the same models and the same MEANet filter, so the benchmark can put our MQTT
 path beside what a user would otherwise deploy. The server is stdlib `http.server` (one small endpoint; no
-framework needed) and the client keeps one HTTP/1.1 connection alive — the best case for HTTP.
+framework needed). Two clients (`HTTP_STYLES`):
+
+- `keepalive`: one HTTP/1.1 connection kept alive, the raw image bytes, Nagle off — the best case for HTTP;
+- `sedna`: what Sedna's own client does (lib/sedna/service/client.py `ModelClient.inference`, called by
+  `JointInference.inference` with `data.tolist()`): `requests.request` per hard example, a session of its own
+  and so a new TCP connection each time (a handshake's round trip before the request's), and the image as a
+  JSON list of numbers. Nagle is off there too (urllib3's default socket options).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,10 +45,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         try:
             length = int(self.headers.get("Content-Length", "0"))
-            shape = [int(d) for d in self.headers["X-Shape"].split(",")]
             body = self.rfile.read(length)
-            image = np.frombuffer(body, dtype=np.uint8).reshape(shape)
-        except (KeyError, ValueError) as exc:
+            if self.headers.get("Content-Type") == "application/json":  # Sedna's {"data": image.tolist()}
+                image = np.asarray(json.loads(body)["data"], dtype=np.uint8)
+            else:
+                shape = [int(d) for d in self.headers["X-Shape"].split(",")]
+                image = np.frombuffer(body, dtype=np.uint8).reshape(shape)
+        except (KeyError, ValueError, TypeError) as exc:
             self.send_error(400, f"bad request: {exc}")
             return
         start = time.perf_counter()
@@ -62,8 +71,12 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug(fmt, *args)
 
 
+HTTP_STYLES = ("keepalive", "sedna")
+
+
 class CloudHTTPServer(ThreadingHTTPServer):
-    """POST /infer with the raw uint8 image (header X-Shape: C,H,W) -> JSON {prediction, p, cloud_ms}."""
+    """POST /infer with the raw uint8 image (header X-Shape: C,H,W), or JSON {"data": nested lists} ->
+    JSON {prediction, p, cloud_ms}."""
 
     daemon_threads = True
 
@@ -79,7 +92,12 @@ class CloudHTTPServer(ThreadingHTTPServer):
         # The cloud worker's own session and settings: the comparison is of transports, not of sessions.
         self.model = CloudSession(model_path, list(providers), threads)
         self.model_lock = threading.Lock()  # one onnxruntime session, like one Sedna cloud pod
+        self.connections = 0  # accepted so far (one per request for Sedna's client)
         self._thread = threading.Thread(target=self.serve_forever, name="http-cloud", daemon=True)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self.connections += 1  # only the accepting thread counts
+        super().process_request(request, client_address)
 
     @property
     def url(self) -> Tuple[str, int]:
@@ -112,12 +130,14 @@ def run_http_peer(
     *,
     run_id: str,
     device_id: str,
+    style: str = "keepalive",
     progress: Optional[object] = None,
 ) -> HttpRunResult:
-    """Edge cascade per sample; each complex sample is POSTed and the device blocks for the answer."""
-    conn = http.client.HTTPConnection(*server)
-    conn.connect()
-    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body go as separate writes
+    """Edge cascade per sample; each complex sample is POSTed and the device blocks for the answer, over one
+    kept-alive connection or, `style="sedna"`, a new one each time with a JSON body (module docstring)."""
+    if style not in HTTP_STYLES:
+        raise ValueError(f"style must be one of {HTTP_STYLES}, got {style!r}")
+    kept = _connect(server) if style == "keepalive" else None
     result = HttpRunResult()
     start = time.perf_counter()
     for seq, (image, label) in enumerate(samples):
@@ -135,11 +155,19 @@ def run_http_peer(
             ts_unix=time.time(),
         )
         if decision.complex:
-            body = np.ascontiguousarray(image).tobytes()
+            if kept is not None:
+                body = np.ascontiguousarray(image).tobytes()
+                headers = {"X-Shape": ",".join(map(str, image.shape))}
+            else:
+                body = json.dumps({"data": image.tolist()}).encode()
+                headers = {"Content-Type": "application/json"}
             sent = time.perf_counter()
-            conn.request("POST", "/infer", body=body, headers={"X-Shape": ",".join(map(str, image.shape))})
+            conn = kept if kept is not None else _connect(server)
+            conn.request("POST", "/infer", body=body, headers=headers)
             response = conn.getresponse()
             reply = json.loads(response.read())
+            if kept is None:
+                conn.close()
             round_ms = (time.perf_counter() - sent) * 1e3
             record.exit_stage = "cloud"
             record.prediction = int(reply["prediction"])
@@ -152,8 +180,16 @@ def run_http_peer(
         if progress is not None:
             progress.update(1)  # type: ignore[attr-defined]
     result.seconds = time.perf_counter() - start
-    conn.close()
+    if kept is not None:
+        kept.close()
     return result
+
+
+def _connect(server: Tuple[str, int]) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(*server)
+    conn.connect()
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body go as separate writes
+    return conn
 
 
 def main() -> None:

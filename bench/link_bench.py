@@ -31,7 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import compare, identities
-from bench.run import BenchConfig, _rotate, agent_config, paced, run_bench, wait_for_rows
+from bench.http_baseline import HTTP_STYLES
+from bench.run import BenchConfig, _rotate, agent_config, http_label, paced, run_bench, wait_for_rows
 from bench.stack import cloud_side
 from device_agent import DeviceAgent
 from device_agent.config import load_profile
@@ -40,6 +41,10 @@ from metering.radio import radio_energy, radio_model
 from results_db.stats import nearest_rank
 
 LINKS = ("lan", "wifi", "lte", "satellite")
+TRANSPORTS = {
+    "keepalive": "http",
+    "sedna": "http-sedna",
+}  # the HTTP peer's client styles, as the table names them
 MEANET = {"name": "meanet", "params": {}}
 
 
@@ -48,7 +53,7 @@ class TransportRun:
     """One transport over one link: its flat-out and its paced run."""
 
     link: str
-    transport: str  # mqtt | http
+    transport: str  # mqtt | http (one kept-alive connection) | http-sedna (a connection per request, JSON)
     samples_per_s: float = 0.0  # flat out
     offloaded: float = 0.0  # fraction, flat-out run
     paced_hz: float = 0.0  # the rate the paced run kept
@@ -119,11 +124,12 @@ def run_link(link: str, args: argparse.Namespace, console: Console) -> List[Tran
         paced_samples=args.paced_samples,
         link=link,
         policies=[dict(MEANET)],
+        http_styles=HTTP_STYLES,
     )
     result = run_bench(cfg, console)
     profile = result.link_profile
     out = []
-    for transport, label in (("mqtt", "meanet"), ("http", "http-peer")):
+    for transport, label in (("mqtt", "meanet"), *((TRANSPORTS[s], http_label(s)) for s in HTTP_STYLES)):
         flat, paced_id = result.runs[label], result.paced[label]
         flat_rows, paced_rows = _run_rows(result.db, flat), _run_rows(result.db, paced_id)
         latencies = _offloaded_latencies(result.db, paced_id)
@@ -131,7 +137,7 @@ def run_link(link: str, args: argparse.Namespace, console: Console) -> List[Tran
         run.samples_per_s = (
             result.summaries[label]["samples_per_s"]
             if label in result.summaries
-            else result.http["samples_per_s"]
+            else result.http_runs[label]["samples_per_s"]
         )
         run.offloaded = sum(s in ("cloud", "fallback") for _, s, _, _ in flat_rows) / max(len(flat_rows), 1)
         run.paced_hz = result.paced_hz[label]
@@ -289,11 +295,15 @@ def evaluate(
                 p99 is not None and p99 <= 1e3 * deadline_s,
             )
         )
+        # Sedna's own client (a connection per hard example, JSON) is the peer the issue means; the
+        # kept-alive one, HTTP at its best, is reported beside it, never instead.
+        sedna = by.get(("lte", "http-sedna"))
+        behind = f"; Sedna's client kept {sedna.paced_hz:.1f} Hz" if sedna else ""
         out.append(
             (
-                f"over lte @ {rate_hz:g} Hz: the HTTP peer falls behind the rate",
-                f"HTTP kept {http.paced_hz:.1f} Hz, MQTT {mqtt.paced_hz:.1f} Hz",
-                http.paced_hz < 0.95 * rate_hz,
+                f"over lte @ {rate_hz:g} Hz: the HTTP peer (Sedna's client) falls behind the rate",
+                f"HTTP kept-alive kept {http.paced_hz:.1f} Hz{behind}, MQTT {mqtt.paced_hz:.1f} Hz",
+                sedna is not None and sedna.paced_hz < 0.95 * rate_hz,
             )
         )
     if outage is not None:
@@ -321,10 +331,13 @@ def plot(runs: Sequence[TransportRun], path: Path) -> None:
 
     links = list(dict.fromkeys(r.link for r in runs))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for transport, style in (("mqtt", "o-"), ("http", "s--")):
+    for transport, style, label in (
+        ("mqtt", "o-", "MQTT (async offload)"),
+        ("http", "s--", "HTTP peer (blocking POST, kept-alive)"),
+        ("http-sedna", "^:", "HTTP as Sedna's client (connection per POST, JSON)"),
+    ):
         mine = {r.link: r for r in runs if r.transport == transport}
         xs = [i for i, name in enumerate(links) if name in mine]
-        label = "MQTT (async offload)" if transport == "mqtt" else "HTTP peer (blocking POST)"
         ax1.plot(xs, [mine[links[i]].samples_per_s for i in xs], style, label=label)
         ys = [mine[links[i]].p99_ms for i in xs]
         ax2.plot([x for x, y in zip(xs, ys) if y], [y for y in ys if y], style, label=label)

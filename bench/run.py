@@ -66,6 +66,8 @@ class BenchConfig:
     credentials: Optional[Path] = None  # JSON from `edgecascade broker --credentials-out`
     link: Optional[str] = None  # a link profile (bench/profiles/links) the device side reaches the cloud over
     http_peer: bool = True
+    # The HTTP peer's clients (bench.http_baseline.HTTP_STYLES), each a run labelled `http_label(style)`.
+    http_styles: Tuple[str, ...] = ("keepalive",)
     progress: bool = True
     idle_seconds: Optional[float] = None  # override the profile's idle baseline length (tests)
     # Service latency is measured at a camera's pace (0: no paced runs), throughput flat out: a flat-out run's
@@ -98,7 +100,8 @@ class BenchResult:
     paced: Dict[str, str] = field(default_factory=dict)  # label -> run_id of its paced run
     paced_hz: Dict[str, float] = field(default_factory=dict)  # label -> the rate the paced run achieved
     summaries: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # label -> agent summary
-    http: Dict[str, float] = field(default_factory=dict)
+    http: Dict[str, float] = field(default_factory=dict)  # the first HTTP style's flat-out run
+    http_runs: Dict[str, Dict[str, float]] = field(default_factory=dict)  # label -> its flat-out run
     targets: List[Tuple[str, str, bool]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
@@ -189,15 +192,22 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
                     result.paced[label] = paced_id
                     result.paced_hz[label] = paced_run.samples_per_s
             if cfg.http_peer:
-                result.http = _run_http(cfg, side, images, labels, bench_id, console)
-                result.runs["http-peer"] = f"{bench_id}-http-peer"
-                if cfg.rate_hz:
-                    n = min(cfg.paced_samples, len(images))
-                    begun = time.time()
-                    paced_http = _run_http(cfg, side, images[:n], labels[:n], bench_id, console, cfg.rate_hz)
-                    result.windows[f"{bench_id}-http-peer-paced"] = (begun, time.time())
-                    result.paced["http-peer"] = f"{bench_id}-http-peer-paced"
-                    result.paced_hz["http-peer"] = paced_http["samples_per_s"]
+                for style in cfg.http_styles:
+                    label = http_label(style)
+                    flat_http = _run_http(cfg, side, images, labels, bench_id, console, style=style)
+                    if style == cfg.http_styles[0]:
+                        result.http = flat_http
+                    result.http_runs[label] = flat_http
+                    result.runs[label] = f"{bench_id}-{label}"
+                    if cfg.rate_hz:
+                        n = min(cfg.paced_samples, len(images))
+                        begun = time.time()
+                        paced_http = _run_http(
+                            cfg, side, images[:n], labels[:n], bench_id, console, cfg.rate_hz, style
+                        )
+                        result.windows[f"{bench_id}-{label}-paced"] = (begun, time.time())
+                        result.paced[label] = f"{bench_id}-{label}-paced"
+                        result.paced_hz[label] = paced_http["samples_per_s"]
         except KeyboardInterrupt:
             result.interrupted = True
             console.print("[yellow]interrupted: keeping the runs that finished[/]")
@@ -211,6 +221,11 @@ def run_bench(cfg: BenchConfig, console: Optional[Console] = None) -> BenchResul
     return result
 
 
+def http_label(style: str) -> str:
+    """The label (and run id suffix) of the HTTP peer's runs with one client style."""
+    return "http-peer" if style == "keepalive" else f"http-{style}"
+
+
 def _run_http(
     cfg: BenchConfig,
     side: CloudSide,
@@ -219,17 +234,18 @@ def _run_http(
     bench_id: str,
     console: Console,
     rate_hz: float = 0.0,
+    style: str = "keepalive",
 ) -> Dict[str, float]:
     """The Sedna-style peer, same filter and models; its records go to the collector like any device's.
     With `rate_hz`, samples come at that pace (its run id ends in `-paced`)."""
-    run_id = f"{bench_id}-http-peer" + ("-paced" if rate_hz else "")
+    label = http_label(style)
+    run_id = f"{bench_id}-{label}" + ("-paced" if rate_hz else "")
     cascade = EdgeCascade(cfg.models)
     pace = f" at {rate_hz:g} Hz" if rate_hz else ""
-    console.print(
-        f"[cyan]http-peer[/]: meanet filter, a blocking POST per complex sample, {len(images)} samples{pace}"
-    )
+    how = "a blocking POST" if style == "keepalive" else "a new connection and a blocking JSON POST"
+    console.print(f"[cyan]{label}[/]: meanet filter, {how} per complex sample, {len(images)} samples{pace}")
     # disable=None: no carriage-return bars when stderr is a log file rather than a terminal
-    bar = tqdm(total=len(images), desc="http-peer", unit="img", disable=None if cfg.progress else True)
+    bar = tqdm(total=len(images), desc=label, unit="img", disable=None if cfg.progress else True)
     samples: Iterable[Tuple[np.ndarray, Optional[int]]] = zip(images, (int(x) for x in labels))
     peer = run_http_peer(
         cascade,
@@ -237,6 +253,7 @@ def _run_http(
         side.http_address(),
         run_id=run_id,
         device_id=HTTP_DEVICE_ID,
+        style=style,
         progress=bar,
     )
     bar.close()
@@ -244,10 +261,11 @@ def _run_http(
         "type": "run",
         "run_id": run_id,
         "device_id": HTTP_DEVICE_ID,
-        "policy": "http-peer",
+        "policy": label,
         "policy_params": {
             "filter": "meanet",
             "transport": "http",
+            "client": style,
             **({"rate_hz": rate_hz} if rate_hz else {}),
         },
         "profile": "x86",
