@@ -3,11 +3,10 @@
 Data rows are inserted with `INSERT ... ON CONFLICT (natural key) DO NOTHING`, so a re-delivered batch writes
 nothing twice and costs one index probe per row; its rowcount says how many were new, which is how we count
 duplicates. On SQLite they go straight to the driver's `executemany` as tuples (SQLAlchemy's per-row
-parameter processing would halve the rate). On PostgreSQL they are COPYed (psycopg 3 `cursor.copy`) into a
-temporary staging table of the same columns, then moved with one `INSERT ... SELECT ... ON CONFLICT DO
-NOTHING`: one statement per batch instead of one per row (bench/collector_bench.py: 8-14 k rows/s with
-executemany, see docs/sections/scale.md for COPY). Runs and devices, a few rows per batch, use the dialect's
-own insert construct (`on_conflict_do_update`).
+parameter processing would halve the rate). On PostgreSQL they are COPYed in binary into a temporary staging
+table, then moved with one `INSERT ... SELECT ... ON CONFLICT DO NOTHING` per batch (`results_db.pg_copy`;
+the README's "PostgreSQL at fleet rates" has the figures). Runs and devices, a few rows per batch, use the
+dialect's own insert construct (`on_conflict_do_update`).
 
 A `run` record may arrive after the rows that reference it (or never, if the collector joined late): a bare
 `runs` row is created first and filled in when the record comes. A run belongs to the device that first
@@ -45,6 +44,7 @@ from results_db.models import (
     Run,
 )
 from results_db.partitions import PartitionKeeper, is_partitioned
+from results_db.pg_copy import StagedCopy
 
 DEVICES: Table = Device.__table__  # type: ignore[assignment]
 RUNS: Table = Run.__table__  # type: ignore[assignment]
@@ -84,30 +84,6 @@ _GETTERS = {kind: operator.itemgetter(*columns) for kind, columns in _COLUMNS.it
 _JSON_COLUMNS = {
     kind: {c.name for c in table.columns if isinstance(c.type, JSON)} for kind, table in DATA_TABLES.items()
 }
-
-
-def _staging_sql(kind: str, partitioned: bool) -> Tuple[str, str, str, str]:
-    """PostgreSQL: create the staging table (once per session), COPY into it, move its rows, empty it.
-
-    Into the partitioned `inferences` (migration 0008), whose unique key must hold the partition key
-    (ts_unix), only keys stored in no partition move: a stored key with another ts_unix is then not
-    inserted as a second row but found by `_conflicts` and refused, as on a plain table."""
-    table, columns = DATA_TABLES[kind].name, ", ".join(_COLUMNS[kind])
-    stage = f"_stage_{table}"
-    keys = NATURAL_KEYS[kind]
-    move = f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {stage} s "
-    if partitioned:
-        same_key = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-        move += f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {same_key}) "
-        keys = [*keys, "ts_unix"]
-    return (
-        # Only the data columns, no constraints: ON COMMIT DELETE ROWS leaves it empty between transactions.
-        f"CREATE TEMPORARY TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-        f"SELECT {columns} FROM {table} WITH NO DATA",
-        f"COPY {stage} ({columns}) FROM STDIN",
-        move + f"ON CONFLICT ({', '.join(keys)}) DO NOTHING",
-        f"DELETE FROM {stage}",  # a second write in the same transaction starts from an empty stage
-    )
 
 
 def _insert_sql(kind: str, placeholder: str) -> str:
@@ -182,8 +158,10 @@ class RecordWriter:
             partitioned = is_partitioned(connection)
         # inferences partitioned by day (PostgreSQL, 0008): the writer creates the days it writes into
         self._partitions = PartitionKeeper(engine) if partitioned else None
-        self._staging_sql = {
-            kind: _staging_sql(kind, partitioned and kind == "inference") for kind in DATA_TABLES
+        self._copies = {
+            kind: StagedCopy(table, _COLUMNS[kind], NATURAL_KEYS[kind], partitioned and kind == "inference")
+            for kind, table in DATA_TABLES.items()
+            if self._copy
         }
         self._placeholder = placeholder
         self._json_is_text = dialect == "sqlite"  # psycopg hands JSONB back decoded, sqlite3 as text
@@ -340,25 +318,9 @@ class RecordWriter:
     def _insert(self, connection: Connection, kind: str, rows: List[Dict[str, Any]]) -> int:
         """Insert the rows that are new; return how many were."""
         if self._copy:
-            return self._insert_by_copy(connection, kind, rows)
+            return self._copies[kind].insert(connection, self._tuples(kind, rows))
         result = connection.exec_driver_sql(self._insert_sql[kind], self._tuples(kind, rows))  # type: ignore[arg-type]
         return max(result.rowcount, 0)
-
-    def _insert_by_copy(self, connection: Connection, kind: str, rows: List[Dict[str, Any]]) -> int:
-        create, copy_sql, move, empty = self._staging_sql[kind]
-        # The psycopg connection under SQLAlchemy's, in the same transaction: COPY has no SQLAlchemy API.
-        raw = connection.connection.driver_connection
-        if self._partitions is not None and kind == "inference":
-            rows = _first_of_each_key(kind, rows)  # NOT EXISTS cannot see a row of the same statement
-        with raw.cursor() as cursor:  # type: ignore[union-attr]
-            cursor.execute(create)
-            with cursor.copy(copy_sql) as copy:
-                for row in self._tuples(kind, rows):
-                    copy.write_row(row)
-            cursor.execute(move)
-            inserted = cursor.rowcount
-            cursor.execute(empty)
-        return max(inserted, 0)
 
     def _tuples(self, kind: str, rows: List[Dict[str, Any]]) -> List[Tuple[Any, ...]]:
         columns = _COLUMNS[kind]
@@ -422,15 +384,6 @@ class RecordWriter:
                 for row in connection.exec_driver_sql(sql, (*group, *chunk)):
                     found[tuple(row[i] for i in positions)] = row
         return found
-
-
-def _first_of_each_key(kind: str, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """The rows whose natural key comes first in the batch; the others are compared by `_conflicts`."""
-    keys = NATURAL_KEYS[kind]
-    first: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
-    for row in rows:
-        first.setdefault(tuple(row[k] for k in keys), row)
-    return list(first.values()) if len(first) < len(rows) else rows
 
 
 def _json_normal(value: Any, is_text: bool) -> Any:

@@ -113,7 +113,10 @@ class PartitionKeeper:
     def ensure(self, timestamps: Iterable[float], now_unix: float) -> List[str]:
         """Partitions for these timestamps' days and for today .. today + ahead_days; the names created."""
         today = day_of(now_unix)
-        days = {day_of(ts) for ts in timestamps}
+        stamps = list(timestamps)
+        # A batch mostly falls within one day: then its first and last day say it, with no call per row.
+        low, high = (day_of(min(stamps)), day_of(max(stamps))) if stamps else (today, today)
+        days = {low} if low == high else {day_of(ts) for ts in stamps}
         wanted = {d for d in days if today - BACK_DAYS <= d <= today + AHEAD_DAYS}
         wanted |= set(range(today, today + self.ahead_days + 1))
         missing = sorted(wanted - self._days)
