@@ -2,7 +2,7 @@
 
 Revision ID: 0009
 Revises: 0008
-Create Date: 2026-12-04
+Create Date: 2026-12-03
 
 The fault-detection hierarchy (sensor → gateway → cloud) decides some samples at a gateway (0007's exit stage
 `gateway`). Until now a row held the gateway's max-softmax in `p_ext` (the extension block's column) and the
