@@ -11,6 +11,7 @@ Keys are idempotent: an inference is identified by (run_id, device_id, seq), a r
 
 from __future__ import annotations
 
+import functools
 import math
 import typing
 from dataclasses import dataclass, fields
@@ -269,8 +270,7 @@ def validate_record(record: Any) -> Dict[str, Any]:
         if not _finite(value):
             raise ProtocolError(f"{kind} record field {name!r} holds a non-finite or out-of-range number")
     try:
-        check_run_id(record["run_id"])
-        check_device_id(record["device_id"])
+        _check_ids(record["run_id"], record["device_id"])
     except InvalidId as exc:
         raise ProtocolError(f"{kind} record: {exc}") from None
     if kind == "inference" and record["exit_stage"] not in EXIT_STAGES:
@@ -280,6 +280,14 @@ def validate_record(record: Any) -> Dict[str, Any]:
     if kind == "drift":
         _check_drift(record)
     return record
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_ids(run_id: str, device_id: str) -> None:
+    """Both ids by `protocol.ids`; a pair once found valid is not checked again (a batch's records share
+    them, and the checks were a third of the collector's validation). Invalid pairs raise, so never cached."""
+    check_run_id(run_id)
+    check_device_id(device_id)
 
 
 def _check_drift(record: Dict[str, Any]) -> None:
