@@ -6,8 +6,8 @@ network thread (the model's run and the replies' encoding): while it lasts that 
 another batch, so that is what bounds capacity. `busy` is that time over the wall time of all streams
 (busy_s / (wall_s x streams)); a batch still running when the figures are read counts up to that instant,
 so one long batch does not read as idle and then as more than 100 %. `service_ms` is an exponential
-average of a batch's time over its size; `capacity_per_s` is the streams times an average of a batch's
-size over its time: the samples per second the worker computes at the batch sizes it has recently run
+average of a batch's time over its size; `capacity_per_s` is the streams times the average batch size over
+the average batch time: the samples per second the worker computes at the batch sizes it has recently run
 (larger batches compute more per second), not at its best size. Concurrent streams share the cores, so
 their batch times already carry what they cost each other.
 """
@@ -33,7 +33,11 @@ class LoadMeter:
         self._busy_s = 0.0  # finished batches
         self._running: Dict[int, float] = {}  # stream -> when its batch began
         self._service_s = 0.0  # EWMA of batch time / batch size
-        self._capacity_per_s = 0.0  # EWMA of batch size / batch time
+        # Capacity is the ratio of the EWMAs of batch size and batch time, not an EWMA of their ratio: one
+        # batch that happened to run in 2 ms moved an average of rates by a tenth of its 1,000/s, and a worker
+        # of 20/s published 107/s and took offloads it could not answer in time (tests/test_cloud_load.py).
+        self._batch_n = 0.0  # EWMA of batch size
+        self._batch_s = 0.0  # EWMA of batch time
         self._window_start = (self._started, 0.0)  # (instant, busy seconds then): for `busy_since_last`
 
     def seed(self, seconds: float, samples: int) -> None:
@@ -60,13 +64,17 @@ class LoadMeter:
 
     def _note(self, seconds: float, samples: int) -> None:
         seconds = max(seconds, 1e-9)
-        per_sample, rate = seconds / samples, samples / seconds
-        if self._capacity_per_s == 0.0:
-            self._service_s, self._capacity_per_s = per_sample, rate
+        per_sample = seconds / samples
+        if self._batch_s == 0.0:
+            self._service_s, self._batch_n, self._batch_s = per_sample, float(samples), seconds
         else:
             w = EWMA_WEIGHT
             self._service_s = (1 - w) * self._service_s + w * per_sample
-            self._capacity_per_s = (1 - w) * self._capacity_per_s + w * rate
+            self._batch_n = (1 - w) * self._batch_n + w * samples
+            self._batch_s = (1 - w) * self._batch_s + w * seconds
+
+    def _capacity(self) -> float:
+        return self.streams * self._batch_n / self._batch_s if self._batch_s > 0 else 0.0
 
     def _busy_at(self, now: float) -> float:
         return self._busy_s + sum(max(0.0, now - began) for began in self._running.values())
@@ -89,7 +97,7 @@ class LoadMeter:
     def capacity_per_s(self) -> float:
         """The measured capacity alone (samples/s, all streams): each arriving offload is judged by it."""
         with self._lock:
-            return self.streams * self._capacity_per_s
+            return self._capacity()
 
     def figures(self) -> Dict[str, float]:
         """service_ms and capacity_per_s (the averages), busy_s and wall_s (totals since start), busy
@@ -97,7 +105,7 @@ class LoadMeter:
         with self._lock:
             now = self._clock()
             busy, wall = self._busy_at(now), now - self._started
-            service_ms, capacity = 1000.0 * self._service_s, self.streams * self._capacity_per_s
+            service_ms, capacity = 1000.0 * self._service_s, self._capacity()
         return {
             "service_ms": service_ms,
             "capacity_per_s": capacity,

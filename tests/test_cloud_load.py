@@ -83,6 +83,20 @@ def test_averages_start_from_the_seed_and_follow_recent_batches() -> None:
     assert figures["capacity_per_s"] == pytest.approx(1000.0, rel=0.01)
 
 
+def test_one_quick_batch_does_not_make_a_slow_worker_look_capable() -> None:
+    """Capacity is average size over average time. As an average of each batch's rate, one batch of 2 in
+    2 ms among batches of 2 in 100 ms read as 84/s for a worker of 21/s; a worker took offloads at such a
+    rate (107/s published at 49 ms a sample) and let them expire in its queue (fleet simulation)."""
+    clock = Clock()
+    meter = LoadMeter(clock=clock)
+    meter.seed(0.1, 2)
+    for i in range(10):
+        meter.begin()
+        clock.now += 0.002 if i == 5 else 0.1
+        meter.end(samples=2)
+    assert meter.figures()["capacity_per_s"] == pytest.approx(21.4, rel=0.01)
+
+
 # -- over the broker ---------------------------------------------------------------------------------------
 class LoadWatcher:
     """A device account subscribed to every worker's load; keeps each message it gets."""

@@ -151,8 +151,12 @@ def test_a_flooding_device_does_not_make_another_fall_back(
             timeout_s=120,
         )
         stats = worker.stats
-        # Each answer the worker counted reaches the flooder (the last few may still be on their way).
-        wait_until(lambda: sum(f.done() for f in flooded) == stats["answered"] - 20, "the flood's answers")
+        refused = stats["refused_busy"] + stats["refused_over_share"] + stats["refused_queue_full"]
+        # Each answer and each refusal the worker counted reaches the flooder (the last few may still be on
+        # their way).
+        wait_until(
+            lambda: sum(f.done() for f in flooded) == stats["answered"] - 20 + refused, "the flood's answers"
+        )
     assert stats["expired"] == 0, stats
 
 
