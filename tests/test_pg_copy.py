@@ -1,5 +1,5 @@
-"""PostgreSQL's bulk path (results_db/pg_copy.py): binary COPY refuses what text COPY refused, and the
-partition probe is skipped only for rows above the newest stored seq of their run."""
+"""PostgreSQL's bulk path (results_db/pg_copy.py): binary COPY refuses what text COPY refused, the partition
+probe is skipped only for rows above the newest stored seq of their run; a row's key into its run (0010)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from results_db import RecordWriter, open_database
 from results_db.partitions import DAY_S
@@ -49,4 +49,22 @@ def test_rows_at_or_below_the_newest_stored_seq_are_still_probed(pg_url_factory:
     with engine.connect() as connection:
         seqs = connection.execute(text("SELECT seq FROM inferences WHERE run_id = 'r-old' ORDER BY seq"))
         assert [s for (s,) in seqs] == list(range(15))
+    engine.dispose()
+
+
+def test_a_row_must_name_its_runs_device(pg_url_factory: Callable[[], str]) -> None:
+    """0010: one key (run_id, device_id) into `runs` instead of one into `runs` and one into `devices`."""
+    engine = open_database(pg_url_factory())
+    RecordWriter(engine).write([run_record("r-a", "dev-a"), run_record("r-b", "dev-b")])
+    insert = text(
+        "INSERT INTO inferences (run_id, device_id, seq, prediction, exit_stage, edge_ms, bytes_up, "
+        "bytes_down, energy_source, ts_unix) VALUES ('r-a', :device, 0, 1, 'main', 1.0, 0, 0, 'x', :ts)"
+    )
+    refused = pytest.raises(IntegrityError, match="fk_inferences_run_id_device_id_runs")
+    with refused, engine.begin() as connection:  # dev-b exists, but r-a is dev-a's run
+        connection.execute(insert, {"device": "dev-b", "ts": time.time()})
+    with engine.begin() as connection:
+        connection.execute(insert, {"device": "dev-a", "ts": time.time()})
+        connection.execute(text("DELETE FROM runs WHERE run_id = 'r-a'"))  # ON DELETE CASCADE stays
+        assert connection.execute(text("SELECT COUNT(*) FROM inferences")).scalar() == 0
     engine.dispose()
