@@ -240,11 +240,18 @@ _EXACT_TYPES: Dict[str, List[Tuple[str, Tuple[type, ...]]]] = {
     for kind, spec in RECORD_FIELDS.items()
 }
 _MISSING = object()
+# kind -> the fields a record may leave out, read as None: those whose default is None. An agent of an older
+# release sends none of the fields added since (model_version, the gateway's columns); a collector upgraded
+# first must still store its rows, not refuse them.
+_MAY_BE_ABSENT: Dict[str, frozenset] = {
+    kind: frozenset(f.name for f in fields(cls) if f.default is None) for kind, cls in RECORD_TYPES.items()
+}
 
 
 def validate_record(record: Any) -> Dict[str, Any]:
     """Return `record` if it is a well-formed result record, else raise `ProtocolError`.
 
+    A field whose default is None may be absent (an older agent's record): it is set to None here.
     Beyond the declared types: ids follow `protocol.ids`, numbers are finite (NaN and infinity would turn
     the run summary into NaN or Infinity, or silently into NULL on SQLite), integers fit 64 bits (SQL)."""
     if not isinstance(record, dict):
@@ -264,6 +271,9 @@ def validate_record(record: Any) -> Dict[str, Any]:
             if cls is int and -_INT64 <= value < _INT64:
                 continue
         if value is _MISSING:
+            if name in _MAY_BE_ABSENT[kind]:
+                record[name] = None
+                continue
             raise ProtocolError(f"{kind} record lacks {name!r}")
         if isinstance(value, bool) or not isinstance(value, spec[name]):
             raise ProtocolError(f"{kind} record field {name!r} has type {type(value).__name__}")

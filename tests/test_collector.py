@@ -437,3 +437,28 @@ def test_collector_killed_mid_stream_loses_nothing(
         wait_for(lambda: count_rows(db) == 4002, what="the record sent after the stream")
         stats = c.stats
     assert stats["inserted"] == 4000 - at_kill + 1 and stats["rejected"] == 0
+
+
+def test_an_older_agents_records_without_the_newer_fields_are_stored(
+    broker, topics, device_id, device, tmp_path
+) -> None:
+    """A collector upgraded before its fleet: records without the fields added since (model_version, the
+    gateway's columns) land with NULLs there; one without a field every release sends is still refused."""
+    newer = ("model_version", "p_gateway", "gateway_ms", "gateway_j")
+    records = full_run("run-old", device_id, 20)
+    for record in records:
+        if record["type"] == "inference":
+            for name in newer:
+                record.pop(name, None)
+    broken = dict(next(r for r in records if r["type"] == "inference"), seq=None)
+    del broken["seq"]
+    db = f"sqlite:///{tmp_path / 'old.db'}"
+    with Collector(config(broker, topics, db, f"c-{uuid.uuid4().hex[:8]}", flush_ms=50)) as c:
+        publish(device, topics.results(device_id), encode_records(records))
+        publish(device, topics.results(device_id), encode_records([broken]))
+        wait_for(lambda: c.stats["inserted"] + c.stats["run_records"] == len(records), what="all records")
+        wait_for(lambda: c.stats["rejected"] == 1, what="the record without seq refused")
+    assert count_rows(db) == 20
+    assert query(
+        db, "SELECT COUNT(*) FROM inferences WHERE model_version IS NULL AND gateway_ms IS NULL"
+    ) == [(20,)]
