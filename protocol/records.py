@@ -244,7 +244,8 @@ _MISSING = object()
 # release sends none of the fields added since (model_version, the gateway's columns); a collector upgraded
 # first must still store its rows, not refuse them.
 _MAY_BE_ABSENT: Dict[str, frozenset] = {
-    kind: frozenset(f.name for f in fields(cls) if f.default is None) for kind, cls in RECORD_TYPES.items()
+    kind: frozenset(f.name for f in fields(typing.cast(Any, cls)) if f.default is None)
+    for kind, cls in RECORD_TYPES.items()
 }
 
 
