@@ -38,6 +38,7 @@ from sqlalchemy import create_engine, text
 
 from bench.load_devices import LoadDriver, SimDevice
 from bench.load_trace import DEFAULT_TRACE, load_trace
+from bench.proc_cpu import cpu_s
 from bench.services import ServiceGroup
 from broker.launcher import BrokerProcess, find_free_port
 from protocol.mqtt import BrokerAddress
@@ -53,11 +54,6 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rows(db_url: str) -> Dict[str, int]:
@@ -143,7 +139,7 @@ def run_point(
     setup = cells if args.cells else one_broker
     with setup(workdir, names, db_url, args) as site:
         rss_before = sum(map(_rss_kib, site.broker_pids))
-        cpu_before = sum(map(_cpu_s, site.broker_pids))
+        cpu_before = sum(map(cpu_s, site.broker_pids))
         driver = LoadDriver(
             trace, images, Topics(), rate_hz=args.rate_hz, deadline_s=args.deadline_s, flush_s=args.flush_s
         )
@@ -162,7 +158,7 @@ def run_point(
             acked = driver.finish()
             end_mono = time.monotonic()
             held_at_end, disconnects = driver.stats.connected, driver.stats.disconnects  # before close()
-            broker_cpu = (sum(map(_cpu_s, site.broker_pids)) - cpu_before) / (end_mono - start_mono)
+            broker_cpu = (sum(map(cpu_s, site.broker_pids)) - cpu_before) / (end_mono - start_mono)
             stats = driver.stats
             found = _wait_rows(db_url, stats.records_published, args.drain_timeout_s)
         finally:

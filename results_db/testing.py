@@ -88,6 +88,11 @@ class PrivatePostgres:
         )
         return self
 
+    @property
+    def pid(self) -> int:
+        """The postmaster's process id (its backends are its children), while it runs."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
