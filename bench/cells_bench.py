@@ -4,6 +4,7 @@ HAProxy (`edgecascade cells`), with one cell SIGKILLed mid-run and restarted.
     python -m bench.cells_bench                                  # 3 cells, 12 agents x 600 samples at 20/s
     python -m bench.cells_bench --agents 6 --samples 400 --kill-after 3 --down-s 8
     python -m bench.cells_bench --cells 3 --workers-per-cell 2 --json results/cells.json
+    python -m bench.cells_bench --agents 6 --samples 200 --postgres    # the cells' collectors into PostgreSQL
 
 Prints the fleet's row accounting (every dataset item of every device: lost, duplicates), the exit stages per
 cell (the killed cell's devices fall back at the edge while it is down, the others' do not), and each
@@ -18,17 +19,17 @@ import contextlib
 import functools
 import json
 import logging
-import sqlite3
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from rich.console import Console
 from rich.table import Table
 
-from bench.fleet_sim import FleetResult, run_fleet, summary_table
+from bench.fleet_sim import FleetResult, add_db_options, results_db_url, run_fleet, summary_table
+from bench.results_sql import query
 from bench.services import ServiceGroup
 from broker.launcher import find_free_port
 from cells.haproxy import routes_in_log
@@ -66,7 +67,7 @@ class CellFront:
 @contextlib.contextmanager
 def cells_site(
     workdir: Path,
-    db: Path,
+    db: Union[Path, str],
     models: Path,
     workers: int,
     *,
@@ -131,13 +132,15 @@ def _stability(plan: CellsPlan, devices: List[str], out: CellsResult) -> None:
     out.most_connections = max((len(routes.get(d, [])) for d in devices), default=0)
 
 
-def _per_cell(plan: CellsPlan, db: Path, fleet_id: str, killed: Optional[int], out: CellsResult) -> None:
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT device_id, exit_stage, COUNT(*) FROM inferences WHERE run_id LIKE ? "
-            "GROUP BY device_id, exit_stage",
-            (f"{fleet_id}-%",),
-        ).fetchall()
+def _per_cell(
+    plan: CellsPlan, db: Union[Path, str], fleet_id: str, killed: Optional[int], out: CellsResult
+) -> None:
+    rows = query(
+        db,
+        "SELECT device_id, exit_stage, COUNT(*) FROM inferences WHERE run_id LIKE ? "
+        "GROUP BY device_id, exit_stage",
+        (f"{fleet_id}-%",),
+    )
     routes = routes_in_log(plan.haproxy_cfg.with_name("haproxy.log"))
     for cell in plan.cells:
         stages: Dict[str, int] = {}
@@ -201,6 +204,7 @@ def run_cells(args: argparse.Namespace, console: Console) -> CellsResult:
     stacks: List[CellStack] = []
     site = functools.partial(cells_site, cells=args.cells, target=args.kill_cell, stacks=stacks)
     chaos = functools.partial(_kill_mid_run, args) if args.kill else None
+    db_url = results_db_url(args)
     fleet = run_fleet(
         agents=args.agents,
         workers=args.cells * args.workers_per_cell,
@@ -212,13 +216,15 @@ def run_cells(args: argparse.Namespace, console: Console) -> CellsResult:
         console=console,
         site=site,
         during=chaos,
+        db_url=db_url,
     )
     out = CellsResult(args.cells, fleet)
     plan = stacks[0].plan
     devices = [f"sim-{i:03d}" for i in range(args.agents)]
     _stability(plan, devices, out)
     fleet_id = plan.directory.parent.name  # the fleet's work directory, results/fleet/<fleet id>/cells
-    _per_cell(plan, args.results / "fleet.db", fleet_id, args.kill_cell if args.kill else None, out)
+    db = db_url or args.results / "fleet.db"
+    _per_cell(plan, db, fleet_id, args.kill_cell if args.kill else None, out)
     if args.kill:
         out.killed_mid_run = _killed_mid_run(plan, devices, args.kill_cell)
     return out
@@ -273,6 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--models", type=Path, default=Path("models/fashion-mnist"))
     parser.add_argument("--results", type=Path, default=Path("results/cells"))
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
+    add_db_options(parser)
     args = parser.parse_args(argv)
     if not 0 <= args.kill_cell < args.cells:
         parser.error(f"--kill-cell must be in 0..{args.cells - 1}")

@@ -8,11 +8,11 @@ one), so the share while every agent was running is the mean of the loads publis
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+from bench.results_sql import query
 from protocol.codec import ProtocolError
 from protocol.load import decode_load
 from protocol.mqtt import BrokerAddress, new_client
@@ -56,14 +56,14 @@ class LoadWatch:
         self.client.loop_stop()
 
 
-def all_running(db: Path, run_ids: List[str]) -> Optional[Tuple[float, float]]:
+def all_running(db: Union[Path, str], run_ids: List[str]) -> Optional[Tuple[float, float]]:
     """The window in which every run had started and none had ended (by its rows' ts_unix), or None."""
     marks = ",".join("?" * len(run_ids))
-    with sqlite3.connect(db) as conn:
-        spans = conn.execute(
-            f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
-            run_ids,
-        ).fetchall()
+    spans = query(
+        db,
+        f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
+        run_ids,
+    )
     if len(spans) < len(run_ids):
         return None
     start, end = max(s for s, _ in spans), min(e for _, e in spans)

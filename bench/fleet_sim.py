@@ -7,13 +7,16 @@ restarted.
     python -m bench.fleet_sim --agents 20 --compare-workers     # throughput with 1 worker, then 2
 
 Every agent is the real `edgecascade agent` CLI; every result goes through the collector into the results
-database (`results/fleet.db`), where every device's dataset items are accounted for (`bench.accounting`):
-an item without its row is lost, one with two is a duplicate.
+database (`results/fleet.db`; `--postgres`: a private PostgreSQL server; `--db URL`), where every device's
+dataset items are accounted for (`bench.accounting`): an item without its row is lost, one with two is a
+duplicate.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import sys
@@ -21,13 +24,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Counter, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Counter, Dict, List, Optional, Sequence, Tuple, Union
 
 from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
 from bench.fleet_loads import LoadWatch, all_running
+from bench.results_sql import query
 from bench.run import wait_for_rows
 from bench.services import ServiceGroup, cloud_site
 from broker.launcher import BrokerProcess
@@ -83,16 +87,14 @@ class FleetResult:
         return self.cloud_answers / self.seconds if self.seconds else 0.0
 
 
-def _latencies(db: Path, fleet_id: str) -> List[Dict[str, Any]]:
+def _latencies(db: Union[Path, str], fleet_id: str) -> List[Dict[str, Any]]:
     """Offload round trip (network + cloud) p50/p99 per device, nearest rank, from the database."""
-    import sqlite3
-
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT device_id, network_ms + cloud_ms FROM inferences "
-            "WHERE run_id LIKE ? AND exit_stage = 'cloud' ORDER BY device_id",
-            (f"{fleet_id}-%",),
-        ).fetchall()
+    rows = query(
+        db,
+        "SELECT device_id, network_ms + cloud_ms FROM inferences "
+        "WHERE run_id LIKE ? AND exit_stage = 'cloud' ORDER BY device_id",
+        (f"{fleet_id}-%",),
+    )
     by_device: Dict[str, List[float]] = {}
     for device, ms in rows:
         by_device.setdefault(device, []).append(ms)
@@ -121,6 +123,7 @@ def run_fleet(
     rate: Optional[float] = None,
     cloud_cpus: Optional[float] = None,
     device_nice: int = DEVICE_NICE,
+    db_url: Optional[str] = None,
     console: Console,
     site: Callable[..., ContextManager[Tuple[Any, ServiceGroup]]] = cloud_site,
     broker_down_s: float = 1.0,
@@ -131,11 +134,11 @@ def run_fleet(
     told otherwise (`bench.cells_bench`: cells behind HAProxy, its `broker` the front that kills one cell).
     `extra_agent_args(device)`: more flags for that device's agent; `during(broker, devices, result)`: a
     scenario on a thread of its own while the agents stream (`bench.rollout_bench`: a model rollout), joined
-    before the rows are accounted for."""
+    before the rows are accounted for. `db_url`: the results database (default `results`/fleet.db)."""
     fleet_id = time.strftime("fleet%Y%m%d-%H%M%S") + f"-a{agents}w{workers}"
     result = FleetResult(agents, workers, samples)
     results.mkdir(parents=True, exist_ok=True)
-    db = results / "fleet.db"
+    db: Union[Path, str] = db_url or results / "fleet.db"
     devices = [f"sim-{i:03d}" for i in range(agents)]
     workdir = results / "fleet" / fleet_id
     if cloud_cpus:
@@ -258,16 +261,14 @@ def _chaos(
 
 
 def _account(
-    db: Path, fleet_id: str, devices: List[str], expected: Counter[Identity], result: FleetResult
+    db: Union[Path, str], fleet_id: str, devices: List[str], expected: Counter[Identity], result: FleetResult
 ) -> None:
     """Account for each device's dataset items (`bench.accounting`) and count the exit stages."""
-    import sqlite3
-
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute(
-            "SELECT run_id, label, p_main, exit_stage, prediction FROM inferences WHERE run_id LIKE ?",
-            (f"{fleet_id}-%",),
-        ).fetchall()
+    rows = query(
+        db,
+        "SELECT run_id, label, p_main, exit_stage, prediction FROM inferences WHERE run_id LIKE ?",
+        (f"{fleet_id}-%",),
+    )
     by_run: Dict[str, List[Tuple[int, Optional[float]]]] = {f"{fleet_id}-{d}": [] for d in devices}
     for run_id, label, p_main, *_ in rows:
         by_run.setdefault(run_id, []).append((label, p_main))
@@ -281,6 +282,31 @@ def _account(
     result.shed = sum(1 for row in rows if row[3] == "shed")
     result.cloud_answers = sum(1 for row in rows if row[3] == "cloud")
     result.accuracy = sum(row[1] == row[4] for row in rows) / len(rows) if rows else 0.0
+
+
+def add_db_options(parser: argparse.ArgumentParser) -> None:
+    """--db URL | --postgres: where the collector writes the results (default: SQLite, fleet.db)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--db", metavar="URL", help="results database URL (postgresql+psycopg://...)")
+    where.add_argument(
+        "--postgres", action="store_true", help="the results in a private PostgreSQL server, stopped after"
+    )
+
+
+def results_db_url(args: argparse.Namespace) -> Optional[str]:
+    """The database URL of `add_db_options`, migrated before any collector starts (a cell each: they would
+    race), or None (fleet.db in --results); a private server stops when this process exits."""
+    from results_db import open_database
+    from results_db.testing import private_postgres_url
+
+    url = args.db
+    if args.postgres:
+        server = contextlib.ExitStack()
+        atexit.register(server.close)
+        url = server.enter_context(private_postgres_url())
+    if url is not None:
+        open_database(url).dispose()
+    return url
 
 
 def summary_table(results: List[FleetResult]) -> Table:
@@ -371,10 +397,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--compare-workers", action="store_true", help="run with 1 worker, then with --workers"
     )
     parser.add_argument("--json", type=Path, help="write the figures as JSON here")
+    add_db_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     console = Console(stderr=True)
     worker_counts = [1, args.workers] if args.compare_workers else [args.workers]
+    db_url = results_db_url(args)
     results = [
         run_fleet(
             agents=args.agents,
@@ -390,6 +418,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cloud_cpus=args.cloud_cpus,
             device_nice=args.device_nice,
             console=console,
+            db_url=db_url,
         )
         for w in worker_counts
     ]

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar, Union
 
 import numpy as np
 from rich.console import Console
@@ -315,7 +315,9 @@ def publish_records(
         client.loop_stop()
 
 
-def wait_for_rows(db: Path, expected: Dict[str, int], console: Console, timeout_s: float = 120) -> None:
+def wait_for_rows(
+    db: Union[Path, str], expected: Dict[str, int], console: Console, timeout_s: float = 120
+) -> None:
     """The collector commits asynchronously: wait until every finished run (id -> samples) has its rows."""
     from sqlalchemy import text
 

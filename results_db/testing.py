@@ -99,6 +99,16 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+@contextmanager
+def private_postgres_url() -> Iterator[str]:
+    """A `PrivatePostgres` for a benchmark's results (`--postgres`): its URL, the server stopped after."""
+    server = PrivatePostgres().start()
+    try:
+        yield server.url.render_as_string(hide_password=False)
+    finally:
+        server.stop()
+
+
 def _pg_bindir() -> Path:
     found = shutil.which("pg_config")
     if found:
