@@ -2,8 +2,10 @@
 
 A fleet's agents start one after another (50 processes loading onnxruntime on 2 cores take tens of seconds)
 and end one after another, so a worker's busy share over the whole run mixes in the ramps where only a few
-agents offload. The workers publish their load every interval (`protocol.load`: `busy` since the last
-one), so the share while every agent was running is the mean of the loads published in that window.
+agents offload, and the agents' process start and close, before their first sample and after their last,
+which on 2 cores take longer than the samples. The workers publish their load every interval
+(`protocol.load`: `busy` since the last one), so the share while every agent was running, or while any was
+streaming, is the mean of the loads published in that window.
 """
 
 from __future__ import annotations
@@ -58,13 +60,32 @@ class LoadWatch:
 
 def all_running(db: Union[Path, str], run_ids: List[str]) -> Optional[Tuple[float, float]]:
     """The window in which every run had started and none had ended (by its rows' ts_unix), or None."""
-    marks = ",".join("?" * len(run_ids))
-    spans = query(
-        db,
-        f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
-        run_ids,
-    )
+    spans = _spans(db, run_ids)
     if len(spans) < len(run_ids):
         return None
     start, end = max(s for s, _ in spans), min(e for _, e in spans)
     return (start, end) if end > start else None
+
+
+def streaming(db: Union[Path, str], run_ids: List[str]) -> Optional[Tuple[float, float]]:
+    """From the fleet's first sample to its last (by the rows' ts_unix): the run without the agents' process
+    start and close, which on 2 cores take longer than the samples; None without rows."""
+    spans = _spans(db, run_ids)
+    if not spans:
+        return None
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    return (start, end) if end > start else None
+
+
+def late_starters(db: Union[Path, str], run_ids: List[str], after: float) -> int:
+    """How many runs took their first sample after `after` (unix s): agents not ready at a common start."""
+    return sum(first > after for first, _ in _spans(db, run_ids))
+
+
+def _spans(db: Union[Path, str], run_ids: List[str]) -> List[Tuple[float, float]]:
+    marks = ",".join("?" * len(run_ids))
+    return query(
+        db,
+        f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
+        run_ids,
+    )

@@ -4,6 +4,7 @@ restarted.
 
     python -m bench.fleet_sim --agents 50 --workers 2 --samples 100
     python -m bench.fleet_sim --agents 50 --workers 2 --kill-worker-at 15 --kill-broker-at 25
+    python -m bench.fleet_sim --agents 50 --workers 2 --samples 1000 --cloud-cpus 0.05 --start-after 40
     python -m bench.fleet_sim --agents 20 --compare-workers     # throughput with 1 worker, then 2
 
 Every agent is the real `edgecascade agent` CLI; every result goes through the collector into the results
@@ -30,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
-from bench.fleet_loads import LoadWatch, all_running
+from bench.fleet_loads import LoadWatch, all_running, late_starters, streaming
 from bench.results_sql import query
 from bench.run import wait_for_rows
 from bench.services import ServiceGroup, cloud_site
@@ -61,9 +62,13 @@ class FleetResult:
     accuracy: float = 0.0
     edge_only_accuracy: float = 0.0  # the same samples, the edge cascade answering all
     workers_busy: List[float] = field(default_factory=list)  # each worker's compute time / the run
+    streaming_s: float = 0.0  # from the fleet's first sample to its last
+    workers_busy_streaming: List[float] = field(default_factory=list)  # ... each worker's busy share then
     all_running_s: float = 0.0  # how long every agent was running at once
     workers_busy_all_running: List[float] = field(default_factory=list)  # ... each worker's busy share then
     agent_failures: int = 0
+    resent: int = 0  # offloads sent a second time (unanswered at half the deadline, no live worker vouched)
+    resends_spared: int = 0  # ... held back: a live worker had it (device_agent.offloads)
     events: List[str] = field(default_factory=list)
     per_device: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -124,6 +129,7 @@ def run_fleet(
     cloud_cpus: Optional[float] = None,
     device_nice: int = DEVICE_NICE,
     db_url: Optional[str] = None,
+    start_after_s: Optional[float] = None,
     console: Console,
     site: Callable[..., ContextManager[Tuple[Any, ServiceGroup]]] = cloud_site,
     broker_down_s: float = 1.0,
@@ -150,6 +156,9 @@ def run_fleet(
             f"[bold]{fleet_id}[/]: {agents} agents x {samples} samples ({policy}), {workers} worker(s)"
         )
         started = time.monotonic()
+        start_at = None if start_after_s is None else time.time() + start_after_s
+        if start_at is not None:
+            result.events.append(f"all start {start_after_s:g} s after launch")
         nice = ["nice", "-n", str(device_nice)] if device_nice else []
         for device in devices:
             agent_args = [
@@ -165,6 +174,7 @@ def run_fleet(
                 "--close-timeout", "180",
                 "--no-progress",
                 *(["--rate", str(rate)] if rate else []),
+                *(["--start-at", f"{start_at:.3f}"] if start_at is not None else []),
                 *extra_agent_args(device),
             ]  # fmt: skip
             services.start(device, agent_args, wait_ready=False, prefix=nice)
@@ -198,12 +208,24 @@ def run_fleet(
         wait_for_rows(db, {f"{fleet_id}-{d}": samples for d in devices}, console)
         _account(db, fleet_id, devices, expected, result)
         window = all_running(db, [f"{fleet_id}-{d}" for d in devices])
+        span = streaming(db, [f"{fleet_id}-{d}" for d in devices])
         watch.close()
+        if span is not None:
+            result.streaming_s = span[1] - span[0]
+            if start_at is not None:
+                late = late_starters(db, [f"{fleet_id}-{d}" for d in devices], start_at + 1.0)
+                if late:
+                    result.events.append(f"{late} agent(s) not ready to start together: raise --start-after")
+            result.workers_busy_streaming = list(watch.busy_between(*span).values())
         if window is not None:
             result.all_running_s = window[1] - window[0]
             result.workers_busy_all_running = list(watch.busy_between(*window).values())
         services.stop("collector")
     result.workers_busy = [_busy(workdir / "logs" / f"cloud-{w}.log", result.seconds) for w in range(workers)]
+    for device in devices:
+        stats = _offload_stats(workdir / "logs" / f"{device}.log")
+        result.resent += stats.get("resent", 0)
+        result.resends_spared += stats.get("resends_spared", 0)
     result.edge_only_accuracy = _edge_only_accuracy(models, samples)
     result.per_device = _latencies(db, fleet_id)
     return result
@@ -216,6 +238,14 @@ def _busy(log: Path, run_s: float) -> float:
         if line.startswith("{") and '"busy_s"' in line:
             busy = float(json.loads(line)["busy_s"])
     return busy / run_s if run_s else 0.0
+
+
+def _offload_stats(log: Path) -> Dict[str, int]:
+    """An agent's offload counters, from the JSON summary it prints last ({} if it printed none)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{") and '"offload_stats"' in line:
+            return dict(json.loads(line)["offload_stats"])
+    return {}
 
 
 def _edge_only_accuracy(models: Path, samples: int) -> float:
@@ -321,8 +351,10 @@ def summary_table(results: List[FleetResult]) -> Table:
         "fallbacks (deadline)",
         "of offloads",
         "shed",
+        "re-sent (spared)",
         "accuracy (edge-only)",
-        "workers busy",
+        "workers busy (processes up)",
+        "... while streaming",
         "... while all ran",
         "agent exits != 0",
         "samples/s",
@@ -345,8 +377,10 @@ def summary_table(results: List[FleetResult]) -> Table:
             str(r.fallbacks),
             f"{r.deadline_waits:.1%}",
             str(r.shed),
+            f"{r.resent} ({r.resends_spared})",
             f"{r.accuracy:.2%} ({r.edge_only_accuracy:.2%})",
             " ".join(f"{b:.0%}" for b in r.workers_busy),
+            " ".join(f"{b:.0%}" for b in r.workers_busy_streaming) + f" ({r.streaming_s:.0f} s)",
             " ".join(f"{b:.0%}" for b in r.workers_busy_all_running) + f" ({r.all_running_s:.0f} s)",
             str(r.agent_failures),
             f"{r.throughput:,.0f}",
@@ -380,6 +414,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         default=DEVICE_NICE,
         help="the agents' niceness: they yield the shared CPU to the cloud side (default %(default)s; "
         "0: everything competes as equals)",
+    )
+    parser.add_argument(
+        "--start-after",
+        type=float,
+        metavar="S",
+        help="every agent takes its first sample S seconds after the launch, together (50 agents load in "
+        "~20 s on 2 cores; default: each as soon as it has started)",
     )
     parser.add_argument(
         "--policy", default="meanet", help="agents' policy (cloud-only overloads 2 cores: all fallbacks)"
@@ -417,6 +458,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rate=args.rate,
             cloud_cpus=args.cloud_cpus,
             device_nice=args.device_nice,
+            start_after_s=args.start_after,
             console=console,
             db_url=db_url,
         )

@@ -155,6 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "flat out; a live camera paces itself)",
     )
     parser.add_argument(
+        "--start-at",
+        type=float,
+        metavar="UNIX_S",
+        help="connected and loaded, wait until this wall-clock time (unix seconds) before the first sample: "
+        "a fleet test whose devices start together (bench/fleet_sim.py)",
+    )
+    parser.add_argument(
         "--connect-timeout",
         type=float,
         help="at the start, wait this long (s) for the broker before running from the outbox (default: 10)",
@@ -339,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             agent.start()
+            if args.start_at is not None:
+                stop.wait(max(0.0, args.start_at - time.time()))  # SIGTERM meanwhile: ends at once
         except (ValueError, OSError, BrokerUnusable, OutboxInUse) as exc:  # no model or card, bad params, TLS
             print(f"edgecascade agent: {exc}", file=sys.stderr)
             return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,12 @@ def test_a_dataset_run_prints_its_summary(
     password.write_text(creds.password + "\n")
     worker = CloudWorker(WorkerConfig(broker.credentials("cloud"), topics, tiny_models / "cloud.onnx", "cli"))
     worker.start()
+    start_at = time.time() + 1.0  # connected and loaded, it waits for this before its first sample
     try:
         code = main(
             [
                 "agent",
+                "--start-at", str(start_at),
                 "--broker", f"{creds.host}:{creds.port}",
                 "--device-id", "cli-cam",
                 "--password-file", str(password),
@@ -121,6 +124,7 @@ def test_a_dataset_run_prints_its_summary(
         worker.stop()
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
+    assert time.time() - summary["seconds"] >= start_at  # the samples all came after the start time
     assert summary["samples"] == 40 and summary["labelled"] == 40 and summary["failed"] == 0
     assert summary["policy_report"]["params"] == {"theta": 0.5, "edge": "main"}
     # Capacity-aware by default: the worker's published load may shed some (its slow start), each counted.
