@@ -100,7 +100,9 @@ def sensor_role(rolename: str, device_id: str) -> Dict[str, Any]:
 
 # What a site's bridge carries (cells/sites.py): device -> cloud and cloud -> device, for every device of the
 # site; the topic kinds under <root>/<device>/ and the cloud-wide topics under <root>/ a device reads (the
-# workers' load; model rollouts' manifests and chunks, which no test has sent across a bridge yet).
+# workers' load; model rollouts' manifests and chunks, which no test has sent across a bridge yet). No
+# `gateway`: the fault sensors' windows stay on the site, whose gateway answers them (its own offloads to the
+# cloud are a device's `offload`; tests/test_fault_sites.py checks that none reach the cell).
 BRIDGE_UP = ("offload", "frames", "results", "status")
 BRIDGE_DOWN = ("reply", "receipts")
 BRIDGE_DOWN_SHARED = ("@cloud/+/load", "@models/+/manifest", "@model-files/#")

@@ -6,6 +6,9 @@ to their site broker only.
                                    accounts) with `include_dir OUT/<site>/bridge.d`
     OUT/<site>/bridge.d/cell.conf  the bridge (0600: it holds the bridge's password)
     OUT/<site>/devices/<id>.pw     each device's password on its site broker
+    OUT/<site>/gateway/<user>.pw   the site gateway's two accounts there (the fault hierarchy's gateway,
+                                   `edgecascade fault gateway`): `gateway`, the service that answers the
+                                   sensors' windows, and `gw-<site>`, the device it asks the cloud as
 
 The bridge is Mosquitto's own: MQTT 5 (ResponseTopic, CorrelationData and message expiry travel with every
 offload and reply), QoS 1 each way, `cleansession false` on both ends, so that while the uplink is cut the
@@ -16,6 +19,11 @@ account that exists on that cell only, with a role that may carry the project's 
 (`broker.dynsec.bridge_role`). Meanwhile the devices answer at the edge: an offload's reply does not come
 within its deadline, so the edge's answer stands, labelled `fallback`; results wait in the site broker and
 in each device's outbox until the collector's receipt comes back over the bridge.
+
+The fault hierarchy's gateway sits on its site broker: the sensors' `<root>/<sensor>/gateway` windows and the
+`gateway` shared group stay on the site (the bridge carries no `gateway` topic), the gateway's own offloads
+(as device `gw-<site>`, on its `offload` topic) cross the bridge like any site device's and its replies
+come back down; like the site's devices, `gw-<site>` has an account on the site broker only.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import List, Optional, Sequence, Tuple
 from broker import dynsec
 from broker.launcher import BrokerProcess
 from cells.plan import CellsPlan, PlanError
-from protocol.ids import bridge_account, check_device_id, check_name
+from protocol.ids import bridge_account, check_device_id, check_name, check_username
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
 
@@ -38,6 +46,8 @@ VERSION = 1
 # A cut uplink is noticed within 1.5 keep-alives; the bridge then retries every 1 s, backing off to 10 s.
 KEEPALIVE_S = 10
 RESTART_TIMEOUT = "1 10"
+# The site gateway's service account on its site broker (role `gateway`: the sensors' gateway windows).
+GATEWAY_USER = "gateway"
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,11 @@ class Site:
     def bridge_account(self) -> str:
         return bridge_account(self.name)
 
+    @property
+    def forward_device(self) -> str:
+        """The device account the site's gateway asks the cloud as: `gw-<site>`."""
+        return check_device_id(f"gw-{self.name}")
+
     def broker(self) -> BrokerProcess:
         """The site's broker (not started), from its work directory."""
         extra = f"include_dir {self.bridge_dir}"
@@ -76,6 +91,15 @@ class Site:
         """How a device of this site logs in: its site broker, its own account there."""
         password = self.password_file(device_id).read_text().strip()
         return BrokerAddress(self.host, self.port, device_id, password)
+
+    def gateway_password_file(self, username: str) -> Path:
+        return self.directory / "gateway" / f"{check_username(username)}.pw"
+
+    def gateway_address(self, username: str = GATEWAY_USER) -> BrokerAddress:
+        """How the site's gateway logs in to its site broker: `gateway` (answering the sensors) or
+        `forward_device` (asking the cloud, over the bridge)."""
+        password = self.gateway_password_file(username).read_text().strip()
+        return BrokerAddress(self.host, self.port, username, password)
 
 
 def bridge_config(site: Site, remote: Tuple[str, int], password: str, topics: Topics) -> str:
@@ -178,9 +202,10 @@ def write_sites(
     remote: Optional[Tuple[str, int]] = None,
     cell_brokers: Optional[List[BrokerProcess]] = None,
 ) -> SitesPlan:
-    """Plan `sites` (site i's broker on host:port+i) bridged to `cells` (through its HAProxy unless `remote`
-    says otherwise). Each bridge account is created on its cell: on `cell_brokers` if they run, else in the
-    cells' account files (then start the cells after this)."""
+    """Plan `sites` (site i's broker on host:port+i, with `devices_per_site` device accounts and its gateway's
+    two) bridged to `cells` (through its HAProxy unless `remote` says otherwise). Each bridge account is
+    created on its cell: on `cell_brokers` if they run, else in the cells' account files (then start the
+    cells after this)."""
     directory = Path(directory)
     if (directory / MANIFEST).exists():
         raise PlanError(f"{directory / MANIFEST} exists: plan into another directory (or delete this one)")
@@ -213,11 +238,15 @@ def write_sites(
         )
         broker = site.broker()  # writes its mosquitto.conf and credentials.json
         devices = site_devices(site.name, devices_per_site)
-        broker.add_users(devices)
+        gateway = [GATEWAY_USER, site.forward_device]
+        broker.add_users([*devices, *gateway])
         broker.write_accounts()
         (site.directory / "devices").mkdir(exist_ok=True)
         for device in devices:
             dynsec.write_private(site.password_file(device), broker.credentials(device).password + "\n")
+        (site.directory / "gateway").mkdir(exist_ok=True)
+        for user in gateway:
+            dynsec.write_private(site.gateway_password_file(user), broker.credentials(user).password + "\n")
     manifest = {
         "version": VERSION,
         "cells": str(cells.directory.resolve()),

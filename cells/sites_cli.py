@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cells.plan import CellsPlan, PlanError
-    from cells.sites import SitesPlan, write_sites
+    from cells.sites import GATEWAY_USER, SitesPlan, write_sites
     from protocol.ids import InvalidId
 
     try:
@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
                 print(
                     f"  {site.name}: Mosquitto on {site.host}:{site.port}, {len(site.devices())} device(s), "
                     f"bridged as {site.bridge_account} (lands in cell-{site.cell})"
+                )
+                print(
+                    f"    its fault gateway: edgecascade fault gateway --broker {site.host}:{site.port} "
+                    f"--user {GATEWAY_USER} --password-file {site.gateway_password_file(GATEWAY_USER)} "
+                    f"--forward-device {site.forward_device} "
+                    f"--forward-password-file {site.gateway_password_file(site.forward_device)}"
+                    + (f" --namespace {plan.namespace}" if plan.namespace else "")
                 )
             print(
                 f"start them (after `edgecascade cells up {args.cells_dir}`): edgecascade sites up {args.out}"

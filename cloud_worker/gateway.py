@@ -15,6 +15,10 @@ the gateway's round trip to the cloud (`forward_ms`). A window the gateway answe
 (`TierDecision.prediction`: the two-threshold rule's "fault" is the likeliest fault class even where
 "healthy" is likelier).
 
+On a bridged site (`cells.sites`) both log in to the site broker (`Site.gateway_address`): the sensors'
+windows never leave the site, and the forwarded ones cross its bridge to the cell's cloud workers as that
+device's offloads, their replies coming back over it (tests/test_fault_sites.py).
+
 A forwarded batch waits for the cloud in the compute thread: with a few percent forwarded and round trips of
 milliseconds this costs the gateway little; a gateway that forwards much would run `streams` > 1.
 """

@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 from agents import quick_agent_config
+from bridged import bridged_site
 from waiting import wait_for
 
 from bench.accounting import compare, identities
@@ -21,13 +22,11 @@ from cells.haproxy import routes_in_log
 from cells.plan import PlanError, write_plan
 from cells.sites import Site, SitesPlan, write_sites
 from cells.stack import CellStack
-from cloud_worker import CloudWorker, WorkerConfig
 from device_agent import DeviceAgent
 from device_agent.sources import load_idx_dataset
 from edgecascade.cli import main
 from protocol.ids import InvalidId, check_device_id
 from protocol.mqtt import BrokerAddress, new_client
-from results_db import Collector, CollectorConfig
 
 pytestmark = pytest.mark.integration
 SAMPLES = 150
@@ -50,32 +49,10 @@ def bridged(tmp_path: Path, tiny_models: Path) -> Iterator[Dict[str, Any]]:
     """One cell (a worker, a collector) behind HAProxy, a relay before it, a site bridged through that."""
     cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(), namespace="sites")
     db = tmp_path / "results.db"
-    with CellStack(cells, services=False) as stack, EmulatedLink(
-        "lan", {"mqtt": (cells.host, cells.port)}, mode="proxy-only"
-    ) as link:
-        broker = stack.brokers[0]
-        collector = Collector(CollectorConfig(broker.credentials("collector"), cells.topics, db, flush_ms=20))
-        collector.start()
-        worker = CloudWorker(
-            WorkerConfig(broker.credentials("cloud"), cells.topics, tiny_models / "cloud.onnx", "w")
-        )
-        worker.start()
-        sites = write_sites(
-            tmp_path / "sites",
-            cells,
-            sites=["site-t"],
-            devices_per_site=2,
-            port=find_free_port(),
-            remote=link.address("mqtt"),
-            cell_brokers=stack.brokers,
-        )
-        site_broker = sites.sites[0].broker().start()
-        try:
-            yield {"cells": cells, "sites": sites, "link": link, "db": db, "stack": stack}
-        finally:
-            site_broker.stop()
-            worker.stop()
-            collector.stop()
+    with EmulatedLink("lan", {"mqtt": (cells.host, cells.port)}, mode="proxy-only") as link, bridged_site(
+        cells, tmp_path / "sites", tiny_models / "cloud.onnx", db, remote=link.address("mqtt")
+    ) as up:
+        yield {"cells": cells, "sites": up.sites, "link": link, "db": db, "stack": up.stack}
 
 
 def _rows(db: Path, device: str) -> List[Tuple[int, float, str]]:
