@@ -8,7 +8,10 @@ listening sockets it inherits (file descriptors FD: a socket stays in the networ
 so the parent makes them in the root namespace) and connects each accepted connection to HOST:PORT from the
 namespace this process runs in (the link's, under `ip netns exec`). Each chunk is released at
 max(previous release, arrival + delay ± uniform jitter): jitter varies the delay, never the order of a
-stream's bytes.
+stream's bytes. A new connection is accepted here at once, so its handshake is what the proxy adds too: the
+first bytes towards the cloud count as arriving one round trip (a delay each way) after the accept, as a
+client's first segment leaves only after the SYN went up and the SYN-ACK came down. A client that opens a
+connection per request pays that round trip each time, as over a real link.
 
 Control is on stdin, one word a line, answered on stdout with the same word: `down` closes every connection
 and refuses new ones (the outage of the proxy-only mode), `up` ends that; `traffic` is answered with the word
@@ -128,8 +131,10 @@ class DelayLine:
         rng: random.Random,
         max_queued: int,
         counted: Optional[Callable[[int], None]] = None,
+        ready_at: float = 0.0,
     ) -> None:
         self._counted = counted
+        self._ready_at = ready_at  # loop time before which nothing read counts as arrived (the handshake)
         self._reader = reader
         self._writer = writer
         self._delay = delay
@@ -149,7 +154,7 @@ class DelayLine:
             async with self._changed:
                 await self._changed.wait_for(lambda: self._queued < self._max_queued)
             data = await self._reader.read(CHUNK_BYTES)
-            now = loop.time()
+            now = max(loop.time(), self._ready_at)
             # Never before the previous chunk: a later, less delayed chunk waits for it (no reordering).
             last_release = max(last_release, now + self._delay.sample(self._rng))
             async with self._changed:
@@ -267,6 +272,7 @@ class Proxy:
         if self.is_down:
             writer.transport.abort()
             return
+        accepted_at = asyncio.get_running_loop().time()
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -280,9 +286,17 @@ class Proxy:
             upstream = up_writer
             _limit_unsent(writer)
             _limit_unsent(up_writer)
+            handshake_s = s.up.sample(self.rng) + s.down.sample(self.rng)  # SYN up, SYN-ACK down
+            ready_at = accepted_at + handshake_s
             await run_all(
                 DelayLine(
-                    reader, up_writer, s.up, self.rng, s.up_queue_bytes, lambda n: self.traffic.add(0, n)
+                    reader,
+                    up_writer,
+                    s.up,
+                    self.rng,
+                    s.up_queue_bytes,
+                    lambda n: self.traffic.add(0, n),
+                    ready_at=ready_at,
                 ).run(),
                 DelayLine(
                     up_reader, writer, s.down, self.rng, s.down_queue_bytes, lambda n: self.traffic.add(1, n)
