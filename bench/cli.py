@@ -72,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HZ",
         help="pace of the latency runs, a camera's frame rate (default 30; 0: no paced runs)",
     )
-    parser.add_argument("--paced-samples", type=int, default=300, help="samples per paced run (default 300)")
+    parser.add_argument(
+        "--paced-samples",
+        type=int,
+        help="samples per paced run (default 300; --task links 1,000: the first 300 test items are easier, "
+        "18 %% offloaded against 21.7 %% over all, and a blocking peer's pace depends on that share)",
+    )
     parser.add_argument(
         "--link", help="classify over this emulated link (a name in bench/profiles/links or a .toml)"
     )
@@ -112,11 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task != "links":
+        args.paced_samples = args.paced_samples or 300
     if args.task == "links":
         from bench import link_bench
 
         args.models = args.models or Path("models/fashion-mnist")
         args.samples = args.samples or (300 if args.quick else 1000)
+        args.paced_samples = args.paced_samples or (300 if args.quick else 1000)
         args.results = args.results / "links"
         return link_bench.run(args)
     if args.task == "video":
