@@ -316,9 +316,16 @@ def publish_records(
 
 
 def wait_for_rows(
-    db: Union[Path, str], expected: Dict[str, int], console: Console, timeout_s: float = 120
+    db: Union[Path, str],
+    expected: Dict[str, int],
+    console: Console,
+    timeout_s: float = 120,
+    table: str = "inferences",
 ) -> None:
-    """The collector commits asynchronously: wait until every finished run (id -> samples) has its rows."""
+    """The collector commits asynchronously: wait until every finished run (id -> samples) has its rows in
+    `table` (`inferences`, or `frames` for video runs)."""
+    if table not in ("inferences", "frames"):
+        raise ValueError(f"no rows per run in table {table!r}")
     from sqlalchemy import text
 
     from results_db import open_database
@@ -328,7 +335,7 @@ def wait_for_rows(
     counts: Dict[str, int] = {}
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            counts = dict(conn.execute(text("SELECT run_id, COUNT(*) FROM inferences GROUP BY run_id")).all())
+            counts = dict(conn.execute(text(f"SELECT run_id, COUNT(*) FROM {table} GROUP BY run_id")).all())
         if all(counts.get(r, 0) >= n for r, n in expected.items()):
             break
         time.sleep(0.5)

@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from rich.console import Console
+
+from bench.run import wait_for_rows
 from bench.services import cloud_site
 from bench.video_targets import print_tables, targets
 
@@ -161,7 +164,7 @@ def run_video_bench(
             else:
                 summary = agent.run(clip_iter)
             agent.close()
-            _wait_rows(db, run_id, clips * frames)
+            wait_for_rows(db, {run_id: clips * frames}, Console(stderr=True), timeout_s=60, table="frames")
             accuracy = evaluate_run(
                 engine,
                 run_id,
@@ -202,14 +205,6 @@ def _run_with_kill(
     summary = agent.run(clips)
     killer.join(60)
     return summary
-
-
-def _wait_rows(db: Path, run_id: str, expected: int, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if _query(db, "SELECT COUNT(*) FROM frames WHERE run_id = ?", (run_id,))[0][0] >= expected:
-            return
-        time.sleep(0.2)
 
 
 def _query(db: Path, sql: str, params: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
@@ -274,8 +269,6 @@ def run_and_report(
     frames: Optional[int],
     json_path: Optional[Path],
 ) -> int:
-    from rich.console import Console
-
     logging.basicConfig(level=logging.WARNING)
     err = Console(stderr=True)
     result = run_video_bench(
