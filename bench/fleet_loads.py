@@ -58,34 +58,36 @@ class LoadWatch:
         self.client.loop_stop()
 
 
-def all_running(db: Union[Path, str], run_ids: List[str]) -> Optional[Tuple[float, float]]:
-    """The window in which every run had started and none had ended (by its rows' ts_unix), or None."""
-    spans = _spans(db, run_ids)
-    if len(spans) < len(run_ids):
-        return None
-    start, end = max(s for s, _ in spans), min(e for _, e in spans)
-    return (start, end) if end > start else None
+Span = Tuple[float, float]  # a run's first and last sample (its rows' ts_unix)
 
 
-def streaming(db: Union[Path, str], run_ids: List[str]) -> Optional[Tuple[float, float]]:
-    """From the fleet's first sample to its last (by the rows' ts_unix): the run without the agents' process
-    start and close, which on 2 cores take longer than the samples; None without rows."""
-    spans = _spans(db, run_ids)
-    if not spans:
-        return None
-    start, end = min(s for s, _ in spans), max(e for _, e in spans)
-    return (start, end) if end > start else None
-
-
-def late_starters(db: Union[Path, str], run_ids: List[str], after: float) -> int:
-    """How many runs took their first sample after `after` (unix s): agents not ready at a common start."""
-    return sum(first > after for first, _ in _spans(db, run_ids))
-
-
-def _spans(db: Union[Path, str], run_ids: List[str]) -> List[Tuple[float, float]]:
+def run_spans(db: Union[Path, str], run_ids: List[str]) -> List[Span]:
+    """Each run's span, for the runs that have rows (one query for the windows below)."""
     marks = ",".join("?" * len(run_ids))
     return query(
         db,
         f"SELECT MIN(ts_unix), MAX(ts_unix) FROM inferences WHERE run_id IN ({marks}) GROUP BY run_id",
         run_ids,
     )
+
+
+def all_running(spans: List[Span], runs: int) -> Optional[Span]:
+    """The window in which every one of `runs` runs had started and none had ended, or None."""
+    if len(spans) < runs:
+        return None
+    start, end = max(s for s, _ in spans), min(e for _, e in spans)
+    return (start, end) if end > start else None
+
+
+def streaming(spans: List[Span]) -> Optional[Span]:
+    """From the fleet's first sample to its last: the run without the agents' process start and close, which
+    on 2 cores take longer than the samples; None without rows."""
+    if not spans:
+        return None
+    start, end = min(s for s, _ in spans), max(e for _, e in spans)
+    return (start, end) if end > start else None
+
+
+def late_starters(spans: List[Span], after: float) -> int:
+    """How many runs took their first sample after `after` (unix s): agents not ready at a common start."""
+    return sum(first > after for first, _ in spans)

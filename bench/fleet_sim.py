@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.accounting import Identity, compare, identities
-from bench.fleet_loads import LoadWatch, all_running, late_starters, streaming
+from bench.fleet_loads import LoadWatch, all_running, late_starters, run_spans, streaming
 from bench.results_sql import query
 from bench.run import wait_for_rows
 from bench.services import ServiceGroup, cloud_site
@@ -207,13 +207,13 @@ def run_fleet(
         expected = identities(models, samples, with_confidence=policy != "cloud-only")
         wait_for_rows(db, {f"{fleet_id}-{d}": samples for d in devices}, console)
         _account(db, fleet_id, devices, expected, result)
-        window = all_running(db, [f"{fleet_id}-{d}" for d in devices])
-        span = streaming(db, [f"{fleet_id}-{d}" for d in devices])
+        spans = run_spans(db, [f"{fleet_id}-{d}" for d in devices])
+        window, span = all_running(spans, len(devices)), streaming(spans)
         watch.close()
         if span is not None:
             result.streaming_s = span[1] - span[0]
             if start_at is not None:
-                late = late_starters(db, [f"{fleet_id}-{d}" for d in devices], start_at + 1.0)
+                late = late_starters(spans, start_at + 1.0)
                 if late:
                     result.events.append(f"{late} agent(s) not ready to start together: raise --start-after")
             result.workers_busy_streaming = list(watch.busy_between(*span).values())

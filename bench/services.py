@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from broker.launcher import terminate
 from protocol.mqtt import BrokerAddress
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,7 @@ class ServiceGroup:
         proc = self.procs.pop(name, None)
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        terminate(proc, timeout_s)
         return proc.returncode
 
     def close(self) -> None:

@@ -54,8 +54,29 @@ class Cell:
         return self.directory / "broker"
 
 
+class DeviceAccounts:
+    """Devices' accounts of a plan written to `directory`: one `<device>.pw` each under `devices/`; a device
+    logs in at the plan's `host`:`port` (HAProxy for the cells, the site broker for a site)."""
+
+    directory: Path
+    host: str
+    port: int
+
+    def password_file(self, device_id: str) -> Path:
+        return self.directory / "devices" / f"{check_device_id(device_id)}.pw"
+
+    def devices(self) -> List[str]:
+        folder = self.directory / "devices"
+        return sorted(p.stem for p in folder.glob("*.pw")) if folder.is_dir() else []
+
+    def device_address(self, device_id: str) -> BrokerAddress:
+        """How `device_id` logs in: this plan's address, its own account."""
+        password = self.password_file(device_id).read_text().strip()
+        return BrokerAddress(self.host, self.port, device_id, password)
+
+
 @dataclass(frozen=True)
-class CellsPlan:
+class CellsPlan(DeviceAccounts):
     """A written plan, as `cells.json` describes it."""
 
     directory: Path
@@ -82,18 +103,6 @@ class CellsPlan:
         """The cell's broker (not started): its config, accounts and ports from its work directory."""
         cell = self.cells[index]
         return BrokerProcess(cell.broker_dir, host=cell.host, port=cell.port)
-
-    def password_file(self, device_id: str) -> Path:
-        return self.directory / "devices" / f"{check_device_id(device_id)}.pw"
-
-    def devices(self) -> List[str]:
-        folder = self.directory / "devices"
-        return sorted(p.stem for p in folder.glob("*.pw")) if folder.is_dir() else []
-
-    def device_address(self, device_id: str) -> BrokerAddress:
-        """How `device_id` logs in: HAProxy's address, its own account (on its cell)."""
-        password = self.password_file(device_id).read_text().strip()
-        return BrokerAddress(self.host, self.port, device_id, password)
 
     def add_devices(self, devices: Iterable[str], brokers: Optional[List[BrokerProcess]] = None) -> None:
         """Create each device's account on its cell (on the running `brokers` if given) and its .pw file."""

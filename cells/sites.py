@@ -36,7 +36,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from broker import dynsec
 from broker.launcher import BrokerProcess
-from cells.plan import CellsPlan, PlanError
+from cells.plan import CellsPlan, DeviceAccounts, PlanError
 from protocol.ids import bridge_account, check_device_id, check_name, check_username
 from protocol.mqtt import BrokerAddress
 from protocol.topics import Topics
@@ -51,7 +51,7 @@ GATEWAY_USER = "gateway"
 
 
 @dataclass(frozen=True)
-class Site:
+class Site(DeviceAccounts):
     name: str
     host: str
     port: int
@@ -79,18 +79,6 @@ class Site:
         """The site's broker (not started), from its work directory."""
         extra = f"include_dir {self.bridge_dir}"
         return BrokerProcess(self.broker_dir, host=self.host, port=self.port, extra_config=extra)
-
-    def password_file(self, device_id: str) -> Path:
-        return self.directory / "devices" / f"{check_device_id(device_id)}.pw"
-
-    def devices(self) -> List[str]:
-        folder = self.directory / "devices"
-        return sorted(p.stem for p in folder.glob("*.pw")) if folder.is_dir() else []
-
-    def device_address(self, device_id: str) -> BrokerAddress:
-        """How a device of this site logs in: its site broker, its own account there."""
-        password = self.password_file(device_id).read_text().strip()
-        return BrokerAddress(self.host, self.port, device_id, password)
 
     def gateway_password_file(self, username: str) -> Path:
         return self.directory / "gateway" / f"{check_username(username)}.pw"

@@ -6,12 +6,11 @@ tiny models), cloud workers and collectors in this process, one SQLite file for 
 from __future__ import annotations
 
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from agents import quick_agent_config
+from agents import HeldStreams, quick_agent_config
 from waiting import wait_for
 
 from bench.accounting import compare, identities
@@ -76,16 +75,7 @@ def test_a_killed_cell_loses_nothing_its_devices_answer_at_the_edge_the_other_ce
     plan = stack.plan
     killed, spared = _devices_of(plan, 0, 2), _devices_of(plan, 1, 2)
     images, labels = load_idx_dataset("fashion-mnist", "test", SAMPLES)
-    done: Dict[str, int] = {}
-    back = threading.Event()
-
-    def source(device: str) -> Iterator[Tuple[Any, int]]:
-        for i in range(SAMPLES):
-            if i == HOLD_AT:
-                back.wait(60)
-            done[device] = i
-            yield images[i], int(labels[i])
-
+    streams = HeldStreams(images, labels, HOLD_AT)
     agents = {
         device: DeviceAgent(
             quick_agent_config(
@@ -104,14 +94,8 @@ def test_a_killed_cell_loses_nothing_its_devices_answer_at_the_edge_the_other_ce
         ).start()
         for device in killed + spared
     }
-    summaries: Dict[str, Any] = {}
-    runners = [
-        threading.Thread(target=lambda d=d: summaries.setdefault(d, agents[d].run_dataset(source(d))))
-        for d in agents
-    ]
-    for runner in runners:
-        runner.start()
-    wait_for(lambda: all(done.get(d, 0) >= KILL_AFTER for d in agents), 60, f"{KILL_AFTER} samples each")
+    streams.start(agents)
+    wait_for(lambda: streams.reached(KILL_AFTER), 60, f"{KILL_AFTER} samples each")
     stack.kill_cell(0)
     # its devices answer at the edge: offloads wait out their deadline and fall back, labelled
     wait_for(
@@ -119,9 +103,7 @@ def test_a_killed_cell_loses_nothing_its_devices_answer_at_the_edge_the_other_ce
     )
     held = {d: agents[d].outbox.counts()["record"] for d in killed}
     stack.start_cell(0)
-    back.set()
-    for runner in runners:
-        runner.join(120)
+    streams.release_and_join()
     finals = {d: agents[d].close() for d in agents}
 
     expected = identities(tiny_models, SAMPLES)
@@ -131,7 +113,7 @@ def test_a_killed_cell_loses_nothing_its_devices_answer_at_the_edge_the_other_ce
     for device in agents:
         rows = _rows(cells["db"], device)
         assert compare(expected, [(label, p) for label, p, _ in rows]) == (0, 0), device  # 0 lost, 0 twice
-        assert summaries[device].samples == SAMPLES and summaries[device].failed == 0
+        assert streams.summaries[device].samples == SAMPLES and streams.summaries[device].failed == 0
         assert finals[device].outbox_left == {"record": 0, "offload": 0}
     for device in killed:
         stages = [stage for *_, stage in _rows(cells["db"], device)]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
-from agents import quick_agent_config
+from agents import HeldStreams, quick_agent_config
 from bridged import bridged_site
 from waiting import wait_for
 
@@ -96,16 +96,7 @@ def test_a_cut_bridge_loses_nothing_and_the_site_answers_at_the_edge_meanwhile(
     bridge_connected = lambda: any(s == "--" for _, s in routes_in_log(log).get(site.bridge_account, []))  # noqa: E731
     wait_for(bridge_connected, 30, "the bridge's first connection")
     images, labels = load_idx_dataset("fashion-mnist", "test", SAMPLES)
-    done: Dict[str, int] = {}
-    back = threading.Event()
-
-    def source(device: str) -> Iterator[Tuple[Any, int]]:
-        for i in range(SAMPLES):
-            if i == HOLD_AT:
-                back.wait(60)
-            done[device] = i
-            yield images[i], int(labels[i])
-
+    streams = HeldStreams(images, labels, HOLD_AT)
     agents = {
         device: DeviceAgent(
             quick_agent_config(
@@ -122,21 +113,13 @@ def test_a_cut_bridge_loses_nothing_and_the_site_answers_at_the_edge_meanwhile(
         ).start()
         for device in site.devices()
     }
-    summaries: Dict[str, Any] = {}
-    runners = [
-        threading.Thread(target=lambda d=d: summaries.setdefault(d, agents[d].run_dataset(source(d))))
-        for d in agents
-    ]
-    for runner in runners:
-        runner.start()
-    wait_for(lambda: all(done.get(d, 0) >= CUT_AFTER for d in agents), 60, f"{CUT_AFTER} samples each")
+    streams.start(agents)
+    wait_for(lambda: streams.reached(CUT_AFTER), 60, f"{CUT_AFTER} samples each")
     link.down()
     wait_for(lambda: all(a.offloads.stats["fallbacks"] >= 2 for a in agents.values()), 60, "edge answers")
     assert all(a.link.stats["disconnects"] == 0 for a in agents.values())  # the devices' own broker is up
     link.up()
-    back.set()
-    for runner in runners:
-        runner.join(120)
+    streams.release_and_join()
     finals = {d: agents[d].close() for d in agents}
     expected = identities(tiny_models, SAMPLES)
     for device in agents:
@@ -146,7 +129,7 @@ def test_a_cut_bridge_loses_nothing_and_the_site_answers_at_the_edge_meanwhile(
         stages = [stage for *_, stage in rows]
         assert set(stages) <= {"cloud", "fallback"} and stages.count("fallback") >= 2
         assert stages.count("cloud") > 0
-        assert summaries[device].samples == SAMPLES and finals[device].outbox_left == {
+        assert streams.summaries[device].samples == SAMPLES and finals[device].outbox_left == {
             "record": 0,
             "offload": 0,
         }
