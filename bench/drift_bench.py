@@ -1,7 +1,8 @@
 """How soon does the device's drift monitor flag a corruption, and does it ever flag clean data?
 
 The device's own monitor (`device_agent.drift.DriftMonitor`, default settings, the committed card's
-reference) is fed the main block's softmax (onnxruntime, as on the device) for:
+reference) is fed the main block's softmax (onnxruntime, as on the device), and each image where the
+reference watches the inputs, for:
 
 - clean: the 10,000 Fashion-MNIST test images in their order: every alarm is a false one (target: none);
 - each corruption of the suite (`training.corruptions`): `--prefix` clean test images, then the following
@@ -58,15 +59,25 @@ def main_probs(cascade: EdgeCascade, images: np.ndarray, batch: int = 1000) -> n
     )
 
 
-def alarms(reference: DriftReference, settings: DriftSettings, probs: np.ndarray) -> List[int]:
+def alarms(
+    reference: DriftReference, settings: DriftSettings, probs: np.ndarray, images: Optional[np.ndarray] = None
+) -> List[int]:
     """The positions in `probs` at which the monitor flagged drift."""
-    return [c.seq for c in checks(reference, settings, probs) if c.drift]
+    return [c.seq for c in checks(reference, settings, probs, images) if c.drift]
 
 
-def checks(reference: DriftReference, settings: DriftSettings, probs: np.ndarray) -> List[DriftCheck]:
-    """Every test the monitor makes on `probs` (sample i has seq i)."""
+def checks(
+    reference: DriftReference, settings: DriftSettings, probs: np.ndarray, images: Optional[np.ndarray] = None
+) -> List[DriftCheck]:
+    """Every test the monitor makes on `probs` (sample i has seq i), with each sample's image in `images`
+    where the reference watches the inputs."""
     monitor = DriftMonitor(reference, settings)
-    return [c for i, row in enumerate(probs) if (c := monitor.observe(row, i)) is not None]
+    found = []
+    for i, row in enumerate(probs):
+        check = monitor.observe(row, i, None if images is None else images[i])
+        if check is not None:
+            found.append(check)
+    return found
 
 
 def flag_corruption(
@@ -75,13 +86,19 @@ def flag_corruption(
     clean: np.ndarray,
     corrupted: np.ndarray,
     onsets: Sequence[int],
+    clean_images: Optional[np.ndarray] = None,
+    corrupted_images: Optional[np.ndarray] = None,
 ) -> Flagged:
-    """`clean` and `corrupted` are the main block's softmax of the same test images, clean and corrupted."""
+    """`clean` and `corrupted` are the main block's softmax of the same test images, clean and corrupted
+    (and the images themselves, for a reference that watches the inputs)."""
     flags: List[Optional[int]] = []
     before = 0
     for onset in onsets:
         stream = np.concatenate([clean[:onset], corrupted[onset:]])
-        found = alarms(reference, settings, stream)
+        images = None
+        if clean_images is not None and corrupted_images is not None:
+            images = np.concatenate([clean_images[:onset], corrupted_images[onset:]])
+        found = alarms(reference, settings, stream, images)
         before += sum(i < onset for i in found)
         after = [i for i in found if i >= onset]
         flags.append(after[0] - onset + 1 if after else None)
@@ -96,8 +113,9 @@ def run(models: Path, prefix: int, after: int, phases: int, kinds: Optional[List
     settings = DriftSettings()
     images, labels = load_idx_dataset("fashion-mnist", "test")
     started = time.monotonic()
+    inputs = DriftMonitor(reference, settings).watches_inputs
     clean = main_probs(cascade, images)
-    clean_checks = checks(reference, settings, clean)
+    clean_checks = checks(reference, settings, clean, images if inputs else None)
     clean_alarms = [c.seq for c in clean_checks if c.drift]
     step = max(1, settings.stride // phases)
     onsets = [prefix + i * step for i in range(phases)]
@@ -105,9 +123,18 @@ def run(models: Path, prefix: int, after: int, phases: int, kinds: Optional[List
     rows = []
     for corruption in suite(kinds):
         corrupted = np.zeros_like(clean)
-        part = corrupt(images[prefix:end], corruption, indices=range(prefix, end))
-        corrupted[prefix:end] = main_probs(cascade, part)
-        flagged = flag_corruption(reference, settings, clean[:end], corrupted[:end], onsets)
+        corrupted_images = images.copy()
+        corrupted_images[prefix:end] = corrupt(images[prefix:end], corruption, indices=range(prefix, end))
+        corrupted[prefix:end] = main_probs(cascade, corrupted_images[prefix:end])
+        flagged = flag_corruption(
+            reference,
+            settings,
+            clean[:end],
+            corrupted[:end],
+            onsets,
+            images[:end] if inputs else None,
+            corrupted_images[:end] if inputs else None,
+        )
         flagged.corruption = corruption.describe
         flagged.accuracy = float(np.mean(corrupted[prefix:end].argmax(1) == labels[prefix:end]))
         rows.append(flagged)

@@ -9,8 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 from device_agent.card import ModelCard, ModelCardError
-from device_agent.drift import DriftMonitor, DriftProfileError, DriftReference, DriftSettings
+from device_agent.drift import (
+    DriftMonitor,
+    DriftProfileError,
+    DriftReference,
+    DriftSettings,
+    feature_names,
+)
 from device_agent.keys import entry_key
 from device_agent.policies import EdgeView, Policy
 from device_agent.sink import Finished, RecordSink
@@ -56,9 +64,12 @@ class DriftWatch:
         if reference is None:
             logger.info("drift not watched: the card in %s has no drift reference", card.path)
             return None
-        if len(reference.features) != card.num_classes + 1:
+        if reference.features not in (
+            feature_names(card.num_classes),
+            feature_names(card.num_classes, inputs=True),
+        ):
             raise ModelCardError(
-                f"{card.path}: a drift reference of {len(reference.features)} features "
+                f"{card.path}: a drift reference of features {reference.features} "
                 f"for {card.num_classes} classes"
             )
         if policy.edge == "none":
@@ -68,10 +79,10 @@ class DriftWatch:
             DriftMonitor(reference, settings), run_id=run_id, device_id=device_id, sink=sink, link=link
         )
 
-    def observe(self, view: EdgeView, seq: int) -> None:
+    def observe(self, view: EdgeView, seq: int, image: np.ndarray) -> None:
         if view.main_probs is None:
             return
-        check = self.monitor.observe(view.main_probs, seq)
+        check = self.monitor.observe(view.main_probs, seq, image)
         if check is None:
             return
         record = DriftRecord(

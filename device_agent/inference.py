@@ -187,7 +187,7 @@ class InferenceLoop:
             sample.view, sample.decision, sample.blocks = view, decision, blocks
             sample.edge_ms = (time.perf_counter() - started) * 1000.0
             if agent.drift is not None:  # after edge_ms: a drift test is the device's cost, not the sample's
-                agent.drift.observe(view, seq)
+                agent.drift.observe(view, seq, image)
             offload = decision.action is Action.OFFLOAD
             if offload and agent.capacity is not None:
                 # Asked before the request is encoded: a shed sample costs no bytes at all.

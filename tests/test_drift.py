@@ -24,12 +24,14 @@ from broker.launcher import BrokerProcess
 from device_agent import DeviceAgent
 from device_agent.card import load_card
 from device_agent.drift import (
+    INPUT_FEATURES,
     DriftMonitor,
     DriftProfileError,
     DriftReference,
     DriftSettings,
     feature_names,
     features,
+    input_features,
     kolmogorov_sf,
     ks_pvalue,
     ks_statistic,
@@ -123,6 +125,53 @@ def test_the_monitor_tests_each_stride_once_full_and_flags_a_shift_only() -> Non
     assert monitor.report()["first_alarm_seq"] == first.seq
 
 
+def test_input_features_by_hand() -> None:
+    image = np.zeros((1, 1, 28, 28), dtype=np.uint8)
+    image[0, 0, 4:24, 12:16] = 200  # an upright bar in the middle: 80 of 784 pixels lit
+    mean, contrast, edges, dark, offcentre, tilt = input_features(image)[0]
+    assert mean == pytest.approx(80 * 200 / 255 / 784) and dark == pytest.approx(1 - 80 / 784)
+    assert contrast > 0 and edges > 0 and offcentre == pytest.approx(0.0, abs=1e-9)
+    assert tilt == pytest.approx(0.0, abs=1e-9)  # symmetric about both axes
+    shifted = np.roll(image, 3, axis=3)
+    assert input_features(shifted)[0, 4] == pytest.approx(3 / 28)  # 3 px right of centre
+    lifted = (image.astype(np.int16) + 50).astype(np.uint8)  # a grey background
+    assert input_features(lifted)[0, 3] == 0.0 and input_features(lifted)[0, 0] > mean
+    diagonal = np.zeros_like(image)
+    for i in range(4, 24):
+        diagonal[0, 0, i, i - 1 : i + 2] = 200
+    assert abs(input_features(diagonal)[0, 5]) > 0.3  # a 45-degree bar: half its spread is shared
+    with pytest.raises(DriftProfileError):
+        input_features(image[0])  # one image without its batch axis
+
+
+def test_a_monitor_watching_the_inputs_flags_what_the_outputs_do_not_see() -> None:
+    # The same class outputs throughout: only the images change (a brightness lift the model shrugs off).
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.full(4, 0.5), size=5000).astype(np.float32)
+    images = rng.integers(0, 120, size=(5000, 1, 8, 8), dtype=np.uint8)
+    images[:, :, :, :3] = 0  # some black background, as the profile's images have
+    names = feature_names(4, inputs=True)
+    assert names[-len(INPUT_FEATURES) :] == INPUT_FEATURES
+    ref = DriftReference.of(features(probs, images), names)
+    monitor = DriftMonitor(ref, DriftSettings(window=100, stride=25))
+    assert monitor.watches_inputs
+    stream = rng.integers(0, 120, size=(600, 1, 8, 8), dtype=np.uint8)
+    stream[:, :, :, :3] = 0
+    stream[300:] += 40  # the onset
+    found = []
+    for i in range(600):
+        check = monitor.observe(probs[i], i, stream[i])
+        if check is not None:
+            found.append(check)
+    assert not any(c.drift for c in found if c.seq < 300)
+    first = next(c for c in found if c.drift)
+    assert 300 <= first.seq < 400 and first.feature.startswith("input_")
+    with pytest.raises(DriftProfileError, match="needs each image"):
+        monitor.observe(probs[0], 600)
+    outputs_only = DriftMonitor(DriftReference.of(features(probs), feature_names(4)))
+    assert not outputs_only.watches_inputs and outputs_only.observe(probs[0], 0) is None
+
+
 def test_settings_and_references_are_checked() -> None:
     for bad in (dict(window=5), dict(stride=0), dict(stride=400), dict(alpha=0.0), dict(horizon=10)):
         with pytest.raises(ValueError):
@@ -185,7 +234,8 @@ def test_status_round_trips_and_old_agents_words_still_decode() -> None:
 def test_the_committed_card_carries_a_reference_the_agent_can_use() -> None:
     card = load_card(Path(__file__).resolve().parent.parent / "models" / "fashion-mnist")
     ref = DriftReference.from_card(card.raw)
-    assert ref is not None and ref.features == feature_names(card.num_classes) and ref.samples == 5000
+    assert ref is not None and ref.features == feature_names(card.num_classes, inputs=True)
+    assert ref.samples == 5000
     assert "validation" in ref.source and "seed 0" in ref.source
     assert json.loads(card_text(card.raw)) == card.raw  # one line per quantile row, the same JSON
 

@@ -1,5 +1,5 @@
-"""The model card's drift reference: the main block's outputs on the validation split, as the device's drift
-monitor (`device_agent.drift`) compares its own window of samples with them.
+"""The model card's drift reference: the main block's outputs and the input statistics on the validation
+split, as the device's drift monitor (`device_agent.drift`) compares its own window of samples with them.
 
 Computed with onnxruntime on the exported blocks (what the device runs), on the validation split training
 carves from train (`training.datasets.load_dataset`, the card's seed): images no block trained on and the
@@ -31,8 +31,11 @@ LEVELS = 201  # quantiles per feature: CDF steps of 0.5 %, linear between them
 def reference_of(model_dir: Path, images: np.ndarray, source: str, batch: int = 1000) -> DriftReference:
     """The drift reference of `images` (uint8 [N, C, H, W]) through the main block in `model_dir`."""
     cascade = EdgeCascade(model_dir)
-    rows = [features(cascade.run_main(images[i : i + batch]).probs) for i in range(0, len(images), batch)]
-    names = feature_names(cascade.card.num_classes)
+    rows = [
+        features(cascade.run_main(images[i : i + batch]).probs, images[i : i + batch])
+        for i in range(0, len(images), batch)
+    ]
+    names = feature_names(cascade.card.num_classes, inputs=True)
     return DriftReference.of(np.concatenate(rows), names, LEVELS, source)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from device_agent.card import NO_GATE
-from device_agent.drift import REFERENCE_KEY
+from device_agent.drift import INPUT_FEATURES, REFERENCE_KEY
 from training.datasets import DatasetBundle, Split
 from training.drift_profile import source_text, split_images, write_reference
 from training.engine import collect
@@ -265,10 +265,15 @@ def drift_reference_lines(card: Dict[str, Any]) -> List[str]:
     ref = card.get(REFERENCE_KEY)
     if ref is None:
         return []
+    inputs = [f for f in ref["features"] if f in INPUT_FEATURES]
+    outputs = len(ref["features"]) - len(inputs)
+    watched = f"{outputs} outputs (confidence, then each class's softmax)"
+    if inputs:
+        watched += f" and of {len(inputs)} statistics of the input image ({', '.join(inputs)})"
     return [
         f"- drift reference (`{REFERENCE_KEY}`): {ref['levels']} quantiles of each of the main block's "
-        f"{len(ref['features'])} outputs (confidence, then each class's softmax) on {ref['source']}; the "
-        "device's drift monitor tests its recent samples against them (`device_agent/drift.py`)"
+        f"{watched} on {ref['source']}; the device's drift monitor tests its recent samples against them "
+        "(`device_agent/drift.py`)"
     ]
 
 
