@@ -366,3 +366,74 @@ def test_hard_classes_by_accuracy_and_by_confusion_pairs() -> None:
     assert select_hard_classes(logits, labels, 4, 2, "confusion-pairs") == [0, 1]
     with pytest.raises(ValueError):
         select_hard_classes(logits, labels, 4, 4)
+
+
+def test_training_rotation_turns_as_the_suites_rotation() -> None:
+    from scipy import ndimage
+
+    from training.augment import _rotate
+
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[0, 0, 4:24, 12:16] = 1.0
+    turned = _rotate(bar, torch.tensor([30.0]))[0, 0].numpy()
+    suite = ndimage.rotate(bar[0, 0].numpy(), 30.0, reshape=False, order=1, mode="constant")
+    assert np.abs(turned - suite).max() < 1e-5 and np.abs(turned - bar[0, 0].numpy()).max() > 0.5
+
+
+def test_corrupt_batch_is_seeded_and_corrupts_the_share_asked() -> None:
+    from training.augment import corrupt_batch
+
+    images = torch.randint(20, 200, (400, 1, 12, 12), dtype=torch.uint8)
+    assert torch.equal(corrupt_batch(images, 0.0, torch.Generator().manual_seed(1)), images)
+    once = corrupt_batch(images, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(once, corrupt_batch(images, 0.5, torch.Generator().manual_seed(1)))
+    changed = (once != images).flatten(1).any(1).float().mean().item()
+    assert once.dtype == torch.uint8 and 0.4 < changed <= 0.6  # a faint change may round away
+    every = corrupt_batch(images, 1.0, torch.Generator().manual_seed(2))
+    assert (every != images).flatten(1).any(1).float().mean().item() > 0.95  # a strength near 0 may not show
+
+
+def test_distillation_learns_the_teachers_answers_over_the_labels() -> None:
+    from training.engine import OptimConfig, train_stage
+
+    gen = torch.Generator().manual_seed(0)
+    split = TensorSplit(
+        torch.randint(0, 256, (256, 1, 4, 4), dtype=torch.uint8, generator=gen),
+        torch.zeros(256, dtype=torch.long),  # every label says class 0 ...
+    )
+    teacher = torch.tensor([[-4.0, 4.0]]).repeat(256, 1)  # ... the teacher says class 1
+    answers = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+        cfg = OptimConfig(epochs=3, batch_size=32, max_lr=0.5, crop_padding=0, flip=False)
+        cfg.distill_weight = weight
+        train_stage(
+            "t",
+            list(model.parameters()),
+            [model],
+            [],
+            lambda x, model=model: model(x.float() / 255.0),  # type: ignore[misc]
+            split,
+            cfg,
+            torch.device("cpu"),
+            0,
+            progress=False,
+            soft_targets=teacher,
+        )
+        with torch.no_grad():
+            answers[weight] = model(split.images.float() / 255.0).argmax(1).float().mean().item()
+    assert answers[0.0] == 0.0 and answers[1.0] == 1.0
+    with pytest.raises(ValueError, match="soft targets"):
+        train_stage(
+            "t",
+            [],
+            [],
+            [],
+            lambda x: x,
+            split,
+            OptimConfig(epochs=1),
+            torch.device("cpu"),
+            0,
+            soft_targets=teacher[:10],
+        )

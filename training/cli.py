@@ -19,6 +19,8 @@ EPILOG = """examples:
   edgecascade train --reuse-cloud models/fashion-mnist --out models/fmnist-edge2   # new edge, same cloud
   edgecascade train --init-from models/fashion-mnist --corruption-p 0.5 --lr 0.02 --out build/robust
                                                         # fine-tune for robustness to corruptions
+  edgecascade train --init-from models/fashion-mnist --distill-from models/fashion-mnist \
+      --corruption-p 0.5 --lr 0.01 --out build/robust   # ... learning the clean cloud's answers as well
 """
 
 
@@ -84,6 +86,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     robust.add_argument(
         "--crop-padding", type=int, help="random shifts of up to this many px (default H // 8)"
+    )
+    robust.add_argument(
+        "--distill-from",
+        metavar="MODEL_DIR",
+        help="also learn this directory's cloud model's answers on each clean training image (distillation)",
+    )
+    robust.add_argument(
+        "--distill-weight", type=float, help="share of the loss that is distillation (default 0.5)"
     )
     robust.add_argument(
         "--init-from",
@@ -168,6 +178,8 @@ def recipe_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "corruption_p": args.corruption_p,
         "crop_padding": args.crop_padding,
         "init_from": args.init_from,
+        "distill_from": args.distill_from,
+        "distill_weight": args.distill_weight,
     }
     if args.quick:
         return Recipe.quick_recipe(**kw)

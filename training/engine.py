@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional
 from tqdm.auto import tqdm
 
 from training.augment import corrupt_batch
@@ -33,6 +34,11 @@ class OptimConfig:
     crop_padding: Optional[int] = None  # None: H // 8 (at least 2)
     flip: bool = True
     corruption_p: float = 0.0  # share of training images corrupted (training/augment.py)
+    # Distillation (Hinton et al. 2015): this weight of the loss is the KL divergence to a teacher's
+    # probabilities at `temperature`, the rest the labels' cross-entropy. The teacher's outputs are given per
+    # training row (`train_stage(soft_targets=...)`), computed once on the clean image.
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,10 +88,13 @@ def train_stage(
     seed: int,
     label_map: Optional[torch.Tensor] = None,
     progress: bool = True,
+    soft_targets: Optional[torch.Tensor] = None,
 ) -> Dict[str, float]:
     """Train `params` for cfg.epochs; `frozen_modules` stay in eval mode (BatchNorm statistics frozen).
 
     `label_map` remaps dataset labels to the head's classes (stage 2: hard class id -> 0..H-1).
+    `soft_targets` [N, classes of the head]: a teacher's logits for each row of `split`, which the loss
+    distils with weight cfg.distill_weight (each augmented or corrupted view learns its clean image's).
     Returns the last epoch's loss/accuracy and the wall time.
     """
     if len(split) == 0:
@@ -94,6 +103,13 @@ def train_stage(
         raise ValueError(f"{name}: corruption_p must be a share in [0, 1], got {cfg.corruption_p}")
     generator = torch.Generator().manual_seed(seed)
     split = on_device(split, device)
+    labels_of = None
+    if soft_targets is not None:
+        if not isinstance(split, TensorSplit) or soft_targets.shape[0] != len(split):
+            raise ValueError(f"{name}: soft targets need an in-memory split of as many rows")
+        # Batches of row numbers in place of labels: each batch then looks up its labels and its targets.
+        labels_of, split = split.labels, TensorSplit(split.images, torch.arange(len(split), device=device))
+        teacher = functional.log_softmax(soft_targets.to(device).float() / cfg.distill_temperature, 1)
     steps_per_epoch = (len(split) + cfg.batch_size - 1) // cfg.batch_size
     opt = torch.optim.SGD(
         params, lr=cfg.max_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
@@ -125,12 +141,20 @@ def train_stage(
         for images, labels in bar:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            rows = labels
+            if labels_of is not None:
+                labels = labels_of[rows]
             if label_map is not None:
                 labels = label_map[labels]
             images = augment(images, padding, cfg.flip, generator)
             images = corrupt_batch(images, cfg.corruption_p, generator)
             logits = forward(images)
             loss = loss_fn(logits, labels)
+            if labels_of is not None and cfg.distill_weight > 0:
+                t = cfg.distill_temperature
+                student = functional.log_softmax(logits / t, 1)
+                kl = functional.kl_div(student, teacher[rows], log_target=True, reduction="batchmean")
+                loss = (1.0 - cfg.distill_weight) * loss + cfg.distill_weight * t * t * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -65,6 +65,11 @@ class Recipe:
     corruption_p: float = 0.0
     crop_padding: Optional[int] = None
     init_from: Optional[str] = None
+    # Distillation from the cloud model of a published directory (its ONNX, on each clean training image):
+    # fine-tuning under corruptions then keeps learning the clean answers, not only the labels.
+    distill_from: Optional[str] = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     @classmethod
     def quick_recipe(cls, **kw: Any) -> Recipe:
@@ -96,6 +101,8 @@ class Recipe:
             label_smoothing=self.label_smoothing,
             crop_padding=self.crop_padding,
             corruption_p=self.corruption_p,
+            distill_weight=self.distill_weight if self.distill_from else 0.0,
+            distill_temperature=self.distill_temperature,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -196,6 +203,36 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def teacher_logits(model_dir: Path, images: torch.Tensor, cache_dir: Optional[Path] = None) -> torch.Tensor:
+    """The cloud model of a published directory on each image (uint8 [N,C,H,W]): logits [N, classes].
+
+    Cached in `cache_dir` by the model's sha256 and the images' own, so parallel stage runs sharing a
+    checkpoint directory compute it once."""
+    import hashlib
+
+    import numpy as np
+
+    from cloud_worker.model import CloudSession
+
+    session = CloudSession(model_dir)
+    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:12]
+    model_sha = hashlib.sha256(session.path.read_bytes()).hexdigest()[:12]
+    cache = cache_dir / f"teacher-{model_sha}-{digest}.pt" if cache_dir else None
+    if cache is not None and cache.exists():
+        return torch.load(cache, weights_only=True)
+    array = images.numpy()
+    out = torch.from_numpy(
+        np.concatenate([session.logits(array[i : i + 500]) for i in range(0, len(array), 500)])
+    )
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(out, tmp)
+        tmp.replace(cache)
+    logger.info("teacher %s: logits of %d training images", model_dir, len(out))
+    return out
+
+
 def train_models(
     recipe: Recipe,
     bundle: DatasetBundle,
@@ -223,6 +260,9 @@ def train_models(
         start = load_published(Path(recipe.init_from), bundle.train.images)  # type: ignore[union-attr]
         facts = {name: {**start.stages.get(name, {}), "kept_from": start.source} for name in STAGES}
         logger.info("starting from %s (hard classes %s)", recipe.init_from, start.arch.hard_classes)
+    teacher = None
+    if recipe.distill_from:
+        teacher = teacher_logits(Path(recipe.distill_from), bundle.train.images, checkpoint_dir)  # type: ignore[union-attr]
 
     # ---- stage 1: main block on all classes
     if ckpt and ckpt["main"].exists():
@@ -258,6 +298,7 @@ def train_models(
             device,
             recipe.seed,
             progress=progress,
+            soft_targets=teacher,
         )
         main.eval()
         if start is None:
@@ -297,7 +338,8 @@ def train_models(
         hard_t = torch.as_tensor(arch.hard_classes)
         label_map = torch.full((bundle.num_classes,), -1, dtype=torch.long)
         label_map[hard_t] = torch.arange(len(hard_t))
-        hard_train = bundle.train.subset(torch.nonzero(torch.isin(bundle.train.labels, hard_t)).flatten())
+        hard_rows = torch.nonzero(torch.isin(bundle.train.labels, hard_t)).flatten()
+        hard_train = bundle.train.subset(hard_rows)
         ext = extension
 
         def ext_forward(x: torch.Tensor) -> torch.Tensor:
@@ -317,6 +359,7 @@ def train_models(
             recipe.seed + 1,
             label_map=label_map,
             progress=progress,
+            soft_targets=None if teacher is None else teacher[hard_rows][:, hard_t],
         )
         facts["extension"] = _stage_facts(stats, recipe.epochs_ext, device, start)
         facts["extension"]["command"] = command
@@ -346,6 +389,7 @@ def train_models(
             device,
             recipe.seed + 2,
             progress=progress,
+            soft_targets=teacher,
         )
         facts["cloud"] = _stage_facts(stats, recipe.epochs_cloud, device, start)
         facts["cloud"]["command"] = command
