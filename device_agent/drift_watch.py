@@ -119,6 +119,11 @@ class DriftWatch:
             )
         self.link.set_drift(self.status())
 
+    @property
+    def drifting(self) -> bool:
+        """The latest test's verdict (False before the first)."""
+        return bool(self._drifting)
+
     def status(self) -> Optional[DriftStatus]:
         """The verdict the status topic carries (None before the first test)."""
         last = self.monitor.last

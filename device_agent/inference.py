@@ -26,7 +26,7 @@ import numpy as np
 
 from device_agent.durable import Counter, Origin, mark_done
 from device_agent.energy import OpenWindow
-from device_agent.policies import Action
+from device_agent.policies import Action, Decision
 from device_agent.runs import Stream
 from device_agent.samples import Sample, edge_view
 from device_agent.sink import READY_BACKLOG
@@ -189,14 +189,20 @@ class InferenceLoop:
             if agent.drift is not None:  # after edge_ms: a drift test is the device's cost, not the sample's
                 agent.drift.observe(view, seq, image)
             offload = decision.action is Action.OFFLOAD
+            watch = agent.cloud_watch
+            if not offload and watch is not None and view.prediction is not None:
+                # Drifting, and the cloud is the better tier: it answers this one too.
+                offload = watch.escalates(agent.drift is not None and agent.drift.drifting)
+                if offload:
+                    sample.decision = decision = Decision(Action.OFFLOAD, offload_prob=1.0)
             if offload and agent.capacity is not None:
                 # Asked before the request is encoded: a shed sample costs no bytes at all.
                 full, answer = agent.offloads.window_full(), view.prediction is not None
                 offload = agent.capacity.admit(
                     window_full=full, edge_answer=answer, in_flight=agent.offloads.in_flight()
                 ).admitted
-            if offload and agent.cloud_watch is not None and view.prediction is not None:
-                offload = agent.cloud_watch.admit()  # backed off: the edge answers (shed), but probes
+            if offload and watch is not None and view.prediction is not None:
+                offload = watch.admit()  # backed off: the edge answers (shed), but probes
             if offload:
                 request = OffloadRequest(agent.run_id, agent.device_id, seq, image, time.time_ns())
                 payload = encode_offload(request)

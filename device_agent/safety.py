@@ -1,4 +1,5 @@
-"""Backing off offloading when the cloud stops being better than the edge on what is offloaded.
+"""Following the better tier under drift: backing off offloading when the cloud stops being better than the
+edge on what is offloaded, and sending the cloud everything while the inputs drift and it is the better one.
 
 Issue 16 point 4. Under a shift of the inputs the edge grows unsure and offloads more, to a cloud model that
 may have suffered more than the edge (measured: Gaussian noise σ 0.15 took the committed cloud model to 29.6 %
@@ -13,6 +14,13 @@ with the real difference on the corruption suite). Below `back_off_below` (with 
 the window) the watch backs off: an offload decision is answered at the edge instead (exit stage `shed`,
 counted here), except for a `probe` share that still goes, so the watch keeps measuring and resumes once
 the advantage is back above `resume_above` (hysteresis: no flapping around one threshold).
+
+The other direction: thresholds calibrated on clean data keep most samples at the edge, so under drift a
+cascade whose cloud copes better than its edge (a cloud trained on corruptions: 3-11 pp better on the suite)
+trails the cloud by 1 pp and more. While the device's drift monitor flags its inputs and the advantage is
+above `escalate_above`, the watch escalates: every sample goes to the cloud (`escalates`), until the drift is
+over or the advantage, now measured on everything sent, falls below `back_off_below`. Without a drift flag it
+never escalates, so clean traffic costs what the calibration says.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ DEFAULT_MIN_ANSWERS = 50
 DEFAULT_BACK_OFF_BELOW = 0.0
 DEFAULT_RESUME_ABOVE = 0.02
 DEFAULT_PROBE = 0.1
+DEFAULT_ESCALATE_ABOVE = 0.05
 
 
 class CloudWatch:
@@ -39,12 +48,13 @@ class CloudWatch:
         back_off_below: float = DEFAULT_BACK_OFF_BELOW,
         resume_above: float = DEFAULT_RESUME_ABOVE,
         probe: float = DEFAULT_PROBE,
+        escalate_above: float = DEFAULT_ESCALATE_ABOVE,
         seed: Optional[int] = 0,
     ) -> None:
         if not 1 <= min_answers <= window:
             raise ValueError(f"need 1 <= min_answers <= window, got {min_answers} and {window}")
-        if resume_above < back_off_below:
-            raise ValueError("resume_above must be >= back_off_below (hysteresis)")
+        if resume_above < back_off_below or escalate_above < back_off_below:
+            raise ValueError("resume_above and escalate_above must be >= back_off_below (hysteresis)")
         if not 0.0 < probe <= 1.0:
             raise ValueError(
                 f"probe must be in (0, 1]: a watch that never offloads never learns, got {probe}"
@@ -54,6 +64,7 @@ class CloudWatch:
         self.back_off_below = back_off_below
         self.resume_above = resume_above
         self.probe = probe
+        self.escalate_above = escalate_above
         self._pairs: Deque[Tuple[float, float]] = deque(maxlen=window)
         self._sum_edge = 0.0
         self._sum_cloud = 0.0
@@ -63,6 +74,9 @@ class CloudWatch:
         self.back_offs = 0  # times it started backing off
         self.kept_at_edge = 0  # offload decisions it answered at the edge
         self.probes = 0  # offload decisions it let through while backed off
+        self.escalated = False
+        self.escalations = 0  # times it started escalating
+        self.sent_by_escalation = 0  # edge exits it sent to the cloud instead
 
     def answered(self, edge_confidence: float, cloud_confidence: float) -> None:
         """One answered offload: the edge's max-softmax for its own answer, the cloud's for its."""
@@ -80,8 +94,25 @@ class CloudWatch:
             if not self.backed_off and advantage < self.back_off_below:
                 self.backed_off = True
                 self.back_offs += 1
+                self.escalated = False
             elif self.backed_off and advantage > self.resume_above:
                 self.backed_off = False
+
+    def escalates(self, drifting: bool) -> bool:
+        """Should this sample, which the policy would answer at the edge, go to the cloud? True while the
+        inputs drift (`drifting`: the device's drift monitor's verdict) and the cloud is the better tier."""
+        with self._lock:
+            if not drifting or self.backed_off:
+                self.escalated = False
+                return False
+            if not self.escalated:
+                advantage = self._advantage()
+                if advantage is None or advantage <= self.escalate_above:
+                    return False
+                self.escalated = True
+                self.escalations += 1
+            self.sent_by_escalation += 1
+            return True
 
     def admit(self) -> bool:
         """May this offload decision go to the cloud? (False: answer it at the edge, labelled.)"""
@@ -108,6 +139,10 @@ class CloudWatch:
                 "back_offs": self.back_offs,
                 "kept_at_edge": self.kept_at_edge,
                 "probes": self.probes,
+                "escalated": self.escalated,
+                "escalations": self.escalations,
+                "sent_by_escalation": self.sent_by_escalation,
                 "back_off_below": self.back_off_below,
                 "resume_above": self.resume_above,
+                "escalate_above": self.escalate_above,
             }

@@ -1,5 +1,6 @@
-"""Backing off offloading when the cloud is not better (`device_agent.safety`): the watch by hand, and a real
-agent against a real broker whose cloud answers without confidence, then one that answers sure of itself."""
+"""Following the better tier (`device_agent.safety`): backing off a cloud that is not better and escalating
+to one that is while the inputs drift. The watch by hand; a real agent against a real broker whose cloud
+answers without confidence, then sure of itself; and one whose drift monitor flags its inputs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def test_the_watch_backs_off_when_the_cloud_is_less_sure_probes_and_resumes() ->
     for bad in (dict(min_answers=0), dict(window=5, min_answers=6), dict(probe=0.0), dict(resume_above=-1)):
         with pytest.raises(ValueError):
             CloudWatch(**bad)  # type: ignore[arg-type]
+
+
+def test_the_watch_escalates_only_while_drifting_and_the_cloud_is_better() -> None:
+    watch = CloudWatch(window=20, min_answers=10, escalate_above=0.1)
+    assert not watch.escalates(drifting=True)  # nothing measured yet
+    for _ in range(20):
+        watch.answered(0.6, 0.9)  # the cloud surer by 0.3
+    assert not watch.escalates(drifting=False)  # clean traffic: the calibration decides
+    assert all(watch.escalates(drifting=True) for _ in range(5))
+    assert watch.escalations == 1 and watch.sent_by_escalation == 5 and watch.report()["escalated"]
+    for _ in range(20):
+        watch.answered(0.8, 0.85)  # everything sent now, the confident samples too: 0.05 still above 0
+    assert watch.escalates(drifting=True)  # hysteresis: stays escalated above back_off_below
+    assert not watch.escalates(drifting=False) and not watch.report()["escalated"]  # the drift is over
+    for _ in range(20):
+        watch.answered(0.8, 0.5)  # now the cloud is the worse one
+    assert watch.backed_off and not watch.escalates(drifting=True)
+    with pytest.raises(ValueError):
+        CloudWatch(escalate_above=-0.5)
 
 
 class ScriptedCloud:
@@ -136,3 +156,53 @@ def test_an_agent_backs_off_a_cloud_that_is_not_better_and_labels_what_it_kept(
         assert (
             not watch["backed_off"] and watch["kept_at_edge"] == 0 and stages.count("cloud") == len(complex_)
         )
+
+
+@pytest.mark.integration
+def test_an_agent_whose_inputs_drift_sends_a_better_cloud_everything(
+    broker: BrokerProcess, topics: Topics, tiny_models: Path, tmp_path: Path
+) -> None:
+    from test_drift import with_reference
+
+    from device_agent.drift import DriftSettings
+
+    models = with_reference(tiny_models, tmp_path)
+    db = tmp_path / "results.db"
+    collector = Collector(
+        CollectorConfig(broker.credentials("collector"), topics, db, client_id=f"col-{uuid.uuid4().hex[:8]}")
+    ).start()
+    device_id = f"dev-{uuid.uuid4().hex[:8]}"
+    cloud = ScriptedCloud(broker, topics, device_id, 12.0)  # sure of itself: better, by the watch's measure
+    config = quick_agent_config(
+        broker,
+        topics,
+        models,
+        tmp_path / "state",
+        device_id=device_id,
+        capacity_aware=False,
+        cloud_watch=True,
+        drift=DriftSettings(window=100, stride=25),
+    )
+    clean = tiny_images(400, seed=41)
+    dark = tiny_images(400, seed=42) // 4  # the onset at sample 400: a dimmed scene
+    images = np.concatenate([clean, dark])
+    try:
+        with DeviceAgent(config) as agent:
+            summary = agent.run_dataset([(image, 0) for image in images])
+            first_alarm = agent.drift.report()["first_alarm_seq"] if agent.drift is not None else None
+            run_id = agent.run_id
+        wait_for(lambda: len(_rows(db, run_id)) == len(images), 30, "every row stored")
+    finally:
+        cloud.close()
+        collector.stop()
+    rows = _rows(db, run_id)
+    simple = [i for i, d in enumerate(EdgeCascade(models).decide(images)) if not d.complex]
+    assert first_alarm is not None and 400 <= first_alarm < 500
+    before = [rows[i]["exit_stage"] for i in simple if i <= first_alarm]
+    after = [rows[i]["exit_stage"] for i in simple if i > first_alarm + 1]
+    assert before and "cloud" not in before  # clean: what the edge may answer, it answers
+    assert len(after) >= 10 and set(after) == {"cloud"}  # drifting: the better cloud answers everything
+    watch = summary.cloud_watch
+    assert watch["escalations"] == 1 and watch["sent_by_escalation"] == len(after) + (
+        1 if first_alarm + 1 in simple else 0
+    )
