@@ -8,14 +8,14 @@ lowered contrast turns the black background grey: Fashion-MNIST accuracy falls t
 confidence), which move the class outputs instead. Every policy that runs the edge runs the main block, so
 the profile is the same whatever the policy; `cloud-only` computes nothing on the device and is not watched.
 
-The outputs alone miss what the model is robust to: a model fine-tuned on noise, blur and shifts keeps its
-confidence under mild ones (18 of the 24 corruptions of the suite caught within 500 samples, measured on
-the robust models), though the inputs have changed and the cloud's answers may not have. So the profile may
-also hold six statistics of the input image (`INPUT_FEATURES`, model-free, numpy): brightness, contrast,
-edge density (noise raises it, blur and JPEG lower it), the share of dark background (a grey background, a
-lifted black level), how far the intensity centroid is off centre (shifts) and the tilt of its second
-moments (rotation). They are computed a window at a time when a test is due, from a bounded ring of the
-window's images (300 x 784 bytes for Fashion-MNIST), not per sample.
+The outputs alone miss what the model is robust to: a model fine-tuned on noise, blur and shifts keeps
+its confidence under mild ones (18 of the 24 corruptions of the suite caught within 500 samples, measured
+on the first robust models), though the inputs have changed and the cloud's answers may not have. So the
+profile may also hold six statistics of the input image (`INPUT_FEATURES`, model-free, numpy): brightness,
+contrast, edge density (noise raises it, blur and JPEG lower it), the share of dark background (a grey
+background, a lifted black level), how far the intensity centroid is off centre (shifts) and the tilt of
+its second moments (rotation). They are computed a window at a time when a test is due, from a bounded ring
+of the window's images (300 x 784 bytes for Fashion-MNIST), not per sample.
 
 Repeated testing: a window of `window` samples is tested every `stride` samples, each of F features. The
 per-test level is alpha * stride / (horizon * F) (Bonferroni over the F features and the horizon / stride

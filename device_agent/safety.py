@@ -16,8 +16,8 @@ counted here), except for a `probe` share that still goes, so the watch keeps me
 the advantage is back above `resume_above` (hysteresis: no flapping around one threshold).
 
 The other direction: thresholds calibrated on clean data keep most samples at the edge, so under drift a
-cascade whose cloud copes better than its edge (a cloud trained on corruptions: 3-11 pp better on the suite)
-trails the cloud by 1 pp and more. While the device's drift monitor flags its inputs and the advantage is
+cascade whose cloud copes better than its edge (a cloud trained on corruptions: 1-7 pp better on the suite)
+trails the cloud by up to 0.6 pp. While the device's drift monitor flags its inputs and the advantage is
 above `escalate_above`, the watch escalates: every sample goes to the cloud (`escalates`), until the drift is
 over or the advantage, now measured on everything sent, falls below `back_off_below`. Without a drift flag it
 never escalates, so clean traffic costs what the calibration says.
