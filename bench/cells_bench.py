@@ -85,7 +85,7 @@ def cells_site(
     plan = write_plan(
         workdir / "cells",
         cells=cells,
-        port=find_free_port(),
+        port=find_free_port(count=cells + 1),
         workers_per_cell=workers // cells,
         db=str(db),
         models=str(models),

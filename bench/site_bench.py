@@ -70,7 +70,11 @@ def run_site(args: argparse.Namespace, console: Console) -> SiteRun:
     db = args.results / "site.db"
     out = SiteRun(args.devices, args.samples, args.rate, args.cut_at, args.cut_s)
     cells = write_plan(
-        work / "cells", cells=args.cells, port=find_free_port(), db=str(db), models=str(args.models)
+        work / "cells",
+        cells=args.cells,
+        port=find_free_port(count=args.cells + 1),
+        db=str(db),
+        models=str(args.models),
     )
     images, labels = load_idx_dataset("fashion-mnist", "test", args.samples)
     with CellStack(cells, logs=work / "logs") as stack, EmulatedLink(

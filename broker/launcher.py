@@ -47,10 +47,25 @@ SERVICE_USERS = ("cloud", "collector")
 CERT_SCRIPT = CONFIG_DIR / "make-test-certs.sh"
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
+def find_free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A port the OS has free, and the `count` - 1 after it too (a cell plan puts its brokers on port + 1
+    + i: the OS vouches only for the one it hands out, and the next may be taken)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port + count <= 65536 and all(_bindable(host, p) for p in range(port + 1, port + count)):
+            return port
+    raise RuntimeError(f"no run of {count} free ports on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def _require(binary: str) -> str:

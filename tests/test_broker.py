@@ -102,3 +102,21 @@ def test_receipts_come_only_from_the_collector_and_reach_only_their_device(
         c.loop_stop()
     assert [p for _, p in own] == [b"stored"]
     assert snooped == []
+
+
+def test_find_free_port_vouches_for_the_whole_run_it_returns() -> None:
+    import socket
+
+    from broker.launcher import find_free_port
+
+    base = find_free_port(count=4)
+    for port in range(base, base + 4):  # each of them binds, as a cell plan's brokers will
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+    from broker.launcher import _bindable
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:  # what a run must step over
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert not _bindable("127.0.0.1", taken.getsockname()[1])
+    assert _bindable("127.0.0.1", base)

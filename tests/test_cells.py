@@ -35,7 +35,7 @@ DEVICES = [f"dev-{i:03d}" for i in range(24)]
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CellStack]:
     """3 cells and HAProxy (no services: routing needs none), 24 device accounts."""
     plan = write_plan(
-        tmp_path_factory.mktemp("cells") / "plan", cells=3, port=find_free_port(), devices=DEVICES
+        tmp_path_factory.mktemp("cells") / "plan", cells=3, port=find_free_port(count=4), devices=DEVICES
     )
     with CellStack(plan, services=False) as running:
         yield running
@@ -145,7 +145,7 @@ def test_bytes_that_are_not_mqtt_are_refused_and_a_split_connect_still_routes(st
 
 def test_cells_up_starts_the_planned_brokers_and_haproxy_and_stops_on_sigterm(tmp_path: Path) -> None:
     """The newcomer's command, as a process (`--no-services`: the cells benchmark runs the services)."""
-    plan = write_plan(tmp_path / "plan", cells=2, port=find_free_port(), devices=["dev-up"])
+    plan = write_plan(tmp_path / "plan", cells=2, port=find_free_port(count=3), devices=["dev-up"])
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgecascade", "cells", "up", str(plan.directory), "--no-services"],
         stdout=subprocess.PIPE,

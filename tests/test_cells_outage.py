@@ -44,7 +44,7 @@ def _rows(db: Path, device: str) -> List[Tuple[int, float, str]]:
 @pytest.fixture
 def cells(tmp_path: Path, tiny_models: Path) -> Iterator[Dict[str, Any]]:
     """2 cells, HAProxy, and per cell a cloud worker and a collector into one results file."""
-    plan = write_plan(tmp_path / "plan", cells=2, port=find_free_port(), namespace="outage")
+    plan = write_plan(tmp_path / "plan", cells=2, port=find_free_port(count=3), namespace="outage")
     db = tmp_path / "results.db"
     with CellStack(plan, services=False) as stack:
         services: List[Any] = []

@@ -43,7 +43,7 @@ def _theta_between(confidence: np.ndarray, below: int) -> float:
 
 
 def test_the_sites_plan_gives_each_site_its_gateways_accounts(tmp_path: Path) -> None:
-    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port())
+    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(count=2))
     site = write_sites(tmp_path / "sites", cells, sites=["plant"], devices_per_site=1).sites[0]
     users = site.broker().users
     assert {GATEWAY_USER, "gw-plant", "plant-dev-000"} <= set(users)
@@ -71,7 +71,7 @@ def test_the_gateway_on_a_bridged_site_keeps_its_windows_there_and_asks_the_clou
     expected_answers, expected_stages = hierarchy(probs, HiRule(sensor_theta), HiRule(gateway_theta))
     assert sorted(set(expected_stages)) == ["cloud", "gateway", "main"]
 
-    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(), namespace="fault")
+    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(count=2), namespace="fault")
     topics = cells.topics
     db = tmp_path / "results.db"
     with bridged_site(

@@ -47,7 +47,7 @@ class SiteLogin:
 @pytest.fixture
 def bridged(tmp_path: Path, tiny_models: Path) -> Iterator[Dict[str, Any]]:
     """One cell (a worker, a collector) behind HAProxy, a relay before it, a site bridged through that."""
-    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(), namespace="sites")
+    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(count=2), namespace="sites")
     db = tmp_path / "results.db"
     with EmulatedLink("lan", {"mqtt": (cells.host, cells.port)}, mode="proxy-only") as link, bridged_site(
         cells, tmp_path / "sites", tiny_models / "cloud.onnx", db, remote=link.address("mqtt")
@@ -139,7 +139,7 @@ def test_a_cut_bridge_loses_nothing_and_the_site_answers_at_the_edge_meanwhile(
 
 def test_a_bridge_account_carries_the_project_topics_and_nothing_else(tmp_path: Path) -> None:
     """On its cell the bridge may publish a device's results but not a reply (only the cloud answers)."""
-    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port())
+    cells = write_plan(tmp_path / "cells", cells=1, port=find_free_port(count=2))
     write_sites(tmp_path / "sites", cells, sites=["east"], devices_per_site=0, port=find_free_port())
     with CellStack(cells, services=False) as stack:
         address = stack.brokers[0].credentials("bridge-east")
