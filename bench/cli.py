@@ -21,7 +21,7 @@ EPILOG = """examples:
   edgecascade bench --task links --links lte --outage-s 0 --samples 300
   edgecascade bench --corruptions --quick  # every policy on each corruption kind at severity 2, 300 samples
   edgecascade bench --corruptions --kinds gaussian-noise,blur --severities 1,2,3 --samples 1000
-  edgecascade bench --corruptions --cloud-watch   # the agents back off a cloud that is not better
+  edgecascade bench --corruptions --cloud-watch   # agents back off a worse cloud, escalate to a better one
 The classification task writes results/bench.db (an earlier one is kept as results/bench-<time>.db),
 results/report/*.png + report.md, and prints one row per policy and the targets: accuracy, energy and
 throughput from a flat-out run, latency from a run paced at --rate (service, not queueing). Exit status 0
@@ -104,7 +104,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cloud-watch",
         action="store_true",
-        help="agents back off offloading while the cloud is less sure than the edge (device_agent.safety)",
+        help="agents back off offloading while the cloud is less sure than the edge, and send it every "
+        "sample while their inputs drift and it is the surer one (device_agent.safety)",
     )
     parser.add_argument("--kinds", help="--corruptions: comma-separated kinds (default: all)")
     parser.add_argument("--severities", help="--corruptions: comma-separated severities 1-3 (default: all)")

@@ -131,8 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cloud-watch",
         action="store_true",
-        help="back off offloading while the cloud is less sure than the edge on what it is sent "
-        "(answered at the edge, flagged shed; a probe share still goes)",
+        help="follow the better tier: back off offloading while the cloud is less sure than the edge on "
+        "what it is sent (answered at the edge, flagged shed; a probe share still goes), and send the cloud "
+        "every sample while the drift monitor flags the inputs and the cloud is the surer one",
     )
     parser.add_argument(
         "--no-drift",
