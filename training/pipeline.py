@@ -213,10 +213,11 @@ def teacher_logits(model_dir: Path, images: torch.Tensor, cache_dir: Optional[Pa
     import numpy as np
 
     from cloud_worker.model import CloudSession
+    from device_agent.card import sha256_file
 
     session = CloudSession(model_dir)
     digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:12]
-    model_sha = hashlib.sha256(session.path.read_bytes()).hexdigest()[:12]
+    model_sha = sha256_file(session.path)[:12]
     cache = cache_dir / f"teacher-{model_sha}-{digest}.pt" if cache_dir else None
     if cache is not None and cache.exists():
         return torch.load(cache, weights_only=True)
