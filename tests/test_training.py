@@ -125,6 +125,35 @@ def test_publish_from_checkpoints_reproduces_the_card(quick_run: dict, tmp_path:
 
 
 @pytest.mark.slow
+def test_weight_space_ensembles_of_a_model_with_itself_publish_the_same_model(
+    quick_run: dict, tmp_path: Path
+) -> None:
+    """`python -m training.wise` end to end: mixing the quick models with their own checkpoints changes no
+    validation figure, picks the largest alpha, and publishes to the same accuracy."""
+    from training.pipeline import load_checkpoint
+    from training.wise import main as wise_main
+
+    mixed = tmp_path / "wise"
+    ckpt = str(quick_run["ckpt"])
+    args = ["--clean", str(quick_run["out"]), "--robust-edge", ckpt, "--robust-cloud", ckpt]
+    assert wise_main([*args, "--steps", "1", "--budget", "0", "--out", str(mixed)]) == 0
+    for name in ("main", "extension", "cloud"):
+        wise = load_checkpoint(mixed / f"{name}.pt")["facts"]["wise"]
+        rows = wise["validation"]
+        assert [r["alpha"] for r in rows] == [0.0, 1.0] and wise["alpha"] == 1.0
+        assert all(
+            {k: v for k, v in r.items() if k != "alpha"} == {k: v for k, v in rows[0].items() if k != "alpha"}
+            for r in rows
+        )
+    out = tmp_path / "published"
+    rc = cli_main(["train", "--quick", "--checkpoint-dir", str(mixed), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    again = json.loads((out / "card.json").read_text())["accuracy"]["test"]
+    for key, value in quick_run["card"]["accuracy"]["test"].items():
+        assert again[key] == pytest.approx(value, abs=0.004), key
+
+
+@pytest.mark.slow
 def test_reuse_cloud_publishes_a_new_edge_pair_against_the_deployed_cloud(
     quick_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -391,6 +420,19 @@ def test_corrupt_batch_is_seeded_and_corrupts_the_share_asked() -> None:
     assert once.dtype == torch.uint8 and 0.4 < changed <= 0.6  # a faint change may round away
     every = corrupt_batch(images, 1.0, torch.Generator().manual_seed(2))
     assert (every != images).flatten(1).any(1).float().mean().item() > 0.95  # a strength near 0 may not show
+    with pytest.raises(ValueError, match="salt-pepper"):
+        corrupt_batch(images, 0.5, torch.Generator(), kinds=("jpeg", "salt-pepper"))
+
+
+def test_training_jpeg_is_the_suites_jpeg() -> None:
+    from training.augment import _jpeg
+    from training.corruptions import Corruption, corrupt
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    trained = _jpeg(torch.from_numpy(images).float() / 255.0, torch.tensor([5.0, 5.0, 5.0]))
+    suite = corrupt(images, Corruption("jpeg", 3), seed=0)
+    assert np.abs(np.round(trained.numpy() * 255.0) - suite.astype(np.float64)).max() <= 1.0
+    assert np.abs(suite.astype(int) - images.astype(int)).mean() > 10
 
 
 def test_distillation_learns_the_teachers_answers_over_the_labels() -> None:

@@ -82,7 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     robust.add_argument(
         "--corruption-p",
         type=float,
-        help="corrupt this share of training images: noise, blur, contrast, brightness (default 0)",
+        help="corrupt this share of training images, each by one of --corruption-kinds (default 0)",
+    )
+    robust.add_argument(
+        "--corruption-kinds",
+        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+        help="comma-separated, of gaussian-noise,blur,contrast,brightness,rotation,jpeg "
+        "(default: all but jpeg)",
     )
     robust.add_argument(
         "--crop-padding", type=int, help="random shifts of up to this many px (default H // 8)"
@@ -176,6 +182,7 @@ def recipe_from_args(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         "main_overrides": {k: v for k, v in main_o.items() if v is not None} or None,
         "cloud_overrides": {k: v for k, v in cloud_o.items() if v is not None} or None,
         "corruption_p": args.corruption_p,
+        "corruption_kinds": args.corruption_kinds,
         "crop_padding": args.crop_padding,
         "init_from": args.init_from,
         "distill_from": args.distill_from,

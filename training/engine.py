@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional
 from tqdm.auto import tqdm
 
-from training.augment import corrupt_batch
+from training.augment import DEFAULT_KINDS, corrupt_batch
 from training.datasets import Split, TensorSplit
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,8 @@ class OptimConfig:
     label_smoothing: float = 0.05
     crop_padding: Optional[int] = None  # None: H // 8 (at least 2)
     flip: bool = True
-    corruption_p: float = 0.0  # share of training images corrupted (training/augment.py)
+    corruption_p: float = 0.0  # share of training images corrupted (training/augment.py) ...
+    corruption_kinds: Tuple[str, ...] = DEFAULT_KINDS  # ... by one of these kinds
     # Distillation (Hinton et al. 2015): this weight of the loss is the KL divergence to a teacher's
     # probabilities at `temperature`, the rest the labels' cross-entropy. The teacher's outputs are given per
     # training row (`train_stage(soft_targets=...)`), computed once on the clean image.
@@ -147,7 +148,7 @@ def train_stage(
             if label_map is not None:
                 labels = label_map[labels]
             images = augment(images, padding, cfg.flip, generator)
-            images = corrupt_batch(images, cfg.corruption_p, generator)
+            images = corrupt_batch(images, cfg.corruption_p, generator, cfg.corruption_kinds)
             logits = forward(images)
             loss = loss_fn(logits, labels)
             if labels_of is not None and cfg.distill_weight > 0:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from training.augment import DEFAULT_KINDS
 from training.datasets import DatasetBundle, load_dataset, take
 from training.engine import OptimConfig, collect, resolve_device, train_stage
 from training.meanet import Architecture, CloudNet, ExtensionBlock, MainBlock, build_models
@@ -63,6 +64,7 @@ class Recipe:
     # up to `crop_padding` px (None: H // 8), and start from a published model directory (fine-tuning: its
     # architecture and hard classes are kept) instead of from scratch.
     corruption_p: float = 0.0
+    corruption_kinds: Tuple[str, ...] = DEFAULT_KINDS
     crop_padding: Optional[int] = None
     init_from: Optional[str] = None
     # Distillation from the cloud model of a published directory (its ONNX, on each clean training image):
@@ -101,6 +103,7 @@ class Recipe:
             label_smoothing=self.label_smoothing,
             crop_padding=self.crop_padding,
             corruption_p=self.corruption_p,
+            corruption_kinds=tuple(self.corruption_kinds),
             distill_weight=self.distill_weight if self.distill_from else 0.0,
             distill_temperature=self.distill_temperature,
         )
@@ -108,6 +111,7 @@ class Recipe:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["adaptive_channels"] = list(self.adaptive_channels)
+        d["corruption_kinds"] = list(self.corruption_kinds)
         return d
 
 
