@@ -215,3 +215,37 @@ def test_edgecascade_cloud_keep_inputs_keeps_them_and_says_how_many(
     final = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 0 and final["kept_inputs"] == 12 and final["keep_failed"] == 0
     assert kept_db.stat().st_mode & 0o777 == 0o600  # the fleet's inputs: its owner's only
+
+
+def _perturbed(seed: int) -> nn.Module:
+    """The small net with weights and BatchNorm parameters and statistics of its own."""
+    model = _UInt8(_net())
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]:
+            tensor.add_(0.3 * torch.randn(tensor.shape, generator=gen)).abs_()
+    return model.eval()
+
+
+def test_weight_space_ensembles_end_at_each_model_and_mix_the_folded_maps() -> None:
+    from training.wise import choose, folded_maps, mix_folded, mix_states
+
+    clean, robust = _perturbed(1), _perturbed(2)
+    batches = [torch.from_numpy(tiny_images(40, seed=30 + i)) for i in range(3)]
+    x = torch.from_numpy(tiny_images(16, seed=12))
+    with torch.no_grad():
+        for alpha, model in ((0.0, clean), (1.0, robust)):
+            for mix in (
+                mix_states(clean, robust, alpha, _UInt8(_net())),
+                mix_folded(clean, robust, alpha, _UInt8(_net()), batches),
+            ):
+                assert torch.allclose(mix(x), model(x), atol=1e-4)
+        half = mix_folded(clean, robust, 0.5, _UInt8(_net()), batches)
+        for (w, b), (wa, ba), (wb, bb) in zip(folded_maps(half), folded_maps(clean), folded_maps(robust)):
+            assert torch.allclose(w, (wa + wb) / 2, atol=1e-5) and torch.allclose(b, (ba + bb) / 2, atol=1e-4)
+        assert not torch.allclose(half(x), clean(x), atol=1e-2)
+        # measured statistics: the first BatchNorm's mean is its convolution's on the clean batches
+        conv_out = torch.cat([half.net[0](c.float() / 255.0) for c in batches])
+        assert torch.allclose(half.net[1].running_mean, conv_out.mean((0, 2, 3)), atol=1e-4)
+    table = [{"alpha": a, "acc": acc} for a, acc in ((0.0, 0.90), (0.5, 0.89), (1.0, 0.86))]
+    assert choose(table, ["acc"], 0.02)["alpha"] == 0.5 and choose(table, ["acc"], 0.0)["alpha"] == 0.0

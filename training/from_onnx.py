@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from torch import nn
 
 
-def _conv_bn_pairs(module: nn.Module) -> List[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
+def conv_bn_pairs(module: nn.Module) -> List[Tuple[nn.Conv2d, nn.BatchNorm2d]]:
     """Each convolution with the BatchNorm that follows it in definition order (conv_bn, BasicBlock's
     conv1/bn1 and conv2/bn2, a downsample's conv/bn: every convolution of these backbones has one)."""
     pairs: List[Tuple[nn.Conv2d, nn.BatchNorm2d]] = []
@@ -63,7 +63,7 @@ def load_folded(module: nn.Module, onnx_path: Path, clean_batches: Iterable[torc
     graph = onnx.load(str(onnx_path)).graph
     weights: Dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]
-    pairs = dict(_conv_bn_pairs(module))
+    pairs = dict(conv_bn_pairs(module))
     batches = iter(clean_batches)
     first = next(batches)
     order = _execution_order(module, first[:1])
@@ -88,6 +88,20 @@ def load_folded(module: nn.Module, onnx_path: Path, clean_batches: Iterable[torc
     for name, value in weights.items():
         if name in state and state[name].shape == value.shape:
             state[name].copy_(torch.from_numpy(value.copy()))
+    fold_in(module, pairs, biases, [first, *batches])
+    _check_against_onnx(module.eval(), onnx_path, first)
+    return module
+
+
+def fold_in(
+    module: nn.Module,
+    pairs: Dict[nn.Conv2d, nn.BatchNorm2d],
+    biases: Dict[nn.Conv2d, torch.Tensor],
+    clean_batches: Iterable[torch.Tensor],
+) -> None:
+    """Each convolution of `pairs` already holds its folded weights W'; give the BatchNorm after it the
+    statistics of W'x on `clean_batches` and the affine part that makes the pair compute W'x + b' (its bias
+    in `biases`)."""
     # First pass: every BN is "add the folded bias" (identity statistics), so the module computes the
     # exported function and each conv's output can be measured.
     for conv, bn in pairs.items():
@@ -109,7 +123,7 @@ def load_folded(module: nn.Module, onnx_path: Path, clean_batches: Iterable[torc
     hooks = [conv.register_forward_hook(measure) for conv in pairs]  # type: ignore[arg-type]
     module.eval()
     with torch.no_grad():
-        for batch in [first, *batches]:
+        for batch in clean_batches:
             module(batch)
     for h in hooks:
         h.remove()
@@ -121,8 +135,6 @@ def load_folded(module: nn.Module, onnx_path: Path, clean_batches: Iterable[torc
         bn.running_var.copy_(var.float())
         bn.weight.data.copy_((var + bn.eps).sqrt().float())
         bn.bias.data.copy_((mean + biases[conv].double()).float())
-    _check_against_onnx(module.eval(), onnx_path, first)
-    return module
 
 
 def _check_against_onnx(
