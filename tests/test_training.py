@@ -136,7 +136,10 @@ def test_weight_space_ensembles_of_a_model_with_itself_publish_the_same_model(
     mixed = tmp_path / "wise"
     ckpt = str(quick_run["ckpt"])
     args = ["--clean", str(quick_run["out"]), "--robust-edge", ckpt, "--robust-cloud", ckpt]
-    assert wise_main([*args, "--steps", "1", "--budget", "0", "--out", str(mixed)]) == 0
+    assert (
+        wise_main([*args, "--steps", "1", "--budget", "0", "--robustness-images", "50", "--out", str(mixed)])
+        == 0
+    )
     for name in ("main", "extension", "cloud"):
         wise = load_checkpoint(mixed / f"{name}.pt")["facts"]["wise"]
         rows = wise["validation"]
