@@ -280,6 +280,13 @@ def test_missing_dataset_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.Cap
     assert "cifar-100-python" in capsys.readouterr().err
 
 
+def test_an_unknown_corruption_kind_is_refused_before_training(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", "--quick", "--corruption-p", "0.5", "--corruption-kinds", "jpeg,salt-pepper"])
+    assert exit_info.value.code == 2
+    assert "salt-pepper: choose from gaussian-noise" in capsys.readouterr().err
+
+
 def test_read_idx_rejects_other_formats() -> None:
     header = bytes([0, 0, 0x08, 1]) + (3).to_bytes(4, "big")
     assert parse_idx(header + bytes([1, 2, 3])).tolist() == [1, 2, 3]

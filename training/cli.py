@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     robust.add_argument(
         "--corruption-kinds",
-        type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()),
+        type=_corruption_kinds,
         help="comma-separated, of gaussian-noise,blur,contrast,brightness,rotation,jpeg "
         "(default: all but jpeg)",
     )
@@ -144,6 +144,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train only these of main,extension,cloud (with --checkpoint-dir and --no-export)",
     )
     run_g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _corruption_kinds(text: str) -> tuple:
+    from training.augment import KINDS
+
+    kinds = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'none'}: choose from {', '.join(KINDS)}")
+    return kinds
 
 
 def _ints(text: str) -> tuple:
