@@ -144,6 +144,7 @@ def test_weight_space_ensembles_of_a_model_with_itself_publish_the_same_model(
         wise = load_checkpoint(mixed / f"{name}.pt")["facts"]["wise"]
         rows = wise["validation"]
         assert [r["alpha"] for r in rows] == [0.0, 1.0] and wise["alpha"] == 1.0
+        assert load_checkpoint(mixed / f"{name}.pt")["facts"]["command"].endswith(f"--out {mixed}")
         assert all(
             {k: v for k, v in r.items() if k != "alpha"} == {k: v for k, v in rows[0].items() if k != "alpha"}
             for r in rows

@@ -166,6 +166,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: Debian's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(list(argv) or None)
+    args.command = "python -m training.wise " + " ".join(list(argv) or sys.argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,7 +241,7 @@ def _save(
             "budget": args.budget,
             "validation": table,
         },
-        "command": "python -m training.wise " + " ".join(sys.argv[1:]),
+        "command": args.command,
     }
     save_checkpoint(args.out / f"{name}.pt", module, arch, Recipe(), facts)
 
