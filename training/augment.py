@@ -27,7 +27,7 @@ BLUR_SIGMA = (0.4, 1.8)  # px (suite: 0.75-1.5)
 CONTRAST = (0.1, 1.0)  # factor around the image mean (suite: 0.5-0.15)
 BRIGHTNESS = (0.0, 0.6)  # offset, fraction of full scale (suite: 0.2-0.5)
 ROTATION = (0.0, 35.0)  # degrees, either sign (suite: 10-30)
-JPEG_QUALITY = (3.0, 40.0)  # Pillow quality (suite: 20-5)
+JPEG_QUALITY = (3.0, 40.0)  # Pillow quality, int() of a uniform draw: 3-39 (suite: 20-5)
 _BLUR_RADIUS = 4
 
 
@@ -105,11 +105,11 @@ def corrupt_batch(
     images: torch.Tensor, p: float, generator: torch.Generator, kinds: Sequence[str] = DEFAULT_KINDS
 ) -> torch.Tensor:
     """uint8 [N,1,H,W] -> uint8, each image corrupted with probability `p` by one of `kinds` (of KINDS)."""
-    if p <= 0:
-        return images
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown or not kinds:
         raise ValueError(f"corruption kinds must be some of {', '.join(KINDS)}; got {list(kinds)}")
+    if p <= 0:
+        return images
     device = images.device
     x = images.detach().cpu().to(torch.float32) / 255.0
     n = x.shape[0]

@@ -3,7 +3,8 @@
 
 Why: fine-tuning under corruptions cost the small edge blocks 0.6-1.2 pp of clean accuracy in every recipe
 tried on this CPU. Interpolating each weight between the clean block and its fine-tune, θ(α) = (1 - α) θ_clean
-+ α θ_robust, keeps much of the robustness for a small part of that cost. α is chosen on the validation split
++ α θ_robust, trades one for the other along a path (on this data it keeps too little robustness within
+0.3 pp: README, "Robust models"). α is chosen on the validation split
 only (the test split stays unseen): the largest share of robust weights whose clean validation accuracy stays
 within `--budget` of the clean block's, on a grid of `--steps`. What each α keeps of the robustness is
 reported beside it (the corruption suite at severity 2 on validation images, `--robustness-images`), not used
@@ -15,7 +16,7 @@ weights times BatchNorm's scale, and the folded bias): the clean cloud exists on
 with measured statistics (`from_onnx`), so its BatchNorm parameters are not comparable with a trained
 module's, but the map each convolution computes is. Its statistics are then measured on clean images again.
 
-The output is a checkpoint directory; publish it with
+The output is a checkpoint directory of all three blocks (those not mixed are the clean ones); publish it with
 `edgecascade train --init-from CLEAN --checkpoint-dir OUT --out MODEL_DIR`.
 """
 
@@ -26,7 +27,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ from training.from_onnx import conv_bn_pairs, fold_in
 from training.meanet import Architecture, build_models
 from training.pipeline import Recipe, load_bundle, load_checkpoint, save_checkpoint
 from training.published import STATISTICS_IMAGES, load_published
-from training.reference import edge_rule
+from training.reference import cascade_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def mix_folded(
     )
     biases: Dict[nn.Conv2d, torch.Tensor] = {}
     pairs = conv_bn_pairs(into)
-    for (conv, _bn), (wa, ba), (wb, bb) in zip(pairs, folded_maps(clean), folded_maps(robust)):
+    for (conv, _bn), (wa, ba), (wb, bb) in zip(pairs, folded_maps(clean), folded_maps(robust), strict=True):
         conv.weight.data.copy_(torch.lerp(wa, wb, alpha))
         biases[conv] = torch.lerp(ba, bb, alpha)
     fold_in(into, dict(pairs), biases, clean_batches)
@@ -102,14 +103,12 @@ def edge_accuracy(main: nn.Module, ext: nn.Module, hard: List[int], split: Split
 
     def both(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         logits, feats = main(x)
-        return logits.argmax(1), edge_rule(logits, ext(x, feats), hard).prediction
+        return logits, ext(x, feats)
 
     with torch.no_grad():
-        (by_main, by_edge), labels = collect(both, split, torch.device("cpu"))
-    return {
-        "main": float((by_main.long() == labels).float().mean()),
-        "edge_cascade": float((by_edge.long() == labels).float().mean()),
-    }
+        (main_logits, ext_logits), labels = collect(both, split, torch.device("cpu"))
+    metrics = cascade_metrics(labels, main_logits, ext_logits, None, hard)
+    return {"main": metrics["main"], "edge_cascade": metrics["edge_cascade"]}
 
 
 def corrupted_validation(split: Split, count: int) -> Split:
@@ -122,27 +121,29 @@ def corrupted_validation(split: Split, count: int) -> Split:
 
 
 def choose(table: List[Dict[str, float]], keys: Sequence[str], budget: float) -> Dict[str, float]:
-    """The row of largest alpha whose `keys` all stay within `budget` of the alpha = 0 row's."""
+    """The row of largest alpha whose `keys` all stay within `budget` of the alpha = 0 row's (a smaller alpha
+    may fall outside it: validation accuracy is not monotone in alpha to a tenth of a point)."""
     base = table[0]
     within = [row for row in table if all(row[k] >= base[k] - budget for k in keys)]
     return max(within, key=lambda row: row["alpha"])
 
 
-def _robust(path: Path, arch: Architecture, shape: Sequence[int]) -> Dict[str, nn.Module]:
-    saved: Dict[str, nn.Module] = {}
-    main, extension, cloud = build_models(arch, shape)
-    for name, module in (("main", main), ("extension", extension), ("cloud", cloud)):
-        file = path / f"{name}.pt"
-        if file.is_file():
-            state = load_checkpoint(file)
-            if state["arch"]["hard_classes"] != arch.hard_classes:
-                raise ValueError(f"{file} was trained for other hard classes than the clean directory")
-            module.load_state_dict(state["state_dict"])
-            saved[name] = module.eval()
-    return saved
+def _robust(
+    path: Path, names: Sequence[str], arch: Architecture, shape: Sequence[int]
+) -> Dict[str, nn.Module]:
+    """The blocks `names` of a checkpoint directory, built for `arch`."""
+    modules = dict(zip(("main", "extension", "cloud"), build_models(arch, shape)))
+    for name in names:
+        state = load_checkpoint(path / f"{name}.pt")
+        if state["arch"]["hard_classes"] != arch.hard_classes:
+            raise SystemExit(
+                f"error: {path / name}.pt was trained for other hard classes than the clean model"
+            )
+        modules[name].load_state_dict(state["state_dict"])
+    return {name: modules[name].eval() for name in names}
 
 
-def main(argv: Sequence[str] = ()) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.wise",
         description=__doc__.split("\n\n")[0],
@@ -165,12 +166,23 @@ def main(argv: Sequence[str] = ()) -> int:
     )
     parser.add_argument("--data-dir", help="Fashion-MNIST directory (default: Debian's)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
-    args = parser.parse_args(list(argv) or None)
-    args.command = "python -m training.wise " + " ".join(list(argv) or sys.argv[1:])
+    args = parser.parse_args(argv)
+    args.command = "python -m training.wise " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.steps < 1 or not 0 <= args.budget < 1:
+        parser.error("--steps must be at least 1 and --budget a share in [0, 1)")
+    if not (args.robust_edge or args.robust_cloud):
+        parser.error("nothing to mix: give --robust-edge and/or --robust-cloud")
+    for path, names in ((args.robust_edge, ("main", "extension")), (args.robust_cloud, ("cloud",))):
+        missing = [f"{name}.pt" for name in names if path and not (path / f"{name}.pt").is_file()]
+        if missing:
+            parser.error(f"{path} has no {', '.join(missing)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = Recipe()
+    # The clean model's own recipe carves the same validation split its thresholds were fitted on.
+    card = json.loads((args.clean / "card.json").read_text(encoding="utf-8"))
+    saved_recipe = card.get("training", {}).get("recipe", {})
+    recipe = Recipe(**{k: v for k, v in saved_recipe.items() if k in Recipe.__dataclass_fields__})
     bundle = load_bundle(recipe, args.data_dir)
     clean = load_published(args.clean, bundle.train.images)  # type: ignore[union-attr]
     arch, shape = clean.arch, bundle.input_shape
@@ -178,10 +190,8 @@ def main(argv: Sequence[str] = ()) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report: Dict[str, object] = {}
     dirty = corrupted_validation(bundle.val, args.robustness_images) if args.robustness_images else None
-    edge = _robust(args.robust_edge, arch, shape) if args.robust_edge else {}
-    if edge:
-        if not {"main", "extension"} <= set(edge):
-            raise SystemExit(f"{args.robust_edge}: needs both main.pt and extension.pt")
+    if args.robust_edge:
+        edge = _robust(args.robust_edge, ("main", "extension"), arch, shape)
         table = []
         for alpha in alphas:
             main_block, ext, _ = build_models(arch, shape)
@@ -201,9 +211,9 @@ def main(argv: Sequence[str] = ()) -> int:
             ("extension", clean.extension, edge["extension"], ext),
         ):
             mix_states(clean_m, robust_m, best["alpha"], into)
-            _save(args, name, into, arch, best, table)
-    cloud = _robust(args.robust_cloud, arch, shape).get("cloud") if args.robust_cloud else None
-    if cloud is not None:
+            _save(args, name, into, arch, recipe, best, table)
+    if args.robust_cloud:
+        cloud = _robust(args.robust_cloud, ("cloud",), arch, shape)["cloud"]
         batches = list(bundle.train.images[:STATISTICS_IMAGES].split(500))  # type: ignore[union-attr]
         table, mixed = [], {}
         for alpha in alphas:
@@ -215,9 +225,12 @@ def main(argv: Sequence[str] = ()) -> int:
             logger.info("cloud: %s", row)
         best = choose(table, ("cloud",), args.budget)
         report["cloud"] = {"chosen": best, "validation": table}
-        _save(args, "cloud", mixed[best["alpha"]], arch, best, table)
-    if not report:
-        raise SystemExit("nothing to mix: give --robust-edge and/or --robust-cloud")
+        _save(args, "cloud", mixed[best["alpha"]], arch, recipe, best, table)
+    # The blocks not mixed are the clean ones, so that OUT publishes as it is (a missing stage would train).
+    for name, module in (("main", clean.main), ("extension", clean.extension), ("cloud", clean.cloud)):
+        if not (args.out / f"{name}.pt").exists():
+            facts = {**clean.stages.get(name, {}), "kept_from": clean.source}
+            save_checkpoint(args.out / f"{name}.pt", module, arch, recipe, facts)
     print(json.dumps({k: v["chosen"] for k, v in report.items()}, indent=1))  # type: ignore[index]
     return 0
 
@@ -227,6 +240,7 @@ def _save(
     name: str,
     module: nn.Module,
     arch: Architecture,
+    recipe: Recipe,
     chosen: Dict[str, float],
     table: List[Dict[str, float]],
 ) -> None:
@@ -240,10 +254,11 @@ def _save(
             "robust": str(source),
             "budget": args.budget,
             "validation": table,
+            "robust_command": robust_facts.get("command"),
         },
         "command": args.command,
     }
-    save_checkpoint(args.out / f"{name}.pt", module, arch, Recipe(), facts)
+    save_checkpoint(args.out / f"{name}.pt", module, arch, recipe, facts)
 
 
 if __name__ == "__main__":
