@@ -101,13 +101,18 @@ KINDS: Dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
 DEFAULT_KINDS = ("gaussian-noise", "blur", "contrast", "brightness", "rotation")
 
 
+def check_kinds(kinds: Sequence[str]) -> None:
+    """ValueError unless `kinds` is a non-empty choice of KINDS."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"{', '.join(unknown) or 'no kind'}: choose from {', '.join(KINDS)}")
+
+
 def corrupt_batch(
     images: torch.Tensor, p: float, generator: torch.Generator, kinds: Sequence[str] = DEFAULT_KINDS
 ) -> torch.Tensor:
     """uint8 [N,1,H,W] -> uint8, each image corrupted with probability `p` by one of `kinds` (of KINDS)."""
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown or not kinds:
-        raise ValueError(f"corruption kinds must be some of {', '.join(KINDS)}; got {list(kinds)}")
+    check_kinds(kinds)
     if p <= 0:
         return images
     device = images.device

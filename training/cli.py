@@ -147,12 +147,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _corruption_kinds(text: str) -> tuple:
-    from training.augment import KINDS
+    from training.augment import check_kinds
 
     kinds = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'none'}: choose from {', '.join(KINDS)}")
+    try:
+        check_kinds(kinds)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return kinds
 
 

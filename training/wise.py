@@ -49,11 +49,16 @@ EPILOG = """examples:
 """
 
 
-def mix_states(clean: nn.Module, robust: nn.Module, alpha: float, into: nn.Module) -> nn.Module:
-    """`into` with every floating tensor of the state dict at (1 - alpha) clean + alpha robust; integer
-    buffers (BatchNorm's batch counters) from the robust module."""
+def _lerped(clean: nn.Module, robust: nn.Module, alpha: float) -> Dict[str, torch.Tensor]:
+    """Every floating tensor of the state dict at (1 - alpha) clean + alpha robust; integer buffers
+    (BatchNorm's batch counters) from the robust module."""
     a, b = clean.state_dict(), robust.state_dict()
-    into.load_state_dict({k: torch.lerp(a[k], b[k], alpha) if b[k].is_floating_point() else b[k] for k in b})
+    return {k: torch.lerp(a[k], b[k], alpha) if b[k].is_floating_point() else b[k] for k in b}
+
+
+def mix_states(clean: nn.Module, robust: nn.Module, alpha: float, into: nn.Module) -> nn.Module:
+    """`into` with its state dict interpolated (`_lerped`)."""
+    into.load_state_dict(_lerped(clean, robust, alpha))
     return into.eval()
 
 
@@ -75,16 +80,12 @@ def mix_folded(
 ) -> nn.Module:
     """`into` computing, in each convolution, the interpolated folded map; the other weights (the classifier)
     interpolated as they are; BatchNorm statistics measured on `clean_batches`."""
-    convs_bns = {id(m) for pair in conv_bn_pairs(into) for m in pair}
-    names = {m: name for name, m in into.named_modules()}
-    skip = {f"{names[m]}." for m in into.modules() if id(m) in convs_bns}
-    a, b = clean.state_dict(), robust.state_dict()
-    rest = {k: torch.lerp(a[k], b[k], alpha) for k in b if b[k].is_floating_point()}
-    into.load_state_dict(
-        {k: v for k, v in rest.items() if not any(k.startswith(s) for s in skip)}, strict=False
-    )
-    biases: Dict[nn.Conv2d, torch.Tensor] = {}
     pairs = conv_bn_pairs(into)
+    names = {m: name for name, m in into.named_modules()}
+    folded = tuple(f"{names[m]}." for pair in pairs for m in pair)
+    rest = {k: v for k, v in _lerped(clean, robust, alpha).items() if not k.startswith(folded)}
+    into.load_state_dict(rest, strict=False)
+    biases: Dict[nn.Conv2d, torch.Tensor] = {}
     for (conv, _bn), (wa, ba), (wb, bb) in zip(pairs, folded_maps(clean), folded_maps(robust), strict=True):
         conv.weight.data.copy_(torch.lerp(wa, wb, alpha))
         biases[conv] = torch.lerp(ba, bb, alpha)
@@ -128,11 +129,10 @@ def choose(table: List[Dict[str, float]], keys: Sequence[str], budget: float) ->
     return max(within, key=lambda row: row["alpha"])
 
 
-def _robust(
-    path: Path, names: Sequence[str], arch: Architecture, shape: Sequence[int]
-) -> Dict[str, nn.Module]:
-    """The blocks `names` of a checkpoint directory, built for `arch`."""
+def _robust(path: Path, names: Sequence[str], arch: Architecture, shape: Sequence[int]) -> Tuple[Dict, Dict]:
+    """The blocks `names` of a checkpoint directory, built for `arch`, and each one's training facts."""
     modules = dict(zip(("main", "extension", "cloud"), build_models(arch, shape)))
+    facts = {}
     for name in names:
         state = load_checkpoint(path / f"{name}.pt")
         if state["arch"]["hard_classes"] != arch.hard_classes:
@@ -140,7 +140,8 @@ def _robust(
                 f"error: {path / name}.pt was trained for other hard classes than the clean model"
             )
         modules[name].load_state_dict(state["state_dict"])
-    return {name: modules[name].eval() for name in names}
+        facts[name] = state["facts"]
+    return {name: modules[name].eval() for name in names}, facts
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -188,50 +189,46 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arch, shape = clean.arch, bundle.input_shape
     alphas = [i / args.steps for i in range(args.steps + 1)]
     args.out.mkdir(parents=True, exist_ok=True)
-    report: Dict[str, object] = {}
+    chosen: Dict[str, Dict[str, float]] = {}
     dirty = corrupted_validation(bundle.val, args.robustness_images) if args.robustness_images else None
     if args.robust_edge:
-        edge = _robust(args.robust_edge, ("main", "extension"), arch, shape)
-        table = []
+        edge, facts = _robust(args.robust_edge, ("main", "extension"), arch, shape)
+        table, pairs = [], {}
         for alpha in alphas:
             main_block, ext, _ = build_models(arch, shape)
-            mix_states(clean.main, edge["main"], alpha, main_block)
-            mix_states(clean.extension, edge["extension"], alpha, ext)
+            pairs[alpha] = (
+                mix_states(clean.main, edge["main"], alpha, main_block),
+                mix_states(clean.extension, edge["extension"], alpha, ext),
+            )
             accuracies = edge_accuracy(main_block, ext, arch.hard_classes, bundle.val)
             if dirty is not None:
                 corrupted = edge_accuracy(main_block, ext, arch.hard_classes, dirty)
                 accuracies.update({f"{k}_corrupted": v for k, v in corrupted.items()})
             table.append({"alpha": alpha, **{k: round(v, 5) for k, v in accuracies.items()}})
             logger.info("edge: %s", table[-1])
-        best = choose(table, ("main", "edge_cascade"), args.budget)
-        report["edge"] = {"chosen": best, "validation": table}
-        main_block, ext, _ = build_models(arch, shape)
-        for name, clean_m, robust_m, into in (
-            ("main", clean.main, edge["main"], main_block),
-            ("extension", clean.extension, edge["extension"], ext),
-        ):
-            mix_states(clean_m, robust_m, best["alpha"], into)
-            _save(args, name, into, arch, recipe, best, table)
+        chosen["edge"] = best = choose(table, ("main", "edge_cascade"), args.budget)
+        for name, module in zip(("main", "extension"), pairs[best["alpha"]]):
+            _save(args, name, module, arch, recipe, best, table, facts[name])
     if args.robust_cloud:
-        cloud = _robust(args.robust_cloud, ("cloud",), arch, shape)["cloud"]
+        robust_cloud, facts = _robust(args.robust_cloud, ("cloud",), arch, shape)
         batches = list(bundle.train.images[:STATISTICS_IMAGES].split(500))  # type: ignore[union-attr]
         table, mixed = [], {}
         for alpha in alphas:
-            mixed[alpha] = mix_folded(clean.cloud, cloud, alpha, build_models(arch, shape)[2], batches)
+            into = build_models(arch, shape)[2]
+            mixed[alpha] = mix_folded(clean.cloud, robust_cloud["cloud"], alpha, into, batches)
             row = {"alpha": alpha, "cloud": round(accuracy(mixed[alpha], bundle.val), 5)}
             if dirty is not None:
                 row["cloud_corrupted"] = round(accuracy(mixed[alpha], dirty), 5)
             table.append(row)
             logger.info("cloud: %s", row)
-        best = choose(table, ("cloud",), args.budget)
-        report["cloud"] = {"chosen": best, "validation": table}
-        _save(args, "cloud", mixed[best["alpha"]], arch, recipe, best, table)
+        chosen["cloud"] = best = choose(table, ("cloud",), args.budget)
+        _save(args, "cloud", mixed[best["alpha"]], arch, recipe, best, table, facts["cloud"])
     # The blocks not mixed are the clean ones, so that OUT publishes as it is (a missing stage would train).
     for name, module in (("main", clean.main), ("extension", clean.extension), ("cloud", clean.cloud)):
         if not (args.out / f"{name}.pt").exists():
             facts = {**clean.stages.get(name, {}), "kept_from": clean.source}
             save_checkpoint(args.out / f"{name}.pt", module, arch, recipe, facts)
-    print(json.dumps({k: v["chosen"] for k, v in report.items()}, indent=1))  # type: ignore[index]
+    print(json.dumps(chosen, indent=1))
     return 0
 
 
@@ -243,9 +240,9 @@ def _save(
     recipe: Recipe,
     chosen: Dict[str, float],
     table: List[Dict[str, float]],
+    robust_facts: Dict,
 ) -> None:
     source = args.robust_cloud if name == "cloud" else args.robust_edge
-    robust_facts = load_checkpoint(source / f"{name}.pt")["facts"]
     facts = {
         **robust_facts,
         "wise": {
